@@ -117,4 +117,67 @@ def cmd_datasets(parser, args) -> int:
     raise SalfError(f"unknown action {args.action!r}")
 
 
-HANDLERS = {"models": cmd_models, "datasets": cmd_datasets}
+# ---------------------------------------------------------------- analyze / plan
+def cmd_analyze(parser, args) -> int:
+    from .pipeline import analyze
+
+    result = analyze(args.model, args.dataset, out_dir=args.out, samples=args.samples,
+                     split=args.split, policy=args.policy, batch_size=args.batch_size,
+                     max_length=args.max_length, max_targets=args.max_targets,
+                     logit_lens=args.logit_lens, head=args.head, seed=args.seed,
+                     data_kwargs=data_kwargs(args), trust_remote_code=args.trust_remote_code)
+    print_trace_table(result)
+    print_plan(result)
+    console.print(f"wrote {result.out_dir}/trace.json, plan.json, report.md, trace.png")
+    return 0
+
+
+def cmd_plan(parser, args) -> int:
+    from .pipeline import replan
+
+    result = replan(args.trace, args.policy, head=args.head, out=args.out)
+    print_plan(result)
+    console.print(f"wrote {result.out_dir}")
+    return 0
+
+
+def print_trace_table(result) -> None:
+    from .analysis import inference_gains
+
+    tr = result.trace
+    gains = inference_gains(tr)
+    cuts = result.cost["cuts"]
+    eof = result.plan.eof
+    table = Table(title=f"trace: {tr.model.get('spec')} on {tr.data.get('dataset')} "
+                        f"({tr.data.get('samples')} examples, {tr.task})", title_justify="left")
+    cls = tr.task == "classification"
+    cols = ["space", "D", "gain"] + (["lens acc", "AUC"] if cls else []) + ["cost if cut"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for s in tr.spaces:
+        l = s["space"]
+        row = [str(l), f"{s['deviation']:.4f}", f"{gains[l - 1]:+.4f}" if l else ""]
+        if cls:
+            row += [_f(s.get("lens_acc")), _f(s.get("margin_auc"))]
+        row.append(f"{cuts[l]['flops_ratio']:.2f}x" if l < len(cuts) - 1 or l < tr.num_layers else "")
+        style = "bold red" if l == eof else ("dim" if l < eof else None)
+        table.add_row(*row, style=style)
+    console.print(table)
+
+
+def _f(v) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def print_plan(result) -> None:
+    plan, choice = result.plan, result.choice
+    p = plan.predicted
+    console.print(f"[bold]cut:[/bold] {plan.describe()}")
+    console.print(f"  policy {plan.policy}: {choice['reason']}", markup=False)
+    console.print(f"  predicted vs full fine-tuning: FLOPs {p['flops_ratio']:.2f}x "
+                  f"(saving {1 - p['flops_ratio']:.0%}), memory {p['memory_ratio']:.2f}x, "
+                  f"step time {p['step_time_ratio']:.2f}x")
+
+
+HANDLERS = {"models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
+            "plan": cmd_plan}

@@ -1,0 +1,158 @@
+"""The analyze -> plan steps as library calls (the CLI and `finetune`/`sweep` compose these).
+
+`analyze` loads a model and data, traces the latent spaces, predicts the cost of
+every cut, picks one with a policy and writes trace.json, plan.json, report.md
+and trace.png. `replan` does the planning part again from a saved trace.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .analysis import Trace, choose_cut, fit_depth_law, inference_gains, trace
+from .cost import ModelShape, cost_table, plan_prediction
+from .data import collate, encode, load_dataset_spec, pad_token_id
+from .errors import SalfError
+from .models import anatomy, load_model, verify_anatomy
+from .plan import FreezePlan
+from .report.markdown import write_analysis_report
+from .report.plots import plot_trace
+
+
+@dataclass
+class Analysis:
+    trace: Trace
+    plan: FreezePlan
+    choice: dict
+    cost: dict
+    out_dir: Path | None
+
+
+def sample_rows(rows: list[dict], n: int | None, seed: int, what: str) -> list[dict]:
+    """A seeded sample of n rows (all rows when n is None or >= len)."""
+    if n is not None and n <= 0:
+        raise SalfError(f"{what}: the number of examples must be positive, got {n}")
+    if not rows:
+        raise SalfError(f"{what}: the split is empty")
+    if n is None or n >= len(rows):
+        return list(rows)
+    return random.Random(seed).sample(rows, n)
+
+
+def make_batches(task, tokenizer, rows, batch_size: int, max_length: int) -> list[dict]:
+    encoded = encode(task, tokenizer, rows, max_length)
+    if not encoded:
+        raise SalfError("no example left after tokenization (all responses empty or too long?)")
+    pad = pad_token_id(tokenizer)
+    return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
+
+
+def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = None,
+            samples: int = 256, split: str = "train", policy: str = "max-gain",
+            batch_size: int = 8, max_length: int = 128, max_targets: int = 16,
+            logit_lens: bool = False, head: str = "frozen", seed: int = 0,
+            train_batch_size: int = 16, train_max_length: int = 96, data_kwargs: dict | None = None,
+            trust_remote_code: bool = False, progress: bool = True, loaded=None,
+            dataset=None) -> Analysis:
+    """Trace `model_spec` on `samples` rows of `dataset_spec`, choose a cut, write the outputs.
+
+    `loaded` = (model, tokenizer, info) and `dataset` = a TaskDataset skip reloading.
+    train_batch_size / train_max_length describe the training run the cost model predicts.
+    """
+    model, tokenizer, info = loaded or load_model(model_spec, trust_remote_code=trust_remote_code)
+    ds = dataset or load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
+    if split not in ds.splits:
+        raise SalfError(f"dataset {ds.name} has no split {split!r} (has: {', '.join(ds.splits)})")
+    rows = sample_rows(ds.splits[split], samples, seed, f"analysis sample of {ds.name}/{split}")
+    anat = anatomy(model)
+    kind = ds.task.kind
+    label_ids = ds.task.label_token_ids(tokenizer) if kind == "classification" else None
+    batches = make_batches(ds.task, tokenizer, rows, batch_size, max_length)
+    first = encode(ds.task, tokenizer, rows[:1], max_length)
+    if first:
+        import torch
+
+        verify_anatomy(anat, torch.tensor([first[0]["input_ids"]]))
+    shape = ModelShape.from_model(model)
+    from .data import sample_hash
+
+    data_info = dict(ds.provenance, dataset=ds.name, split=split, samples=len(rows),
+                     sample_hash=sample_hash(rows), max_length=max_length)
+    tr = trace(model, anat, batches, kind, label_token_ids=label_ids,
+               max_targets_per_example=max_targets, logit_lens=logit_lens, progress=progress,
+               seed=seed, model_info=info.to_dict(), data_info=data_info, shapes=shape.to_dict())
+    cost = cost_table(shape, train_max_length, train_batch_size,
+                      loss_positions="last" if kind == "classification" else "all", head=head)
+    tr.extra["cost"] = cost
+    tr.extra["task"] = ds.task.to_dict()
+    result = _plan_from_trace(tr, policy, head, cost)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tr.to_json(out / "trace.json")
+        result.plan.trace_file = "trace.json"
+        result.plan.to_json(out / "plan.json")
+        write_outputs(out, tr, result.plan, result.choice, cost)
+        result.out_dir = out
+    return result
+
+
+def _plan_from_trace(tr: Trace, policy: str, head: str, cost: dict) -> Analysis:
+    flops = [c["flops_ratio"] for c in cost["cuts"]]
+    choice = choose_cut(tr, policy, cost=flops)
+    k = choice["eof"]
+    predicted = dict(plan_prediction(cost["cuts"][k]), benefit=choice["benefit"],
+                     predicted_deviation=choice["predicted"])
+    plan = FreezePlan(eof=k, num_layers=tr.num_layers, head=head, policy=choice["policy"],
+                      policy_params=choice["params"], reason=choice["reason"], model=dict(tr.model),
+                      data=dict(tr.data), predicted=predicted)
+    return Analysis(trace=tr, plan=plan, choice=choice, cost=cost, out_dir=None)
+
+
+def replan(trace_path: str | Path, policy: str, head: str = "frozen",
+           out: str | Path | None = None) -> Analysis:
+    """Choose a cut from a saved trace.json without the model; writes the plan to `out`."""
+    trace_path = Path(trace_path)
+    if not trace_path.exists():
+        raise SalfError(f"trace file {trace_path} does not exist")
+    tr = Trace.from_json(trace_path)
+    cost = tr.extra.get("cost")
+    if cost is None:
+        raise SalfError(f"{trace_path} has no cost table (written by an older salf?); rerun analyze")
+    settings = dict(cost["settings"])
+    if settings.get("head") != head:
+        shape = ModelShape.from_dict(cost["shape"])
+        settings.pop("machine", None)
+        seq, bs = settings.pop("seq_len"), settings.pop("batch_size")
+        settings["head"] = head
+        cost = cost_table(shape, seq, bs, **settings)
+    result = _plan_from_trace(tr, policy, head, cost)
+    result.plan.trace_file = str(trace_path)
+    if out is None:
+        out = trace_path.parent / f"plan-{result.plan.policy.replace('=', '')}.json"
+    result.plan.to_json(out)
+    result.out_dir = Path(out)
+    return result
+
+
+def write_outputs(out: Path, tr: Trace, plan: FreezePlan, choice: dict, cost: dict) -> None:
+    """trace.png and report.md for one analysis."""
+    dev = tr.deviations
+    curve = choice["curve"]
+    fit = fit_depth_law(tr)
+    fitted = None
+    if fit.get("ok"):
+        fitted = [fit["E"] + fit["A"] * (l + 1) ** (-fit["alpha"]) for l in range(len(dev))]
+    second = tr.metric("lens_acc") if tr.task == "classification" else None
+    if second is not None and any(v is None for v in second):
+        second = None
+    cuts = list(range(tr.num_layers))
+    plot_trace(out / "trace.png",
+               title=f"{tr.model.get('spec')} on {tr.data.get('dataset')} — policy {plan.policy}",
+               deviation=dev, gains=inference_gains(tr), fitted=fitted, eof=plan.eof, cuts=cuts,
+               cost=[cost["cuts"][k]["flops_ratio"] for k in cuts],
+               benefit=list(curve["benefit"])[:len(cuts)],
+               second=second, second_name="lens accuracy (label set)" if second else None)
+    write_analysis_report(out / "report.md", tr, plan, choice, cost, fit)
