@@ -1,0 +1,249 @@
+"""FreezePlan: where to cut a model, what is frozen, and why.
+
+A plan with end-of-freezing layer k (`eof`) freezes the embeddings and decoder
+layers 1..k and trains layers k+1..L; `eof = 0` freezes only the embeddings.
+The head is named explicitly: "frozen", "trainable" (an untied head's own
+weight) or "untied-copy" (a trainable copy of a tied unembedding: V x d extra
+parameters, no backward below the cut). Full fine-tuning — everything
+trainable, embeddings included — is the plan `FreezePlan.full(L)`.
+
+JSON keys are stable (docs/internals.md, "Plan"); `from_json` rejects a file
+that is not a plan with a one-line `SalfError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+from .errors import SalfError
+
+SCHEMA = "salf.freeze-plan/1"
+HEADS = ("frozen", "trainable", "untied-copy")
+MODEL_KEYS = ("spec", "name_or_path", "revision", "weights_hash", "num_layers", "model_type", "tied")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _info_dict(model_info) -> dict:
+    """A ModelInfo (dataclass), any object with attributes, or a dict -> dict."""
+    if model_info is None:
+        return {}
+    if isinstance(model_info, dict):
+        return dict(model_info)
+    if dataclasses.is_dataclass(model_info):
+        return dataclasses.asdict(model_info)
+    return {k: getattr(model_info, k) for k in MODEL_KEYS if hasattr(model_info, k)}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class FreezePlan:
+    """Which layers to freeze and which to train; see the module docstring."""
+
+    eof: int
+    num_layers: int
+    head: str = "frozen"
+    train_embeddings: bool = False
+    policy: str = "manual"
+    policy_params: dict = field(default_factory=dict)
+    reason: str = ""
+    model: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    predicted: dict = field(default_factory=dict)
+    trace_file: str | None = None
+    salf_version: str = __version__
+    created: str = field(default_factory=_now)
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------
+    @property
+    def tied(self) -> bool | None:
+        """Whether the model's head is tied to its input embedding, when the plan knows."""
+        value = (self.model or {}).get("tied")
+        return None if value is None else bool(value)
+
+    @property
+    def is_full(self) -> bool:
+        return self.train_embeddings
+
+    def validate(self, tied: bool | None = None) -> "FreezePlan":
+        """Raise SalfError (one line) if the plan is inconsistent; returns self."""
+        L, k = self.num_layers, self.eof
+        if not _is_int(L) or L < 1:
+            raise SalfError(f"freeze plan: num_layers must be a positive integer, got {L!r}")
+        if not _is_int(k) or not 0 <= k <= L:
+            raise SalfError(f"freeze plan: eof must be an integer in [0, {L}] (layers frozen), got {k!r}")
+        if self.head not in HEADS:
+            raise SalfError(f"freeze plan: head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if not isinstance(self.train_embeddings, bool):
+            raise SalfError(f"freeze plan: train_embeddings must be true or false, got "
+                            f"{self.train_embeddings!r}")
+        for name in ("policy_params", "model", "data", "predicted"):
+            if not isinstance(getattr(self, name), dict):
+                raise SalfError(f"freeze plan: {name} must be an object, got "
+                                f"{type(getattr(self, name)).__name__}")
+        model_layers = (self.model or {}).get("num_layers")
+        if model_layers is not None and model_layers != L:
+            raise SalfError(f"freeze plan: num_layers {L} disagrees with model.num_layers {model_layers}")
+        if self.train_embeddings:
+            if k != 0 or self.head != "trainable":
+                raise SalfError("freeze plan: train_embeddings=true means full fine-tuning "
+                                f"(eof 0, head trainable), got eof {k} and head {self.head!r}; "
+                                "use FreezePlan.full() or set train_embeddings=false")
+            return self
+        if k == L and self.head == "frozen":
+            raise SalfError(f"freeze plan: eof {k} freezes all {L} layers and the head, so nothing "
+                            "would train; choose eof < num_layers or head 'untied-copy'/'trainable'")
+        tied = self.tied if tied is None else tied
+        if tied and self.head == "trainable":
+            raise SalfError("freeze plan: head 'trainable' is impossible with tied embeddings (training "
+                            "the tied matrix needs backward down to the input); use head 'untied-copy' "
+                            "(a trainable copy, V x d extra parameters) or 'frozen'")
+        return self
+
+    # -- constructors -----------------------------------------------------------------
+    @classmethod
+    def full(cls, num_layers: int, **kwargs) -> "FreezePlan":
+        """Full fine-tuning: nothing frozen (the baseline every ratio is taken against)."""
+        kwargs.setdefault("policy", "full")
+        kwargs.setdefault("reason", "full fine-tuning baseline: every parameter trains")
+        return cls(eof=0, num_layers=num_layers, head="trainable", train_embeddings=True, **kwargs)
+
+    @classmethod
+    def manual(cls, eof: int, num_layers: int, head: str = "frozen", **kwargs) -> "FreezePlan":
+        """A user-chosen cut (`--freeze-below K`): embeddings + layers 1..eof frozen."""
+        kwargs.setdefault("policy", "manual")
+        kwargs.setdefault("policy_params", {"freeze_below": eof})
+        kwargs.setdefault("reason", f"manual cut: freeze below layer {eof + 1}")
+        return cls(eof=eof, num_layers=num_layers, head=head, **kwargs)
+
+    # -- queries ----------------------------------------------------------------------
+    def frozen_layers(self) -> list[int]:
+        """0-based indices of the frozen decoder layers (layers[0..eof-1])."""
+        return [] if self.train_embeddings else list(range(self.eof))
+
+    def trainable_layers(self) -> list[int]:
+        """0-based indices of the trained decoder layers (layers[eof..L-1])."""
+        return list(range(self.num_layers)) if self.train_embeddings else list(range(self.eof, self.num_layers))
+
+    def _head_text(self) -> str:
+        tied = self.tied
+        if self.head == "untied-copy":
+            return "head trained as an untied copy"
+        suffix = " (tied)" if tied else " (untied)" if tied is False else ""
+        return f"head {self.head}{suffix}"
+
+    def describe(self) -> str:
+        """One line, e.g. 'freeze embeddings + layers 1-22 of 30, train 23-30, head frozen (tied)'."""
+        L, k = self.num_layers, self.eof
+
+        def span(a: int, b: int) -> str:
+            return f"{a}" if a == b else f"{a}-{b}"
+
+        if self.train_embeddings:
+            tied = " (tied)" if self.tied else ""
+            return f"full fine-tuning: train embeddings + layers 1-{L} of {L} + head{tied}"
+        if k == 0:
+            return f"freeze embeddings, train layers 1-{L} of {L}, {self._head_text()}"
+        noun = "layer" if k == 1 else "layers"
+        if k == L:
+            what = "an untied copy of the head" if self.head == "untied-copy" else "the head"
+            return f"freeze embeddings + layers 1-{L} of {L}, train only {what}"
+        return (f"freeze embeddings + {noun} {span(1, k)} of {L}, train {span(k + 1, L)}, "
+                f"{self._head_text()}")
+
+    def check_model(self, model_info, num_layers: int, allow_different_weights: bool = False) -> None:
+        """Raise SalfError if this plan does not belong to the given model.
+
+        A layer-count mismatch is always an error. A weights-hash mismatch (same
+        layer count) is an error unless `allow_different_weights=True` — e.g. a plan
+        made on the base model applied to its instruct variant.
+        """
+        info = _info_dict(model_info)
+        name = info.get("name_or_path") or info.get("spec") or "the model"
+        planned_for = self.model.get("name_or_path") or self.model.get("spec") or "another model"
+        if num_layers != self.num_layers:
+            raise SalfError(f"plan mismatch: num_layers differs — the plan is for {self.num_layers} decoder "
+                            f"layers ({planned_for}) but {name} has {num_layers}; re-run `salf plan` "
+                            "for this model")
+        ours, theirs = self.model.get("weights_hash"), info.get("weights_hash")
+        if ours and theirs and ours != theirs and not allow_different_weights:
+            raise SalfError(f"plan mismatch: weights_hash differs — the plan was made for {planned_for} "
+                            f"({str(ours)[:12]}) but {name} has {str(theirs)[:12]}; re-run `salf plan`, "
+                            "or pass --allow-different-weights (allow_different_weights=True) to apply it "
+                            "anyway")
+        tied = info.get("tied")
+        if tied is not None:
+            self.validate(tied=bool(tied))
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = {"schema": SCHEMA}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = json.loads(json.dumps(value, default=str)) if isinstance(value, dict) else value
+        return data
+
+    @classmethod
+    def from_dict(cls, data, source: str = "freeze plan") -> "FreezePlan":
+        if not isinstance(data, dict):
+            raise SalfError(f"{source}: not a salf freeze plan (expected a JSON object, got "
+                            f"{type(data).__name__})")
+        schema = data.get("schema", SCHEMA)
+        if schema != SCHEMA:
+            raise SalfError(f"{source}: not a salf freeze plan (schema {schema!r}, expected {SCHEMA!r})")
+        missing = [k for k in ("eof", "num_layers") if k not in data]
+        if missing:
+            raise SalfError(f"{source}: not a salf freeze plan (missing {', '.join(missing)})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in names and k != "schema")
+        if unknown:
+            raise SalfError(f"{source}: unknown key(s) {', '.join(unknown)} in freeze plan "
+                            f"(schema {SCHEMA})")
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for key in ("policy_params", "model", "data", "predicted"):
+            if kwargs.get(key) is None and key in kwargs:
+                kwargs[key] = {}
+        try:
+            return cls(**kwargs)
+        except SalfError as exc:
+            raise SalfError(f"{source}: {exc}") from None
+        except TypeError as exc:
+            raise SalfError(f"{source}: malformed freeze plan ({exc})") from None
+
+    def to_json(self, path) -> Path:
+        path = Path(path)
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_json(cls, path) -> "FreezePlan":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SalfError(f"freeze plan {path}: file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SalfError(f"freeze plan {path}: cannot read ({exc.__class__.__name__})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SalfError(f"freeze plan {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        return cls.from_dict(data, source=f"freeze plan {path}")
