@@ -120,7 +120,7 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     g.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default 1e-4 with LoRA, 2e-5 otherwise)")
+                   help="learning rate (default 2e-4 with LoRA, 5e-5 otherwise)")
     g.add_argument("--batch-size", type=int, default=16, help="per-device batch (default 16)")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--max-length", type=int, default=96, help="tokens per example (default 96)")

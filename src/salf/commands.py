@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -179,5 +180,129 @@ def print_plan(result) -> None:
                   f"step time {p['step_time_ratio']:.2f}x")
 
 
-HANDLERS = {"models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
+# ---------------------------------------------------------------- train / evaluate / finetune
+def _train_kwargs(args) -> dict:
+    return dict(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
+                batch_size=args.batch_size, grad_accum=args.grad_accum,
+                max_length=args.max_length, bf16=args.bf16, eval_steps=args.eval_steps,
+                save_steps=args.save_steps, resume=args.resume,
+                gradient_checkpointing=args.gradient_checkpointing, loss=args.loss,
+                report_to=args.report_to)
+
+
+def _lora(args):
+    from .pipeline import lora_settings
+
+    return lora_settings(args.lora, args.lora_r, args.lora_alpha, args.lora_dropout,
+                         args.lora_targets)
+
+
+def _default_save_steps(args) -> int | None:
+    if args.save_steps:
+        return args.save_steps
+    if args.max_steps:
+        return max(10, args.max_steps // 10)
+    return 200
+
+
+def cmd_train(parser, args) -> int:
+    from .data import load_dataset_spec
+    from .models import anatomy, load_model
+    from .pipeline import resolve_plan, run_training
+
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model, _, info = loaded
+    anat = anatomy(model)
+    plan = resolve_plan(info, anat.num_layers, plan_path=args.plan, freeze_below=args.freeze_below,
+                        full=args.full, head=args.head, tied=anat.tied)
+    ds = load_dataset_spec(args.dataset, **data_kwargs(args))
+    console.print(f"[bold]plan:[/bold] {plan.describe()}" + (" + LoRA" if args.lora else ""))
+    kwargs = _train_kwargs(args)
+    kwargs["save_steps"] = _default_save_steps(args)
+    metrics = run_training(args.model, ds, plan, args.out, loaded=loaded, lora=_lora(args),
+                           train_samples=args.train_samples, eval_samples=args.eval_samples,
+                           seed=args.seed, **kwargs)
+    print_train_summary(metrics, args.out)
+    return 0
+
+
+def print_train_summary(metrics: dict, out) -> None:
+    t, p, a = metrics["timing"], metrics["params"], metrics["audit"]
+    mem = metrics.get("memory", {})
+    peak = mem.get("cuda_peak_allocated_bytes") or mem.get("peak_rss_bytes")
+    console.print(f"trained {metrics['train']['steps']} steps, final loss "
+                  f"{_f(metrics['train'].get('final_loss'))}; trainable {p['trainable']:,} of "
+                  f"{p['total']:,} parameters ({p['trainable_fraction']:.1%})")
+    if t.get("median_step_s"):
+        console.print(f"median step {t['median_step_s']:.3f} s, {t['tokens_per_s']:.0f} tokens/s, "
+                      f"peak memory {peak / 2**20:,.0f} MiB" if peak else "")
+    if metrics.get("eval"):
+        console.print("validation: " + ", ".join(f"{k} {_f(v) if isinstance(v, float) else v}"
+                                                for k, v in metrics["eval"].items()))
+    console.print(f"audit: {a['frozen_unchanged']}/{a['frozen_count']} frozen tensors bit-identical, "
+                  f"{a['trainable_changed']}/{a['trainable_count']} trainable changed — "
+                  + ("[green]ok[/green]" if a["ok"] else "[red]FAILED[/red]"))
+    console.print(f"wrote {out}/final, metrics.json, audit.json, plan.json")
+
+
+def cmd_evaluate(parser, args) -> int:
+    from .data import load_dataset_spec
+    from .pipeline import load_for_eval, test_rows
+    from .train import evaluate
+
+    model, tok, meta = load_for_eval(args.model, trust_remote_code=args.trust_remote_code)
+    ds = load_dataset_spec(args.dataset, **data_kwargs(args))
+    rows = test_rows(ds, args.split, args.samples)
+    metrics = evaluate(model, tok, ds.task, rows, batch_size=args.batch_size,
+                       max_length=args.max_length, progress=True)
+    metrics.update(model=args.model, dataset=ds.name, split=args.split)
+    console.print(f"[bold]{args.model}[/bold] on {ds.name}/{args.split} ({metrics['n']} rows): "
+                  + ", ".join(f"{k} {_f(v)}" for k, v in metrics.items()
+                              if isinstance(v, float)))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_finetune(parser, args) -> int:
+    from .pipeline import finetune
+
+    kwargs = _train_kwargs(args)
+    kwargs["save_steps"] = _default_save_steps(args)
+    for k in ("batch_size", "max_length"):
+        kwargs.pop(k)
+    s = finetune(args.model, args.dataset, args.out, samples=args.samples, policy=args.policy,
+                 head=args.head, max_targets=args.max_targets, logit_lens=args.logit_lens,
+                 test_samples=args.test_samples, lora=_lora(args), data_kwargs=data_kwargs(args),
+                 trust_remote_code=args.trust_remote_code, seed=args.seed,
+                 batch_size=args.batch_size, max_length=args.max_length,
+                 train_samples=args.train_samples, eval_samples=args.eval_samples, **kwargs)
+    print_finetune_summary(s)
+    return 0
+
+
+def print_finetune_summary(s: dict) -> None:
+    from .plan import FreezePlan
+
+    plan = FreezePlan.from_dict(s["plan"])
+    table = Table(title=f"salf finetune: {s['model']['spec']} on {s['dataset']} "
+                        f"({s['test_rows']} test rows)", title_justify="left")
+    table.add_column("")
+    table.add_column("zero-shot", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    for k in ("accuracy", "macro_f1", "loss", "label_loss", "perplexity"):
+        if k in s["zero_shot"]:
+            table.add_row(k, _f(s["zero_shot"][k]), _f(s["fine_tuned"][k]))
+    console.print(table)
+    m, p = s["measured"], s["predicted"]
+    console.print(f"[bold]frozen:[/bold] {plan.describe()}" + (" + LoRA" if s.get("lora") else ""))
+    console.print(f"  policy {plan.policy}: {plan.reason}", markup=False)
+    console.print(f"  trainable {m['trainable_params']:,} of {m['total_params']:,} parameters; "
+                  f"predicted {p['flops_ratio']:.2f}x FLOPs, {p['step_time_ratio']:.2f}x step time "
+                  f"of full fine-tuning; measured step {_f(m['step_time_s'])} s over {m['steps']} steps")
+    console.print(f"  analysis {s['analysis_s']:.0f} s, total {s['total_s']:.0f} s; "
+                  f"outputs: {s['outputs']['analysis']}, {s['outputs']['model']}")
+
+
+HANDLERS = {"train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
             "plan": cmd_plan}
