@@ -29,7 +29,8 @@ def test_json_round_trip(tmp_path):
     data = json.loads(path.read_text())
     assert data["schema"] == SCHEMA
     assert list(data)[1:] == ["eof", "num_layers", "head", "train_embeddings", "policy", "policy_params",
-                              "reason", "model", "data", "predicted", "trace_file", "salf_version", "created"]
+                              "reason", "model", "data", "predicted", "trace_file", "layers", "salf_version",
+                              "created"]
     again = FreezePlan.from_json(path)
     assert again == plan
     assert FreezePlan.from_dict(plan.to_dict()) == plan
@@ -152,3 +153,14 @@ def test_prediction_from_cost_model_fits_in_plan(tmp_path):
     plan = FreezePlan.manual(22, 30, model={"tied": shape.tied}, predicted=plan_prediction(entry))
     again = FreezePlan.from_json(plan.to_json(tmp_path / "p.json"))
     assert again.predicted["flops_ratio"] == pytest.approx(entry["flops_ratio"])
+
+
+def test_non_contiguous_trainable_set():
+    plan = FreezePlan.manual(3, 8, layers=[3, 5, 7])
+    assert plan.trainable_layers() == [3, 5, 7]
+    assert "train only layers 4, 6, 8" in plan.describe()
+    assert FreezePlan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(SalfError, match="lowest trainable layer"):
+        FreezePlan.manual(2, 8, layers=[3, 5])
+    with pytest.raises(SalfError, match="layers must be"):
+        FreezePlan.manual(3, 8, layers=[3, 9])

@@ -66,9 +66,10 @@ def _models_prepare(name: str, prompt: str) -> int:
 # ---------------------------------------------------------------- datasets
 def data_kwargs(args) -> dict:
     """The user-data column options shared by every verb that reads a dataset."""
-    return dict(text_col=args.text_col, label_col=args.label_col, prompt_col=args.prompt_col,
-                response_col=args.response_col, template=args.template,
-                labels=_parse_labels(args.labels))
+    kw = dict(text_col=args.text_col, label_col=args.label_col, prompt_col=args.prompt_col,
+              response_col=args.response_col, template=args.template,
+              labels=_parse_labels(args.labels))
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def _parse_labels(spec: str | None) -> dict | None:
@@ -304,5 +305,29 @@ def print_finetune_summary(s: dict) -> None:
                   f"outputs: {s['outputs']['analysis']}, {s['outputs']['model']}")
 
 
-HANDLERS = {"train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
+# ---------------------------------------------------------------- sweep
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SalfError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_sweep(parser, args) -> int:
+    from .sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(model=args.model, dataset=args.dataset, out=args.out,
+                      cuts=None if args.cuts == "all" else _int_list(args.cuts, "--cuts"),
+                      selectors=[s.strip() for s in args.selectors.split(",") if s.strip()],
+                      seeds=_int_list(args.seeds, "--seeds"), steps=args.budget_steps,
+                      batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+                      test_samples=args.test_samples, samples=args.samples, head=args.head,
+                      data_kwargs=data_kwargs(args))
+    s = run_sweep(cfg, log=lambda m: console.print(m, markup=False))
+    console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
+    console.print(f"wrote {args.out}/sweep.json, sweep.md, frontier.png")
+    return 0
+
+
+HANDLERS = {"sweep": cmd_sweep, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
             "plan": cmd_plan}

@@ -62,6 +62,10 @@ class FreezePlan:
     data: dict = field(default_factory=dict)
     predicted: dict = field(default_factory=dict)
     trace_file: str | None = None
+    # Optional non-contiguous trainable set (0-based decoder-layer indices, all >= eof, e.g.
+    # Spectrum's pick): layers above the cut that are not listed stay frozen but still pass
+    # gradients down. None = every layer above the cut trains (the SALF case).
+    layers: list[int] | None = None
     salf_version: str = __version__
     created: str = field(default_factory=_now)
 
@@ -95,6 +99,14 @@ class FreezePlan:
             if not isinstance(getattr(self, name), dict):
                 raise SalfError(f"freeze plan: {name} must be an object, got "
                                 f"{type(getattr(self, name)).__name__}")
+        if self.layers is not None:
+            if (not isinstance(self.layers, list) or not self.layers
+                    or not all(_is_int(i) and k <= i < L for i in self.layers)):
+                raise SalfError(f"freeze plan: layers must be a non-empty list of layer indices in "
+                                f"[eof={k}, {L - 1}], got {self.layers!r}")
+            if min(self.layers) != k:
+                raise SalfError(f"freeze plan: the lowest trainable layer ({min(self.layers)}) must "
+                                f"equal eof ({k}); backward stops there")
         model_layers = (self.model or {}).get("num_layers")
         if model_layers is not None and model_layers != L:
             raise SalfError(f"freeze plan: num_layers {L} disagrees with model.num_layers {model_layers}")
@@ -137,7 +149,11 @@ class FreezePlan:
 
     def trainable_layers(self) -> list[int]:
         """0-based indices of the trained decoder layers (layers[eof..L-1])."""
-        return list(range(self.num_layers)) if self.train_embeddings else list(range(self.eof, self.num_layers))
+        if self.train_embeddings:
+            return list(range(self.num_layers))
+        if self.layers is not None:
+            return sorted(self.layers)
+        return list(range(self.eof, self.num_layers))
 
     def _head_text(self) -> str:
         tied = self.tied
@@ -153,6 +169,9 @@ class FreezePlan:
         def span(a: int, b: int) -> str:
             return f"{a}" if a == b else f"{a}-{b}"
 
+        if self.layers is not None:
+            return (f"freeze embeddings + layers 1-{k} of {L}, train only layers "
+                    f"{', '.join(str(i + 1) for i in self.layers)}, {self._head_text()}")
         if self.train_embeddings:
             tied = " (tied)" if self.tied else ""
             return f"full fine-tuning: train embeddings + layers 1-{L} of {L} + head{tied}"

@@ -1,0 +1,370 @@
+"""`salf sweep`: the oracle frontier and every selector's pick, measured the same way.
+
+A sweep trains the model at each cut of a grid (and at each selector's pick),
+with identical hyper-parameters, data order and test rows, for each seed, and
+records held-out quality and measured cost. Each *cell* (one cut or selector
+set, one seed) runs in its own subprocess, so its peak memory is its own and
+a crash or kill loses only that cell; its result is written atomically to
+OUT/cells/<key>.json and never recomputed. Rerunning the same command resumes.
+
+Aggregates go to OUT/sweep.json (schema in docs/sweep.md), OUT/sweep.md and
+OUT/frontier.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import SalfError
+
+SALF_POLICIES = {"salf": "max-gain", "paper": "paper", "onset": "onset", "knee": "knee"}
+PREFIX_SELECTORS = ("freeze-half", "random", "block-influence-cut", "grad-norm")
+SET_SELECTORS = ("spectrum", "block-influence")
+
+
+@dataclass
+class SweepConfig:
+    model: str
+    dataset: str
+    out: str
+    cuts: list[int] | None = None            # None = every cut 0..L-1
+    selectors: list[str] = field(default_factory=lambda: ["salf", "paper", "onset", "freeze-half"])
+    seeds: list[int] = field(default_factory=lambda: [1])
+    steps: int = 120
+    batch_size: int = 16
+    max_length: int = 96
+    lr: float = 2e-5
+    test_samples: int = 1000
+    samples: int = 256                       # SALF analysis examples
+    head: str = "frozen"
+    data_kwargs: dict = field(default_factory=dict)
+    timeout_s: int = 3600                    # per cell
+
+    def training_key(self) -> dict:
+        """Settings every cell must share; a resumed sweep with other settings is refused."""
+        return {k: getattr(self, k) for k in ("model", "dataset", "steps", "batch_size",
+                                              "max_length", "lr", "test_samples", "head",
+                                              "data_kwargs")}
+
+
+# ------------------------------------------------------------------ cell = one training run
+def cell_key(cut: int | None, layers: list[int] | None, seed: int) -> str:
+    if cut is None and layers is None:
+        return f"full-s{seed}"
+    if layers is not None:
+        return "set-" + "_".join(map(str, layers)) + f"-s{seed}"
+    return f"cut{cut:02d}-s{seed}"
+
+
+def run_cell(spec: dict) -> dict:
+    """Train + evaluate one cell in this process; returns the result record."""
+    import torch
+
+    from .cost import ModelShape, cost_curve
+    from .data import load_dataset_spec
+    from .models import anatomy, load_model
+    from .pipeline import run_training, test_rows
+    from .plan import FreezePlan
+    from .train import evaluate
+
+    torch.set_num_threads(int(os.environ.get("SALF_THREADS", torch.get_num_threads())))
+    model, tok, info = load_model(spec["model"])
+    anat = anatomy(model)
+    L = anat.num_layers
+    model_dict = dict(info.to_dict(), tied=anat.tied)
+    if spec["cut"] is None and spec.get("layers") is None:
+        plan = FreezePlan.full(L, model=model_dict)
+    elif spec.get("layers") is not None:
+        layers = sorted(spec["layers"])
+        plan = FreezePlan.manual(layers[0], L, head=spec["head"], model=model_dict,
+                                 policy="set", layers=layers)
+    else:
+        plan = FreezePlan.manual(spec["cut"], L, head=spec["head"], model=model_dict)
+    ds = load_dataset_spec(spec["dataset"], **spec.get("data_kwargs", {}))
+    work = Path(spec["work_dir"])
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    metrics = run_training(spec["model"], ds, plan, work, loaded=(model, tok, info),
+                           eval_samples=0, seed=spec["seed"], progress=False,
+                           max_steps=spec["steps"], batch_size=spec["batch_size"],
+                           max_length=spec["max_length"], lr=spec["lr"])
+    train_s = time.perf_counter() - t0
+    rows = test_rows(ds, "test", spec["test_samples"])
+    quality = evaluate(model, tok, ds.task, rows, batch_size=32, max_length=spec["max_length"])
+    shutil.rmtree(work, ignore_errors=True)  # cells keep numbers, not 0.5 GB model copies
+    kind = ds.task.kind
+    curve = cost_curve(ModelShape.from_model(model), spec["max_length"], spec["batch_size"],
+                       loss_positions="last" if kind == "classification" else "all",
+                       head=spec["head"], include_full=True)
+    cost = 1.0 if plan.is_full else curve[plan.eof]["flops_ratio"]
+    mem = metrics.get("memory", {})
+    peak = mem.get("cuda_peak_allocated_bytes") or mem.get("peak_rss_bytes")
+    metric = "accuracy" if kind == "classification" else "loss"
+    return {
+        "key": spec["key"], "cut": spec["cut"], "layers": spec.get("layers"),
+        "selector": spec.get("selector"), "seed": spec["seed"],
+        "quality": quality[metric], "loss": quality["loss"],
+        "accuracy": quality.get("accuracy"), "macro_f1": quality.get("macro_f1"),
+        "label_loss": quality.get("label_loss"), "perplexity": quality.get("perplexity"),
+        "cost": cost, "step_s": metrics["timing"].get("median_step_s"),
+        "peak_mb": peak / 2**20 if peak else None, "train_s": train_s,
+        "final_train_loss": metrics["train"].get("final_loss"),
+        "trainable_params": metrics["params"].get("trainable"),
+        "audit_ok": metrics["audit"]["ok"],
+    }
+
+
+def _run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int) -> dict:
+    spec_path = cells_dir / f".{spec['key']}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "salf.sweep", str(spec_path)],
+                          capture_output=True, text=True, timeout=timeout_s, env=env)
+    spec_path.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SalfError(f"sweep cell {spec['key']} failed: {tail}")
+    result_path = cells_dir / f"{spec['key']}.json"
+    return json.loads(result_path.read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ picks
+def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]:
+    """Each selector's choice: {name: {"cut": k} or {"layers": [...]}} and the analysis timing."""
+    from .analysis import Trace, choose_cut
+    from .data import load_dataset_spec
+    from .models import anatomy, load_model
+    from .pipeline import analyze, make_batches, sample_rows
+    from .selectors import SelectorContext, run_selector
+
+    out = Path(cfg.out)
+    trace_path = out / "analysis" / "trace.json"
+    model, tok, info = load_model(cfg.model)
+    ds = load_dataset_spec(cfg.dataset, **cfg.data_kwargs)
+    if trace_path.exists():
+        tr = Trace.from_json(trace_path)
+        cost = tr.extra["cost"]
+    else:
+        t0 = time.perf_counter()
+        res = analyze(cfg.model, cfg.dataset, out_dir=out / "analysis", samples=cfg.samples,
+                      head=cfg.head, train_batch_size=cfg.batch_size,
+                      train_max_length=cfg.max_length, loaded=(model, tok, info), dataset=ds,
+                      progress=progress)
+        tr, cost = res.trace, res.cost
+        tr.extra["analysis_wall_s"] = time.perf_counter() - t0
+        tr.to_json(trace_path)
+    flops = [c["flops_ratio"] for c in cost["cuts"]]
+    picks, L = {}, tr.num_layers
+    rows = sample_rows(ds.splits["train"], cfg.samples, 0, "selector sample")
+    ctx = SelectorContext(model=model, anat=anatomy(model),
+                          batches=lambda: iter(make_batches(ds.task, tok, rows, 8, cfg.max_length)),
+                          num_layers=L, seed=0)
+    for name in cfg.selectors:
+        if name in SALF_POLICIES or name.startswith("budget="):
+            choice = choose_cut(tr, SALF_POLICIES.get(name, name), cost=flops)
+            picks[name] = {"cut": choice["eof"], "reason": choice["reason"]}
+        elif name in PREFIX_SELECTORS or name in SET_SELECTORS:
+            sel = run_selector(name, ctx)
+            if sel.eof is not None:
+                picks[name] = {"cut": sel.eof, "reason": sel.reason}
+            else:
+                picks[name] = {"layers": sorted(sel.trainable_layers), "reason": sel.reason}
+        else:
+            raise SalfError(f"unknown selector {name!r} for sweep; choose from "
+                            f"{', '.join([*SALF_POLICIES, 'budget=B', *PREFIX_SELECTORS, *SET_SELECTORS])}")
+    timing = {"analysis_s": tr.timing.get("seconds"), "analysis_wall_s": tr.extra.get("analysis_wall_s")}
+    return picks, timing
+
+
+# ------------------------------------------------------------------ the sweep
+def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
+    from .models import anatomy, load_model
+
+    out = Path(cfg.out)
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old.get("training") != cfg.training_key():
+            raise SalfError(f"{out} holds a sweep with other training settings "
+                            f"({old.get('training')}); use another --out")
+    _write_atomic(cfg_path, json.dumps({"training": cfg.training_key(), "config": asdict(cfg)},
+                                       indent=2))
+    model, _, _ = load_model(cfg.model)
+    L = anatomy(model).num_layers
+    del model
+    cuts = cfg.cuts if cfg.cuts is not None else list(range(L))
+    bad = [k for k in cuts if not 0 <= k < L]
+    if bad:
+        raise SalfError(f"cuts {bad} are outside 0..{L - 1} for this {L}-layer model")
+    picks, timing = selector_picks(cfg, progress)
+    todo: list[dict] = []
+    for seed in cfg.seeds:
+        todo.append(dict(cut=None, layers=None, selector="full", seed=seed))
+        for k in cuts:
+            todo.append(dict(cut=k, layers=None, selector=None, seed=seed))
+        for name, p in picks.items():
+            if "cut" in p and p["cut"] not in cuts:
+                todo.append(dict(cut=p["cut"], layers=None, selector=name, seed=seed))
+            elif "layers" in p:
+                todo.append(dict(cut=None, layers=p["layers"], selector=name, seed=seed))
+    seen, cells = set(), []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=not progress)
+    for item in todo:
+        key = cell_key(item["cut"], item["layers"], item["seed"])
+        if key in seen:
+            bar.update(1)
+            continue
+        seen.add(key)
+        path = cells_dir / f"{key}.json"
+        if path.exists():
+            cells.append(json.loads(path.read_text()))
+        else:
+            spec = dict(item, key=key, model=cfg.model, dataset=cfg.dataset,
+                        data_kwargs=cfg.data_kwargs, steps=cfg.steps, batch_size=cfg.batch_size,
+                        max_length=cfg.max_length, lr=cfg.lr, test_samples=cfg.test_samples,
+                        head=cfg.head, work_dir=str(cells_dir / f".work-{key}"))
+            bar.set_postfix_str(key)
+            cells.append(_run_cell_subprocess(spec, cells_dir, cfg.timeout_s))
+            log(f"  {key}: quality {cells[-1]['quality']:.4f}, cost {cells[-1]['cost']:.3f}, "
+                f"step {cells[-1]['step_s'] or 0:.2f} s")
+        bar.update(1)
+        summary = summarize(cfg, cells, picks, timing)   # keep sweep.json current after each cell
+        _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    bar.close()
+    summary = summarize(cfg, cells, picks, timing)
+    _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    write_sweep_report(out, summary)
+    return summary
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) -> dict:
+    """sweep.json: full, cells, picks, and the frontier analysis (safe cuts, pick verdicts)."""
+    metric = "loss" if cells and cells[0].get("accuracy") is None else "accuracy"
+    higher = metric != "loss"
+    full_cells = [c for c in cells if c["selector"] == "full"]
+    fq, fs = _mean_spread([c["quality"] for c in full_cells])
+    full = {"quality": fq, "spread": fs, "cost": 1.0, "seeds": len(full_cells),
+            "loss": _mean_spread([c["loss"] for c in full_cells])[0],
+            "step_s": _mean_spread([c["step_s"] for c in full_cells if c["step_s"]])[0],
+            "peak_mb": _mean_spread([c["peak_mb"] for c in full_cells if c["peak_mb"]])[0]}
+    by_cut: dict[int, list[dict]] = {}
+    for c in cells:
+        if c.get("cut") is not None and c.get("layers") is None:
+            by_cut.setdefault(c["cut"], []).append(c)
+    points = []
+    for k in sorted(by_cut):
+        q, s = _mean_spread([c["quality"] for c in by_cut[k]])
+        points.append({"cut": k, "cost": by_cut[k][0]["cost"], "quality": q, "spread": s,
+                       "loss": _mean_spread([c["loss"] for c in by_cut[k]])[0],
+                       "step_s": _mean_spread([c["step_s"] for c in by_cut[k] if c["step_s"]])[0],
+                       "seeds": len(by_cut[k])})
+    tol = fs if full_cells else 0.0
+    for p in points:
+        if not full_cells:
+            p["safe"] = None
+        elif higher:
+            p["safe"] = p["quality"] >= fq - tol and p["quality"] >= 0.99 * fq
+        else:
+            p["safe"] = p["quality"] <= fq + tol and p["quality"] <= 1.01 * fq
+    safe = [p for p in points if p["safe"]]
+    cheapest_safe = min(safe, key=lambda p: p["cost"]) if safe else None
+    pick_rows = {}
+    for name, p in picks.items():
+        row = dict(p)
+        if "cut" in p and p["cut"] in by_cut:
+            pt = next(x for x in points if x["cut"] == p["cut"])
+            row.update(quality=pt["quality"], spread=pt["spread"], cost=pt["cost"], safe=pt["safe"])
+            if cheapest_safe:
+                row["cost_vs_cheapest_safe"] = pt["cost"] / cheapest_safe["cost"]
+        elif "layers" in p:
+            mine = [c for c in cells if c.get("layers") == p["layers"]]
+            if mine:
+                q, s = _mean_spread([c["quality"] for c in mine])
+                row.update(quality=q, spread=s, cost=mine[0]["cost"])
+        pick_rows[name] = row
+    return {
+        "model": cfg.model, "dataset": cfg.dataset, "metric": metric,
+        "higher_is_better": higher, "settings": cfg.training_key(), "seeds": cfg.seeds,
+        "full": full, "cells": cells, "cuts": points,
+        "picks": {k: v.get("cut") for k, v in picks.items()},
+        "pick_details": pick_rows,
+        "oracle": {"cheapest_safe_cut": cheapest_safe["cut"] if cheapest_safe else None,
+                   "cheapest_safe_cost": cheapest_safe["cost"] if cheapest_safe else None,
+                   "safe_rule": "mean quality within the full-FT seed spread (std) and >= 99% of "
+                                "full (<= 101% for loss)"},
+        "timing": timing,
+        "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_sweep_report(out: Path, s: dict) -> None:
+    from .report.markdown import md_table
+    from .report.plots import plot_frontier
+
+    by_cut_picks: dict[int, list[str]] = {}
+    for name, k in s["picks"].items():
+        if k is not None:
+            by_cut_picks.setdefault(k, []).append(name)
+    rows = [["full", 1.0, f"{s['full']['quality']:.4f} ± {s['full']['spread']:.4f}",
+             s["full"]["loss"], s["full"]["step_s"], "–", ""]]
+    for p in s["cuts"]:
+        rows.append([p["cut"], p["cost"], f"{p['quality']:.4f} ± {p['spread']:.4f}", p["loss"],
+                     p["step_s"], {True: "yes", False: "no", None: "?"}[p["safe"]],
+                     ", ".join(by_cut_picks.get(p["cut"], []))])
+    lines = [f"# sweep: {s['model']} on {s['dataset']}", "",
+             f"metric: {s['metric']} ({'higher' if s['higher_is_better'] else 'lower'} is better), "
+             f"seeds {s['seeds']}, settings `{json.dumps(s['settings'])}`", "",
+             md_table(["cut (eof)", "FLOPs vs full", f"{s['metric']} (mean ± std)", "test loss",
+                       "step s", "safe", "picked by"], rows), "",
+             f"Oracle's cheapest safe cut: {s['oracle']['cheapest_safe_cut']} "
+             f"(rule: {s['oracle']['safe_rule']}).", ""]
+    for name, d in s["pick_details"].items():
+        lines.append(f"- **{name}**: {d.get('cut', d.get('layers'))} — quality "
+                     f"{d.get('quality', float('nan')):.4f}, cost {d.get('cost', float('nan')):.3f}, "
+                     f"safe {d.get('safe')}, cost / cheapest safe "
+                     f"{d.get('cost_vs_cheapest_safe', float('nan')):.2f} — {d.get('reason', '')}")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    if s["cuts"] and s["full"]["seeds"]:
+        plot_frontier(out / "frontier.png", title=f"{s['model']} on {s['dataset']}",
+                      metric=s["metric"], full=s["full"], cut_points=s["cuts"],
+                      picks={k: v for k, v in s["pick_details"].items() if "quality" in v})
+
+
+def _cell_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result = run_cell(spec)
+    cells_dir = Path(spec_path).parent
+    _write_atomic(cells_dir / f"{spec['key']}.json", json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(_cell_main(sys.argv[1]))
+    except SalfError as e:
+        print(f"salf: error: {e}", file=sys.stderr)
+        raise SystemExit(2)

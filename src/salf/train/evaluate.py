@@ -1,0 +1,279 @@
+"""Evaluation, and the loss definitions shared with training.
+
+Classification (left-padded batches, target at position -1): the model runs
+with `logits_to_keep=1`, so the unembedding is applied at the label position
+only. Reported:
+
+* `accuracy`, `macro_f1` — argmax over the verbalizer's label-token logits
+  (macro-F1 over the labels present in gold or predictions, as scikit-learn);
+* `loss` — mean CE of the label token under the full vocabulary (exactly the
+  training "label" loss);
+* `label_loss` — CE restricted to the label set.
+
+SFT (right-padded, labels -100 outside the response): `loss` = mean CE per
+response token (the logits are computed only at positions that predict a
+response token), `perplexity` = exp(loss).
+
+Left-padded batches get `position_ids` counted from the first real token, so
+absolute-position models (GPT-2, OPT) see the same positions as without
+padding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SalfError
+
+IGNORE_INDEX = -100
+META_FILE = "salf.json"
+
+
+# --------------------------------------------------------------------------- forward helpers
+
+
+@lru_cache(maxsize=64)
+def _accepts_position_ids(cls: type) -> bool:
+    try:
+        return "position_ids" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    from .freeze import unwrap
+
+    return unwrap(model)
+
+
+def is_classification_batch(batch: dict) -> bool:
+    return "target_ids" in batch
+
+
+def model_inputs(model: nn.Module, batch: dict, extra_target: bool = False) -> dict:
+    """Forward kwargs for a collated batch (input_ids, attention_mask, position_ids, use_cache).
+
+    `extra_target=True` appends the classification target token (used by the
+    full-sequence "lm" loss).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if extra_target:
+        ids = torch.cat([ids, batch["target_ids"][:, None].to(ids)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    out = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    if is_classification_batch(batch) and _accepts_position_ids(type(_hf_model(model))):
+        out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return out
+
+
+def label_position_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """(B, V) float logits at the last position (the label position), head applied there only."""
+    out = model(**model_inputs(model, batch), logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def response_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of CE over response tokens, number of response tokens) for an SFT batch.
+
+    Position p predicts labels[p+1]; logits are computed only at positions that
+    predict a response token in some row of the batch.
+    """
+    labels = batch["labels"]
+    targets_next = labels[:, 1:]
+    keep = (targets_next != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:
+        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return zero, 0
+    out = model(**model_inputs(model, batch), logits_to_keep=keep)
+    logits = out.logits.float()                    # (B, K, V)
+    targets = targets_next[:, keep]                # (B, K)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((targets != IGNORE_INDEX).sum())
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of next-token CE over every real token, count): the full-sequence LM loss.
+    Classification batches include the label token as the last token."""
+    cls = is_classification_batch(batch)
+    inputs = model_inputs(model, batch, extra_target=cls)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    logits = model(**inputs).logits[:, :-1].float()
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((targets != IGNORE_INDEX).sum())
+
+
+def batch_loss(model: nn.Module, batch: dict, kind: str = "label") -> torch.Tensor:
+    """The training loss of one batch (a mean).
+
+    kind="label": classification -> CE of the label token at the last position
+    (full vocabulary); SFT -> mean CE over response tokens. kind="lm": mean
+    next-token CE over the whole sequence.
+    """
+    if kind == "label":
+        if is_classification_batch(batch):
+            return F.cross_entropy(label_position_logits(model, batch), batch["target_ids"])
+        total, n = response_loss(model, batch)
+    elif kind == "lm":
+        total, n = lm_loss(model, batch)
+    else:
+        raise SalfError(f"unknown loss {kind!r}; expected 'label' or 'lm'")
+    return total / max(n, 1)
+
+
+def batch_tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def macro_f1(gold: list[int], pred: list[int]) -> float:
+    labels = sorted(set(gold) | set(pred))
+    if not labels:
+        return 0.0
+    scores = []
+    for c in labels:
+        tp = sum(1 for g, p in zip(gold, pred) if g == c and p == c)
+        fp = sum(1 for g, p in zip(gold, pred) if g != c and p == c)
+        fn = sum(1 for g, p in zip(gold, pred) if g == c and p != c)
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+def _is_classification_task(task) -> bool:
+    return getattr(task, "kind", None) == "classification" or hasattr(task, "verbalizer")
+
+
+@torch.no_grad()
+def evaluate_examples(model: nn.Module, task, examples: list[dict], pad_id: int, batch_size: int = 16,
+                      label_token_ids: list[int] | None = None, progress: bool = False) -> dict:
+    """Evaluate already-encoded examples (see `evaluate`)."""
+    from ..data import collate
+
+    if not examples:
+        raise SalfError("nothing to evaluate: no examples")
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    chunks = range(0, len(examples), int(batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="evaluate", unit="batch", leave=False)
+    try:
+        if _is_classification_task(task):
+            ids = torch.tensor(label_token_ids, device=device)
+            gold, pred, ce, label_ce = [], [], 0.0, 0.0
+            for start in chunks:
+                batch = collate(examples[start:start + int(batch_size)], pad_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = label_position_logits(model, batch)
+                ce += float(F.cross_entropy(logits, batch["target_ids"], reduction="sum"))
+                sub = logits[:, ids]
+                label_ce += float(F.cross_entropy(sub, batch["label_index"], reduction="sum"))
+                gold += batch["label_index"].tolist()
+                pred += sub.argmax(-1).tolist()
+            n = len(gold)
+            return {"accuracy": sum(g == p for g, p in zip(gold, pred)) / n,
+                    "macro_f1": macro_f1(gold, pred), "loss": ce / n, "label_loss": label_ce / n,
+                    "n": n}
+        total, count = 0.0, 0
+        for start in chunks:
+            batch = collate(examples[start:start + int(batch_size)], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            s, c = response_loss(model, batch)
+            total += float(s)
+            count += c
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "n": len(examples),
+                "tokens": count}
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, tokenizer, task, rows, batch_size: int = 16, max_length: int = 128,
+             progress: bool = False) -> dict:
+    """Evaluate `model` on `rows` of `task` (no grad, eval mode; training mode restored after).
+
+    Classification -> {"accuracy", "macro_f1", "loss", "label_loss", "n"};
+    SFT -> {"loss", "perplexity", "n", "tokens"}.
+    """
+    from ..data import encode, pad_token_id
+
+    examples = encode(task, tokenizer, rows, max_length)
+    label_ids = task.label_token_ids(tokenizer) if _is_classification_task(task) else None
+    return evaluate_examples(model, task, examples, pad_token_id(tokenizer), batch_size,
+                             label_token_ids=label_ids, progress=progress)
+
+
+# --------------------------------------------------------------------------- reloading
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def load_trained(folder: str | os.PathLike, load_base: Callable | None = None, dtype=None):
+    """Load a model saved by `salf.train.train` (its `final/` folder) -> (model, tokenizer).
+
+    A full model is loaded with `from_pretrained`. A LoRA adapter folder
+    (adapter_config.json) needs its base: `load_base(spec)` is called with the
+    base spec recorded in the folder's `salf.json` (default:
+    `salf.models.load_model`), then `PeftModel.from_pretrained(base, folder)`.
+    The model comes back in eval mode.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SalfError(f"no trained model at {folder}")
+    meta = read_meta(folder)
+    tokenizer = None
+    if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if (folder / "adapter_config.json").is_file():
+        spec = meta.get("base")
+        if spec is None:
+            raise SalfError(f"{folder} holds a LoRA adapter but its {META_FILE} names no base model")
+        if load_base is None:
+            try:
+                from ..models import load_model as load_base  # type: ignore[no-redef]
+            except ImportError:
+                raise SalfError("loading a LoRA adapter needs load_base(spec) -> base model") from None
+        base = load_base(spec)
+        if isinstance(base, tuple):
+            if tokenizer is None and len(base) > 1:
+                tokenizer = base[1]
+            base = base[0]
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(folder))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return model.eval(), tokenizer

@@ -1,0 +1,501 @@
+"""Apply a FreezePlan to a model: freeze below the cut and truly truncate backward.
+
+`apply_plan(model, plan)` leaves embeddings and decoder layers 1..eof
+(`layers[:eof]`) without `requires_grad`, trains `layers[eof:]`, the final
+norm and (per `plan.head`) the LM head — or, with `lora=LoraSettings(...)`,
+wraps the model in a PEFT LoRA adapter on `layers[eof:]` only.
+
+Freezing parameters is not enough for backward to stop at the cut. The traps
+this module neutralises (see docs/training.md):
+
+* `enable_input_require_grads()` — called by `activation_checkpointing_enable`
+  for every text model and by PEFT whenever checkpointing is on — hooks the
+  embedding output to `requires_grad_(True)`, which makes autograd record the
+  whole frozen prefix. salf removes any such hook and turns the method into a
+  no-op on this model instance.
+* Activation checkpointing of frozen layers recomputes them for nothing;
+  salf keeps it on trainable layers only and forces `use_reentrant=False`
+  (reentrant checkpointing drops the gradients of a layer whose inputs do not
+  require grad, which is exactly the first trainable layer after the cut).
+* A forward-pre-hook on the first trainable module detaches every tensor input,
+  so even a hook installed later cannot carry a graph across the cut.
+
+`assert_truncated(model)` re-checks all of it (the training loop calls it after
+the Trainer has set up, because Trainer and PEFT flip things).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import types
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SalfError
+from ..models.anatomy import Anatomy, anatomy
+
+log = logging.getLogger(__name__)
+
+HEAD_OPTIONS = ("frozen", "trainable", "untied-copy")
+_STATE_ATTR = "_salf_freeze"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the trainable layers (eof+1..L). `target_modules=None` picks every
+    linear projection (attention + MLP) found in those layers."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "LoraSettings | None":
+        return None if d is None else cls(**{k: d[k] for k in ("r", "alpha", "dropout", "target_modules")
+                                             if k in d})
+
+
+@dataclass
+class FreezeState:
+    """What apply_plan did to a model (kept on the base model as `_salf_freeze`)."""
+
+    plan: Any
+    eof: int
+    num_layers: int
+    head: str
+    lora: LoraSettings | None
+    gradient_checkpointing: bool
+    cut_module: nn.Module | None
+    cut_hook: Any = None
+    untied: bool = False
+    full: bool = False              # plan.train_embeddings: full fine-tuning, no cut
+    target_modules: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PeftModel / DDP wrapper (or the model itself)."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) \
+            and not hasattr(model, "config"):
+        model = model.module
+    get_base = getattr(type(model), "get_base_model", None)
+    if get_base is not None:
+        model = model.get_base_model()
+    return model
+
+
+def freeze_state(model: nn.Module) -> FreezeState | None:
+    return getattr(unwrap(model), _STATE_ATTR, None)
+
+
+def _plan_fields(plan) -> tuple[int, int | None, str, bool]:
+    try:
+        eof = int(plan.eof)
+    except (AttributeError, TypeError, ValueError):
+        raise SalfError("plan has no integer `eof`") from None
+    num_layers = getattr(plan, "num_layers", None)
+    head = getattr(plan, "head", "frozen") or "frozen"
+    train_embeddings = bool(getattr(plan, "train_embeddings", False))
+    return eof, num_layers, head, train_embeddings
+
+
+def _detach_tensor(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach() if x.requires_grad else x
+    if isinstance(x, tuple) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in x):
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in x)
+    return x
+
+
+def _salf_cut_hook(_module, args, kwargs):
+    """Forward-pre-hook at the cut: nothing computed below it keeps a graph."""
+    return tuple(_detach_tensor(a) for a in args), {k: _detach_tensor(v) for k, v in kwargs.items()}
+
+
+def _noop_enable_input_require_grads(*_args, **_kwargs):
+    log.debug("salf: enable_input_require_grads() ignored; backward is truncated at the cut")
+
+
+def _is_require_grads_hook(fn) -> bool:
+    name = getattr(fn, "__name__", "") or getattr(getattr(fn, "func", None), "__name__", "")
+    return "require_grad" in name
+
+
+def _remove_require_grads_hooks(model: nn.Module, anat: Anatomy) -> int:
+    """Remove hooks that force the embedding output to require grad; returns how many."""
+    removed = 0
+    if getattr(model, "_require_grads_hooks", None):
+        removed += len(model._require_grads_hooks)
+    if hasattr(model, "disable_input_require_grads"):
+        type(model).disable_input_require_grads(model)  # the class method, not a patched one
+    if "_require_grads_hook" in model.__dict__:
+        try:
+            model._require_grads_hook.remove()
+        except Exception:  # pragma: no cover - already removed
+            pass
+        del model.__dict__["_require_grads_hook"]
+    # PEFT's fallback and older code register the hook on the embedding module directly
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for module in {id(m): m for m in [*anat.embeddings, *( [emb] if emb is not None else [])]}.values():
+        for key, fn in list(module._forward_hooks.items()):
+            if _is_require_grads_hook(fn):
+                del module._forward_hooks[key]
+                removed += 1
+    return removed
+
+
+def _force_non_reentrant(func):
+    """A checkpoint function that never runs reentrant (see module docstring)."""
+    from torch.utils.checkpoint import checkpoint
+
+    if func is None or func is checkpoint:
+        return functools.partial(checkpoint, use_reentrant=False)
+    if isinstance(func, functools.partial):
+        if func.keywords.get("use_reentrant", None) is not False:
+            if func.keywords.get("use_reentrant"):
+                log.warning("salf: use_reentrant=True checkpointing cannot train the first layer above a "
+                            "frozen cut; using use_reentrant=False")
+            return functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
+        return func
+    return functools.partial(func, use_reentrant=False)
+
+
+def _restrict_checkpointing(model: nn.Module, state: FreezeState, anat: Anatomy) -> None:
+    """Checkpointing only on trainable layers, always non-reentrant."""
+    for i, layer in enumerate(anat.layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            continue
+        if i < state.eof:
+            layer.gradient_checkpointing = False
+        elif layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = _force_non_reentrant(
+                getattr(layer, "_gradient_checkpointing_func", None))
+
+
+def _guarded_set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=None,
+                                       every_n_layers=1):
+    """Bound on a planned model instance in place of `_set_gradient_checkpointing`:
+    every later enable (ours, the Trainer's, PEFT's, the user's) keeps frozen
+    layers un-checkpointed and checkpointing non-reentrant."""
+    from torch.utils.checkpoint import checkpoint
+
+    func = _force_non_reentrant(gradient_checkpointing_func) if enable else (
+        gradient_checkpointing_func or checkpoint)
+    original = type(self)._set_gradient_checkpointing
+    kwargs = {"every_n_layers": every_n_layers} if "every_n_layers" in inspect.signature(original).parameters \
+        else {}
+    original(self, enable=enable, gradient_checkpointing_func=func, **kwargs)
+    state = getattr(self, _STATE_ATTR, None)
+    if state is not None:
+        _restrict_checkpointing(self, state, anatomy(self))
+
+
+def untie_head(model: nn.Module, anat: Anatomy | None = None) -> None:
+    """Give the LM head its own copy of the (tied) embedding matrix, permanently.
+
+    transformers 5 re-ties from `config.tie_word_embeddings` and the registry
+    `all_tied_weights_keys` (computed in `post_init`); both are updated so
+    `tie_weights()`, `save_pretrained` and `from_pretrained` keep the copy.
+    """
+    from transformers import PreTrainedModel
+
+    anat = anat or anatomy(model)
+    head = anat.head
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    for cfg in configs:
+        if hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.all_tied_weights_keys = module.get_expanded_tied_weights_keys(all_submodels=True)
+    emb = model.get_input_embeddings()
+    if head.weight is getattr(emb, "weight", None):  # pragma: no cover - defensive
+        raise SalfError("could not untie the LM head from the input embedding")
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise SalfError(f"module {type(target).__name__} not found in model")
+
+
+def default_target_modules(anat: Anatomy, eof: int) -> tuple[list[str], bool]:
+    """Leaf names of every linear projection in layers[eof:] (+ whether any is a GPT-2 Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names: set[str] = set()
+    conv1d = False
+    for layer in list(anat.layers)[eof:]:
+        for name, module in layer.named_modules():
+            if isinstance(module, (nn.Linear, Conv1D)) and name:
+                names.add(name.rsplit(".", 1)[-1])
+                conv1d |= isinstance(module, Conv1D)
+    if not names:
+        raise SalfError("no linear projections found in the trainable layers for LoRA")
+    return sorted(names), conv1d
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def apply_plan(model: nn.Module, plan, lora: LoraSettings | None = None,
+               gradient_checkpointing: bool = False) -> nn.Module:
+    """Freeze `model` per `plan` and truncate backward at the cut.
+
+    Returns the model (the PEFT-wrapped one when `lora` is given). The plan is
+    stored as `model.salf_plan`; `assert_truncated(model)` re-checks the result.
+    """
+    if isinstance(lora, dict):
+        lora = LoraSettings.from_dict(lora)
+    if freeze_state(model) is not None:
+        raise SalfError("a freeze plan is already applied to this model; load a fresh model to apply another")
+    anat = anatomy(model)
+    L = anat.num_layers
+    eof, num_layers, head, train_embeddings = _plan_fields(plan)
+    if num_layers is not None and int(num_layers) != L:
+        raise SalfError(f"plan is for a {num_layers}-layer model but this model has {L} layers")
+    if not 0 <= eof <= L:
+        raise SalfError(f"plan eof={eof} is outside 0..{L}")
+    if head not in HEAD_OPTIONS:
+        raise SalfError(f"plan head {head!r} is not one of {', '.join(HEAD_OPTIONS)}")
+    if train_embeddings and (eof != 0 or lora is not None):
+        raise SalfError("train_embeddings means full fine-tuning (eof 0, no LoRA); for LoRA on every "
+                        "layer use eof 0 without train_embeddings")
+    if head == "trainable" and anat.tied and not train_embeddings:
+        raise SalfError("head 'trainable' needs an untied LM head, but this model ties it to the input "
+                        "embedding (training it would update the frozen embedding); use 'untied-copy' or "
+                        "'frozen'")
+    if lora is not None and eof >= L:
+        raise SalfError(f"LoRA needs at least one trainable layer, but eof={eof} freezes all {L}")
+
+    state = FreezeState(plan=plan, eof=eof, num_layers=L, head=head, lora=lora,
+                        gradient_checkpointing=gradient_checkpointing, cut_module=None,
+                        full=train_embeddings)
+    head_trainable = head in ("trainable", "untied-copy")
+
+    # 1. requires_grad: everything off, then the part above the cut on.
+    model.requires_grad_(train_embeddings)   # full fine-tuning: everything trains, nothing is cut
+    if head == "untied-copy" and anat.tied and lora is None:
+        untie_head(model, anat)
+        state.untied = True
+    # Optional non-contiguous set above the cut (plan.layers, e.g. Spectrum's pick): the
+    # unlisted layers stay frozen but gradients still flow through them down to the cut.
+    trainable = sorted(getattr(plan, "layers", None) or range(eof, L))
+    if trainable and trainable[0] != eof and not train_embeddings:
+        raise SalfError(f"plan.layers must start at the cut (eof={eof}), got {trainable}")
+    if lora is None:
+        for i in trainable:
+            anat.layers[i].requires_grad_(True)
+        for module in [anat.final_norm, *anat.post_norm]:
+            if module is not None:
+                module.requires_grad_(True)
+        if head_trainable:
+            anat.head.requires_grad_(True)
+
+    # 2. no hook may make the embedding output require grad, now or later.
+    _remove_require_grads_hooks(model, anat)
+    model.__dict__["enable_input_require_grads"] = _noop_enable_input_require_grads
+
+    # 3. checkpointing only above the cut, non-reentrant.
+    model.__dict__["_set_gradient_checkpointing"] = types.MethodType(_guarded_set_gradient_checkpointing, model)
+    model.__dict__[_STATE_ATTR] = state
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise SalfError(f"{type(model).__name__} does not support activation checkpointing")
+        model._set_gradient_checkpointing(enable=True)
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+    else:
+        _restrict_checkpointing(model, state, anat)
+
+    # 4. the cut: detach whatever enters the first trainable module.
+    if not train_embeddings:
+        cut = anat.layers[eof] if eof < L else (anat.final_norm or anat.head)
+        state.cut_module = cut
+        state.cut_hook = cut.register_forward_pre_hook(_salf_cut_hook, with_kwargs=True, prepend=True)
+
+    model.__dict__["salf_plan"] = plan
+
+    if lora is None:
+        assert_truncated(model)
+        return model
+
+    # 5. LoRA on layers[eof:] only; the base stays frozen.
+    from peft import LoraConfig, get_peft_model
+
+    targets, conv1d = default_target_modules(anat, eof)
+    if lora.target_modules:
+        targets = list(lora.target_modules)
+    state.target_modules = targets
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        layers_to_transform=trainable, layers_pattern=anat.layers_path.rsplit(".", 1)[-1],
+        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM",
+        modules_to_save=[_module_name(model, anat.head)] if head_trainable else None,
+    )
+    with warnings.catch_warnings():
+        # a tied head in modules_to_save is exactly what "untied-copy" asks for: an independent copy
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*ensure_weight_tying.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
+        peft_model = get_peft_model(model, config)
+    assert_truncated(peft_model)
+    return peft_model
+
+
+def assert_truncated(model: nn.Module) -> dict:
+    """Re-check that backward stops at the cut; raise SalfError listing every violation.
+
+    Returns a small report (counts) when everything holds.
+    """
+    base = unwrap(model)
+    state: FreezeState | None = getattr(base, _STATE_ATTR, None)
+    if state is None:
+        raise SalfError("no freeze plan applied to this model (call apply_plan first)")
+    anat = anatomy(base)
+    problems: list[str] = []
+
+    below = {} if state.full else {id(p): "embeddings" for m in anat.embeddings for p in m.parameters()}
+    for i, layer in enumerate(list(anat.layers)[: state.eof]):
+        for p in layer.parameters():
+            below[id(p)] = f"layer {i + 1}"
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in below and p.requires_grad:
+            problems.append(f"{n} ({below[id(p)]}, below the cut) requires grad")
+
+    emb = base.get_input_embeddings()
+    head_weight = getattr(anat.head, "weight", None)
+    if state.head == "frozen" and not state.full:
+        original_head = getattr(anat.head, "original_module", anat.head)
+        for p in original_head.parameters():
+            if p.requires_grad:
+                problems.append(f"{names.get(id(p), 'head')} (head, plan says frozen) requires grad")
+    if state.untied and head_weight is getattr(emb, "weight", None):
+        problems.append("the head was untied but shares the input embedding again")
+
+    if state.lora is not None:
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in n and "modules_to_save" not in n:
+                problems.append(f"{n} is a base weight but requires grad under LoRA")
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        problems.append("nothing is trainable")
+
+    if getattr(base, "_require_grads_hooks", None) or "_require_grads_hook" in base.__dict__:
+        problems.append("an enable_input_require_grads hook is installed")
+    for m in {id(m): m for m in [*anat.embeddings, emb] if m is not None}.values():
+        if any(_is_require_grads_hook(fn) for fn in m._forward_hooks.values()):
+            problems.append(f"a require-grads forward hook sits on {type(m).__name__}")
+    if base.__dict__.get("enable_input_require_grads") is not _noop_enable_input_require_grads:
+        problems.append("enable_input_require_grads is no longer neutralised")
+
+    for i, layer in enumerate(anat.layers):
+        gc = getattr(layer, "gradient_checkpointing", False)
+        if gc and i < state.eof:
+            problems.append(f"layer {i + 1} is frozen but activation-checkpointed")
+        if gc and i >= state.eof:
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if not (isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False):
+                problems.append(f"layer {i + 1} uses reentrant checkpointing")
+    if state.full:
+        problems += [f"{n} does not require grad under full fine-tuning"
+                     for n, p in model.named_parameters() if not p.requires_grad][:3]
+    elif state.cut_module is None or state.cut_hook is None or \
+            state.cut_hook.id not in state.cut_module._forward_pre_hooks:
+        problems.append("the detach hook at the cut is missing")
+
+    if problems:
+        raise SalfError("backward is not truncated at the cut: " + "; ".join(problems[:8])
+                        + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"eof": state.eof, "trainable_tensors": len(trainable), "trainable_params": n_train}
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """Trainable and total parameter counts (tied weights counted once)."""
+    params = list(model.parameters())  # deduplicated by identity
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad),
+            "total": sum(p.numel() for p in params)}
+
+
+def _check_grads_truncated(model: nn.Module) -> list[str]:
+    """Names of parameters below the cut that received a gradient (should be none)."""
+    base = unwrap(model)
+    state = getattr(base, _STATE_ATTR, None)
+    if state is None or state.full:
+        return []
+    anat = anatomy(base)
+    below = {id(p) for m in anat.embeddings for p in m.parameters()}
+    for layer in list(anat.layers)[: state.eof]:
+        below.update(id(p) for p in layer.parameters())
+    if state.head == "frozen":
+        below.update(id(p) for p in getattr(anat.head, "original_module", anat.head).parameters())
+    return [n for n, p in model.named_parameters() if id(p) in below and p.grad is not None]
+
+
+try:
+    from transformers import TrainerCallback as _TrainerCallback
+except Exception:  # pragma: no cover - transformers always present in practice
+    _TrainerCallback = object
+
+
+class SalfFreezeCallback(_TrainerCallback):
+    """Apply (or re-verify) a plan from inside someone else's `Trainer` code.
+
+    The supported path is `apply_plan` *before* building the Trainer: the
+    optimizer is created before `on_train_begin`, so a plan applied here can
+    only freeze (the optimizer then skips the frozen parameters, which receive
+    no gradient). LoRA and an untied head copy add parameters and therefore
+    must be applied before the Trainer exists; this callback refuses them.
+
+    At `on_train_begin` it applies the plan if the model has none yet, then runs
+    `assert_truncated`; before the first optimizer step it checks that no
+    parameter below the cut received a gradient.
+    """
+
+    def __init__(self, plan=None, gradient_checkpointing: bool | None = None):
+        self.plan = plan
+        self.gradient_checkpointing = gradient_checkpointing
+        self._checked_grads = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        if freeze_state(model) is None:
+            if self.plan is None:
+                raise SalfError("SalfFreezeCallback has no plan and the model has none applied")
+            anat = anatomy(unwrap(model))
+            head = getattr(self.plan, "head", "frozen")
+            if head == "untied-copy" and anat.tied:
+                raise SalfError("an untied head copy adds a parameter the Trainer's optimizer does not know; "
+                                "call salf.train.apply_plan before creating the Trainer")
+            gc = self.gradient_checkpointing
+            if gc is None:
+                gc = any(getattr(layer, "gradient_checkpointing", False) for layer in anat.layers)
+            apply_plan(model, self.plan, gradient_checkpointing=gc)
+        assert_truncated(model)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self._checked_grads or model is None:
+            return
+        self._checked_grads = True
+        leaked = _check_grads_truncated(model)
+        if leaked:
+            raise SalfError(f"parameters below the cut received gradients: {', '.join(leaked[:5])}")

@@ -1,0 +1,284 @@
+"""train/evaluate/audit on tiny models: learning, audit, LoRA and head round-trips, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from salf.data import ClassificationTask, SFTTask
+from salf.errors import SalfError
+from salf.models.anatomy import anatomy
+from salf.models.tiny import tiny_model, tiny_tokenizer
+from salf.train import (LoraSettings, apply_plan, compare, evaluate, load_trained, snapshot, train,
+                        write_audit)
+from salf.train.loop import last_checkpoint
+
+TASK = ClassificationTask("Review: {text} Sentiment:", {"pos": " positive", "neg": " negative"})
+
+
+def rows(n=24):
+    # trivially learnable: the label is written in the text
+    return [{"text": f"good good movie {i}" if i % 2 else f"bad bad film {i}",
+             "label": "pos" if i % 2 else "neg"} for i in range(n)]
+
+
+def make_plan(eof, head="frozen", num_layers=4):
+    return types.SimpleNamespace(eof=eof, num_layers=num_layers, head=head, train_embeddings=False)
+
+
+COMMON = dict(batch_size=4, max_length=32, progress=False, seed=0)
+
+
+def test_training_reduces_loss_and_keeps_frozen_weights(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_model("llama")
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
+                     if not n.startswith(("model.layers.2", "model.layers.3", "model.norm"))}
+    before = evaluate(model, tok, TASK, rows(8), batch_size=8, max_length=32)
+    metrics = train(model, tok, TASK, rows(), rows(8), make_plan(2), tmp_path, max_steps=12, lr=5e-3,
+                    eval_steps=6, **COMMON)
+    after = metrics["eval"]
+    assert after["loss"] < before["loss"] - 0.1
+    assert after["label_loss"] < before["label_loss"]
+    curve = [p["loss"] for p in metrics["train"]["loss_curve"]]
+    assert len(curve) == 12 and sum(curve[-3:]) < sum(curve[:3])
+    assert [e["step"] for e in metrics["eval_curve"]] == [6, 12]
+
+    # frozen weights bit-identical (checked independently of the audit code) ...
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+    # ... and the audit says the same
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["ok"] and audit["frozen"]["changed"] == [] and audit["trainable"]["changed"] > 0
+    assert audit["frozen"]["count"] == len(frozen_before)
+
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["timing"]["median_step_s"] > 0 and m["timing"]["tokens_per_s"] > 0
+    assert m["memory"]["peak_rss_bytes"] > 0
+    assert 0 < m["params"]["trainable"] < m["params"]["total"]
+    assert m["plan"]["eof"] == 2 and m["truncation"]["eof"] == 2
+    assert json.loads((tmp_path / "plan.json").read_text())["eof"] == 2
+
+    # the saved model reproduces the final evaluation
+    reloaded, tok2 = load_trained(tmp_path / "final")
+    again = evaluate(reloaded, tok2, TASK, rows(8), batch_size=8, max_length=32)
+    assert again == pytest.approx(after)
+
+
+def test_audit_flags_a_changed_frozen_weight(tmp_path):
+    model = apply_plan(tiny_model("llama"), make_plan(2))
+    before = snapshot(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-6
+        model.model.layers[3].mlp.up_proj.weight[0, 0] += 1.0
+    report = compare(before, snapshot(model), make_plan(2), strict=False)
+    assert not report["ok"]
+    assert report["frozen"]["changed"] == ["model.layers.0.mlp.up_proj.weight"]
+    assert report["trainable"]["changed"] == 1
+    write_audit(tmp_path / "audit.json", report)
+    assert json.loads((tmp_path / "audit.json").read_text())["violations"]
+    with pytest.raises(SalfError, match="audit failed"):
+        compare(before, snapshot(model), make_plan(2))
+
+
+def test_lora_adapter_round_trip(tmp_path):
+    from peft import PeftModel
+
+    tok = tiny_tokenizer()
+    metrics = train(tiny_model("llama"), tok, TASK, rows(), rows(8), make_plan(2), tmp_path,
+                    lora=LoraSettings(r=4), max_steps=6, lr=1e-2, **COMMON)
+    final = tmp_path / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    assert json.loads((final / "salf.json").read_text())["base"] == "tiny-llama"
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["ok"] and all("lora_" in n for n in audit["trainable"]["unchanged"])
+
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), str(final))
+    assert evaluate(reloaded, tok, TASK, rows(8), 8, 32) == pytest.approx(metrics["eval"], rel=1e-6)
+    via_salf, _ = load_trained(final, load_base=lambda spec: tiny_model(spec.removeprefix("tiny-")))
+    assert evaluate(via_salf, tok, TASK, rows(8), 8, 32) == pytest.approx(metrics["eval"], rel=1e-6)
+
+
+def test_untied_copy_head_trains_and_reloads_separately(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2")                     # tied embeddings
+    emb = model.get_input_embeddings().weight.detach().clone()
+    metrics = train(model, tok, TASK, rows(), rows(8), make_plan(3, head="untied-copy"), tmp_path,
+                    max_steps=4, lr=1e-2, **COMMON)
+    anat = anatomy(model)
+    assert torch.equal(model.get_input_embeddings().weight, emb)       # embedding untouched
+    assert not torch.equal(anat.head.weight, emb)                       # head copy trained
+    assert metrics["audit"]["ok"]
+    reloaded, _ = load_trained(tmp_path / "final")
+    ra = anatomy(reloaded)
+    assert not ra.tied
+    assert torch.equal(reloaded.get_input_embeddings().weight, emb)
+    assert torch.equal(ra.head.weight, anat.head.weight)
+
+
+def test_sft_and_lm_losses(tmp_path):
+    tok = tiny_tokenizer()
+    task = SFTTask("Question: {prompt} Answer:")
+    sft_rows = [{"prompt": "How are you?", "response": "I am fine, thank you."}] * 16
+    before = evaluate(tiny_model("gpt2"), tok, task, sft_rows[:4], 4, 32)
+    metrics = train(tiny_model("gpt2"), tok, task, sft_rows, sft_rows[:4], make_plan(1), tmp_path / "a",
+                    max_steps=8, lr=1e-2, gradient_checkpointing=True, **COMMON)
+    assert metrics["eval"]["loss"] < before["loss"] - 0.5
+    assert metrics["eval"]["perplexity"] == pytest.approx(2.718281828 ** metrics["eval"]["loss"], rel=1e-6)
+    lm = train(tiny_model("llama"), tok, TASK, rows(8), rows(4), make_plan(2), tmp_path / "b",
+               max_steps=2, loss="lm", **COMMON)
+    assert lm["loss_kind"] == "lm" and lm["audit"]["ok"]
+
+
+# ---------------------------------------------------------------------------- resume
+
+_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time, types
+    sys.path.insert(0, {tests!r})
+    from transformers import TrainerCallback
+    import test_train as T
+    from salf.train.loop import SalfTrainer
+
+    out, mode = sys.argv[1], sys.argv[2]
+
+    class Slow(TrainerCallback):          # widen the window for the external SIGKILL
+        def on_step_end(self, args, state, control, **kw):
+            time.sleep(0.3)
+
+    if mode == "crash-in-save":           # die halfway through writing checkpoint-4
+        original = SalfTrainer._save_rng_state
+        def dying(self, output_dir):
+            if self.state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(self, output_dir)
+        SalfTrainer._save_rng_state = dying
+    T.run_resumable(out, callbacks=[Slow()] if mode == "slow" else None)
+""")
+
+
+def run_resumable(out, resume=False, callbacks=None):
+    """Shared by the tests and the subprocess: gpt2 has dropout, so RNG restore matters.
+
+    One intra-op thread: CPU kernels round differently with 1 or 2 threads, and
+    with 2 we saw rare ~1e-7 divergences between otherwise identical processes;
+    with a fixed single thread every reduction has one order, so resume must be exact.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(tiny_model("gpt2"), tiny_tokenizer(), TASK, rows(), rows(8), make_plan(1), out,
+                     max_steps=8, lr=1e-2, eval_steps=3, save_steps=2, resume=resume,
+                     callbacks=callbacks, **COMMON)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _spawn(tmp_path, out, mode):
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
+    return subprocess.Popen([sys.executable, str(script), str(out), mode],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _comparable(metrics):
+    return {"eval": metrics["eval"], "loss_curve": metrics["train"]["loss_curve"],
+            "eval_curve": metrics["eval_curve"], "steps": metrics["train"]["steps"]}
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    return run_resumable(out), out
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, reference):
+    ref_metrics, ref_out = reference
+    out = tmp_path / "run"
+    proc = _spawn(tmp_path, out, "slow")
+    deadline = time.time() + 60
+    while last_checkpoint(out / "checkpoints") is None:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists() and not (out / "metrics.json").exists()   # it really died
+    step = int(last_checkpoint(out / "checkpoints").rsplit("-", 1)[-1])
+    assert step < 8
+
+    resumed = run_resumable(out, resume=True)
+    assert resumed["resumed_from_step"] >= step
+    assert _comparable(resumed) == _comparable(ref_metrics)
+    a, b = _weights(ref_out / "final"), _weights(out / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_during_checkpoint_leaves_no_partial_checkpoint(tmp_path, reference):
+    ref_metrics, _ = reference
+    out = tmp_path / "run"
+    proc = _spawn(tmp_path, out, "crash-in-save")
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-2", "tmp-checkpoint-4"]          # the half-written one is staged only
+    assert last_checkpoint(out / "checkpoints").endswith("checkpoint-2")
+
+    with pytest.raises(SalfError, match="resume=True"):
+        run_resumable(out)                                          # no silent overwrite
+    resumed = run_resumable(out, resume=True)
+    assert resumed["resumed_from_step"] == 2
+    assert _comparable(resumed) == _comparable(ref_metrics)
+    assert not any(p.name.startswith("tmp-") for p in (out / "checkpoints").iterdir())
+
+
+def test_callback_applies_a_plan_inside_a_plain_trainer(tmp_path):
+    """Users keeping their own Trainer: SalfFreezeCallback(plan) freezes at on_train_begin,
+    after the Trainer has switched on checkpointing for every layer."""
+    from transformers import Trainer, TrainingArguments
+
+    from salf.data import collate, encode
+    from salf.train import SalfFreezeCallback
+
+    tok = tiny_tokenizer()
+    task = SFTTask("Question: {prompt} Answer:")
+    examples = encode(task, tok, [{"prompt": "How are you?", "response": "I am fine."}] * 8, 32)
+    model = tiny_model("llama")
+    anat = anatomy(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if n.startswith(("model.embed_tokens", "model.layers.0", "model.layers.1"))}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], disable_tqdm=True, save_strategy="no",
+                             remove_unused_columns=False, activation_checkpointing=True)
+    trainer = Trainer(model=model, args=args, train_dataset=examples,
+                      data_collator=lambda b: collate(b, tok.pad_token_id),
+                      callbacks=[SalfFreezeCallback(make_plan(2))])
+    trainer.train()
+    assert [layer.gradient_checkpointing for layer in anat.layers] == [False, False, True, True]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert not torch.equal(anat.layers[3].mlp.up_proj.weight, tiny_model("llama").model.layers[3].mlp.up_proj.weight)
+
+
+def test_bf16_final_eval_is_what_the_saved_model_gives(tmp_path):
+    """Mixed precision wraps the forward in autocast; the final evaluation must not keep it."""
+    tok = tiny_tokenizer()
+    metrics = train(tiny_model("llama"), tok, TASK, rows(8), rows(8), make_plan(2), tmp_path,
+                    max_steps=2, bf16=True, **COMMON)
+    reloaded, _ = load_trained(tmp_path / "final")
+    assert evaluate(reloaded, tok, TASK, rows(8), 4, 32) == metrics["eval"]
