@@ -262,7 +262,7 @@ def _add_pipeline_verbs(sub):
     p.add_argument("--budget-steps", type=int, default=120, help="optimizer steps per cell")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=96)
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (default 5e-5)")
     p.add_argument("--test-samples", type=int, default=1000)
     p.add_argument("--samples", type=int, default=256, help="analysis examples for SALF")
     p.add_argument("--head", choices=["frozen", "untied-copy"], default="frozen")

@@ -41,7 +41,7 @@ class SweepConfig:
     steps: int = 120
     batch_size: int = 16
     max_length: int = 96
-    lr: float = 2e-5
+    lr: float = 5e-5
     test_samples: int = 1000
     samples: int = 256                       # SALF analysis examples
     head: str = "frozen"

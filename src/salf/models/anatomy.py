@@ -165,8 +165,11 @@ def verify_anatomy(anat: Anatomy, input_ids: torch.Tensor, atol: float = 1e-4) -
         out = anat.model(input_ids=input_ids, use_cache=False)
     finally:
         handle.remove()
-    ours = anat.logits_from_normed(anat.normalize(captured["h"][:, -1]))
     theirs = out.logits[:, -1]
+    if not torch.isfinite(theirs).all():
+        raise SalfError(f"{type(anat.model).__name__} produces NaN/inf logits: the weights are "
+                        "broken (a bad checkpoint or conversion?)")
+    ours = anat.logits_from_normed(anat.normalize(captured["h"][:, -1]))
     diff = (ours.float() - theirs.float()).abs().max().item()
     scale = max(1.0, theirs.float().abs().max().item())
     if not diff <= atol * scale:

@@ -1,0 +1,54 @@
+"""`salf sweep` on a tiny model with 2 cuts: schema, frontier, picks, resumability."""
+
+import json
+
+from salf.cli import main
+
+
+def _csv(tmp_path, n=80):
+    path = tmp_path / "d.csv"
+    rows = ["text,label"] + [f"{'lovely bright' if i % 2 else 'awful grim'} film {i},"
+                             f"{'positive' if i % 2 else 'negative'}" for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_tiny_sweep_schema_and_resume(tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col", "text",
+            "--label-col", "label", "--cuts", "1,3", "--selectors", "salf,paper,freeze-half",
+            "--seeds", "1", "--budget-steps", "2", "--batch-size", "4", "--test-samples", "8",
+            "--samples", "8", "--out", str(out)]
+    assert main(argv) == 0
+    s = json.loads((out / "sweep.json").read_text())
+    assert s["model"] == "tiny-llama" and s["metric"] == "accuracy"
+    assert s["full"]["cost"] == 1.0 and 0 <= s["full"]["quality"] <= 1
+    full_cells = [c for c in s["cells"] if c["selector"] == "full"]
+    assert len(full_cells) == 1 and full_cells[0]["cut"] is None
+    cut_cells = {c["cut"] for c in s["cells"] if c["selector"] is None}
+    assert {1, 3} <= cut_cells
+    for c in s["cells"]:
+        assert {"cut", "selector", "seed", "quality", "loss", "cost", "step_s", "peak_mb"} <= set(c)
+        assert c["audit_ok"]
+    costs = {c["cut"]: c["cost"] for c in s["cells"] if c["cut"] is not None}
+    assert costs[3] < costs[1] < 1.0
+    assert set(s["picks"]) == {"salf", "paper", "freeze-half"} and s["picks"]["freeze-half"] == 2
+    assert (out / "frontier.png").stat().st_size > 10_000 and (out / "sweep.md").exists()
+
+    # resume: a finished cell is never recomputed, a missing one is
+    cells = out / "cells"
+    kept = cells / "cut01-s1.json"
+    before = kept.stat().st_mtime_ns
+    (cells / "cut03-s1.json").unlink()
+    assert main(argv) == 0
+    assert kept.stat().st_mtime_ns == before
+    assert (cells / "cut03-s1.json").exists()
+
+
+def test_sweep_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    (out).mkdir()
+    (out / "config.json").write_text(json.dumps({"training": {"steps": 999}}))
+    rc = main(["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
+               "text", "--label-col", "label", "--cuts", "1", "--out", str(out)])
+    assert rc == 2 and "other training settings" in capsys.readouterr().err
