@@ -229,6 +229,11 @@ def _add_pipeline_verbs(sub):
         One command: analyze the model on the data, choose the cut (--policy), fine-tune the
         layers above it, evaluate before and after on the test split, and print a summary
         (zero-shot vs fine-tuned quality, predicted vs measured cost, what was frozen).
+        Defaults: 128 analysis examples, 100 optimizer steps (--max-steps), batch 16 x 96
+        tokens, 1000 test rows.
+
+        writes: OUT/analysis/ (as `salf analyze`), OUT/train/ (as `salf train`),
+                OUT/summary.json
 
         example (about 10 minutes on 2 CPU cores):
           salf finetune --model smollm2-135m --dataset rotten-tomatoes --out runs/ft"""))
@@ -239,7 +244,7 @@ def _add_pipeline_verbs(sub):
     p.add_argument("--test-samples", type=int, default=1000,
                    help="test rows for the before/after evaluation (default 1000)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.set_defaults(samples=128)
+    p.set_defaults(samples=128, max_steps=100)
 
     p = sub.add_parser("sweep", help="measure quality vs cost at many cuts and selectors' picks",
                        formatter_class=_Formatter, description=textwrap.dedent("""\
