@@ -12,7 +12,6 @@ usage: python bench/cpu_step.py [--cuts 15,22,28] [--lora-cut 22] [--steps 6] [-
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from salf.models import anatomy, load_model
 from salf.pipeline import make_batches, sample_rows
 from salf.plan import FreezePlan
 from salf.train import LoraSettings, apply_plan
+from salf.train.loop import peak_rss_bytes
 
 
 def setup(variant: str, L_hint=None):
@@ -63,8 +63,7 @@ def memory_child(variant, steps, batch, length):
     model, tok, opt = setup(variant)
     for b in batches_for(tok, steps, batch, length):
         step(model, opt, b)
-    print(json.dumps({"variant": variant,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"variant": variant, "peak_rss_mb": peak_rss_bytes() / 2**20}))
 
 
 def main():
@@ -79,6 +78,12 @@ def main():
     if args.memory_child:
         return memory_child(args.memory_child, 3, args.batch, args.length)
     variants = ["full"] + [f"cut-{k}" for k in args.cuts.split(",")] + [f"lora-{args.lora_cut}"]
+    mem = {}
+    for v in variants:  # before loading anything here: a child's peak must be its own
+        out = subprocess.run([sys.executable, __file__, "--memory-child", v, "--batch",
+                              str(args.batch), "--length", str(args.length)],
+                             capture_output=True, text=True, check=True).stdout
+        mem[v] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
     state = {v: setup(v) for v in variants}
     tok = state["full"][1]
     data = batches_for(tok, args.steps + 1, args.batch, args.length)
@@ -96,12 +101,6 @@ def main():
                       include_full=True)
     pred_lora = cost_curve(shape, args.length, args.batch, loss_positions="last", machine="cpu",
                            lora_rank=16, include_full=True)
-    mem = {}
-    for v in variants:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", v, "--batch",
-                              str(args.batch), "--length", str(args.length)],
-                             capture_output=True, text=True, check=True).stdout
-        mem[v] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
     full_t = statistics.median(times["full"])
     rows = []
     for v in variants:

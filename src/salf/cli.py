@@ -7,8 +7,13 @@ Every verb's logic lives in the library (salf.models, salf.data, salf.pipeline,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
+
+# Busy-waiting OpenMP threads slow torch several-fold when another process shares the
+# cores (a sweep next to a training run); passive waiting costs nothing on a quiet machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
 from .errors import SalfError

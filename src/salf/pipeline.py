@@ -194,7 +194,9 @@ def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
 
     model, tokenizer, info = loaded or load_model(model_spec)
     train_rows = sample_rows(ds.splits["train"], train_samples, seed, f"{ds.name}/train")
-    eval_rows = (sample_rows(ds.splits["validation"], eval_samples, 0, f"{ds.name}/validation")
+    # the first N validation rows (not a random sample): `salf evaluate --split validation
+    # --samples N` then reproduces the eval recorded in metrics.json exactly
+    eval_rows = (test_rows(ds, "validation", eval_samples)
                  if eval_samples and ds.splits.get("validation") else [])
     return train(model, tokenizer, ds.task, train_rows, eval_rows, plan, out_dir, lora=lora,
                  seed=seed, progress=progress, base_spec=model_spec, **train_kwargs)

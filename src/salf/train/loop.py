@@ -221,6 +221,29 @@ def _clean_staging(checkpoint_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec; ru_maxrss does not
+    (it keeps the parent's peak across fork+exec, so a child started by a process
+    holding a big model would report the parent's memory).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    except (ImportError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
 def _peak_memory() -> dict:
     out: dict = {}
     if torch.cuda.is_available():
@@ -229,13 +252,9 @@ def _peak_memory() -> dict:
         out["cuda_peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
     else:
         out["device"] = "cpu"
-    try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_rss_bytes"] = int(rss if sys.platform == "darwin" else rss * 1024)
-    except (ImportError, OSError):  # pragma: no cover - not POSIX
-        pass
+    hwm = peak_rss_bytes()
+    if hwm is not None:
+        out["peak_rss_bytes"] = hwm
     try:
         import psutil
 
