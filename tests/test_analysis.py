@@ -511,3 +511,16 @@ def test_gains_accept_trace_objects(models):
     assert inference_gains(tr) == inference_gains(tr.to_dict()) == inference_gains(tr.deviations)
     r = choose_cut(tr, "paper")
     assert 0 <= r["eof"] < anat.num_layers
+
+
+def test_max_gain_e0_variant_uses_a_zero_floor():
+    """On a trace that only descends (min at the last space, as SFT traces are), max-gain with
+    the pretrained floor sees no benefit anywhere; the e0 variant sees the benefit of depth."""
+    from salf.analysis.gains import choose_cut
+
+    D = [0.96, 0.97, 0.965, 0.96, 0.95, 0.93, 0.9, 0.85, 0.78]
+    plain = choose_cut(D, "max-gain")
+    e0 = choose_cut(D, "max-gain-e0")
+    assert plain["benefit"] == 0.0 and plain["eof"] == len(D) - 2
+    assert e0["policy"] == "max-gain-e0" and e0["curve"]["E"] == 0.0
+    assert e0["benefit"] > 0 and e0["eof"] < plain["eof"]

@@ -110,7 +110,7 @@ def _add_analysis_args(p: argparse.ArgumentParser):
     g.add_argument("--samples", type=int, default=256, help="analysis examples (default 256)")
     g.add_argument("--split", default="train", help="split the analysis reads (default train)")
     g.add_argument("--policy", default="max-gain", metavar="POLICY",
-                   help="max-gain | paper | onset | knee | budget=B (B = max predicted training "
+                   help="max-gain | max-gain-e0 | paper | onset | knee | budget=B (B = max predicted training "
                         "cost relative to full fine-tuning, e.g. budget=0.5); default max-gain")
     g.add_argument("--max-targets", type=int, default=16,
                    help="SFT: response positions sampled per example (default 16)")

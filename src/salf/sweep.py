@@ -25,7 +25,8 @@ from pathlib import Path
 
 from .errors import SalfError
 
-SALF_POLICIES = {"salf": "max-gain", "paper": "paper", "onset": "onset", "knee": "knee"}
+SALF_POLICIES = {"salf": "max-gain", "salf-e0": "max-gain-e0", "paper": "paper", "onset": "onset",
+                 "knee": "knee"}
 PREFIX_SELECTORS = ("freeze-half", "random", "block-influence-cut", "grad-norm")
 SET_SELECTORS = ("spectrum", "block-influence")
 

@@ -36,7 +36,7 @@ MIN_FIT_POINTS = 4            # a 3-parameter law needs more than 3 spaces to sa
 _GRID_POINTS = 241
 _FLAT_EPS = 1e-9
 
-VALID_POLICIES = ("paper", "max-gain", "budget=B", "knee", "onset")
+VALID_POLICIES = ("paper", "max-gain", "max-gain-e0", "budget=B", "knee", "onset")
 BENEFIT_SOURCES = ("depth", "prior", "given")
 
 
@@ -247,6 +247,10 @@ def _parse_policy(policy: str) -> tuple[str, dict]:
     p = policy.strip().lower().replace("_", "-")
     if p in ("paper", "max-gain", "knee", "onset"):
         return p, {}
+    if p == "max-gain-e0":
+        # variant: the fine-tuned floor E is 0 (perfect alignment), not min D of the
+        # pretrained trace — see docs/method.md "Variants under test"
+        return "max-gain", {"floor": 0.0, "variant": "e0"}
     if p.startswith("budget"):
         rest = p[len("budget"):].lstrip()
         if rest[:1] in ("=", ":"):
@@ -325,6 +329,8 @@ def choose_cut(trace, policy: str, cost: Sequence[float] | None = None, *,
     D = deviations(trace)
     L = len(D) - 1
     c = _check_cost(cost, L, needed_by=name if name in ("budget", "knee") else None)
+    if floor is None and "floor" in params:
+        floor = params["floor"]
     curve = benefit_curve(D, benefit_source, alpha=alpha, floor=floor)
     B = np.asarray(curve["benefit"])
     params = dict(params, benefit_source=curve["source"])
@@ -373,7 +379,10 @@ def choose_cut(trace, policy: str, cost: Sequence[float] | None = None, *,
         params.update(onset=onset, fraction=ONSET_FRACTION)
     if curve["fallback"]:
         reason += f" [benefit from the prior: {curve['fallback_reason']}]"
-    return {"eof": int(eof), "policy": name if name != "budget" else f"budget={params['budget']:g}",
+    label = f"budget={params['budget']:g}" if name == "budget" else name
+    if params.get("variant"):
+        label = f"{name}-{params['variant']}"
+    return {"eof": int(eof), "policy": label,
             "params": params, "reason": reason, "benefit": float(B[eof]),
             "predicted": float(curve["predicted"][eof]),
             "cost": float(c[eof]) if c is not None else None, "curve": curve}
