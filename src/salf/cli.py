@@ -31,6 +31,7 @@ typical use:
   salf train    --model M --dataset D --plan runs/a/plan.json     # train with the plan
   salf evaluate --model runs/t/final --dataset D                  # held-out quality
   salf sweep    --model M --dataset D --cuts 0,15,22,29 --out runs/s   # measure the frontier
+  salf export   --plan runs/a/plan.json --format axolotl               # hand the plan to a trainer
 
 models:   a built-in name (see `salf models list`), a local Hugging Face folder,
           or a hub id (org/name; needs a hub). Built-ins work offline.
@@ -250,6 +251,21 @@ def _add_pipeline_verbs(sub):
                    help="test rows for the before/after evaluation (default 1000)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(samples=128, max_steps=100)
+
+    p = sub.add_parser("export", help="write a plan as an Axolotl / LLaMA-Factory / PEFT config",
+                       formatter_class=_Formatter, description=textwrap.dedent("""\
+        Turn a plan into the config another trainer reads:
+          axolotl        unfrozen_parameters regexes (as Spectrum writes them)
+          llama-factory  finetuning_type: freeze + freeze_trainable_layers
+          peft           a LoraConfig (JSON) with layers_to_transform = the trainable layers
+
+        example:
+          salf export --plan runs/a/plan.json --format axolotl > salf-unfrozen.yaml"""))
+    p.add_argument("--plan", required=True, metavar="PLAN_JSON")
+    p.add_argument("--format", required=True, choices=["axolotl", "llama-factory", "peft"])
+    p.add_argument("--layers-path", default=None,
+                   help="dotted path of the decoder layers (default: from the plan's model type)")
+    p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
 
     p = sub.add_parser("sweep", help="measure quality vs cost at many cuts and selectors' picks",
                        formatter_class=_Formatter, description=textwrap.dedent("""\

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -329,5 +330,18 @@ def cmd_sweep(parser, args) -> int:
     return 0
 
 
-HANDLERS = {"sweep": cmd_sweep, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
+def cmd_export(parser, args) -> int:
+    from .export import export_plan
+    from .plan import FreezePlan
+
+    text = export_plan(FreezePlan.from_json(args.plan), args.format, args.layers_path)
+    if args.out:
+        Path(args.out).write_text(text)
+        console.print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+HANDLERS = {"export": cmd_export, "sweep": cmd_sweep, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
             "plan": cmd_plan}
