@@ -143,6 +143,17 @@ def anatomy(model: nn.Module) -> Anatomy:
                     "final norm at any known location; see docs/architectures.md to add one")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PeftModel / DDP wrapper (or the model itself)."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) \
+            and not hasattr(model, "config"):
+        model = model.module
+    get_base = getattr(type(model), "get_base_model", None)
+    if get_base is not None:
+        model = model.get_base_model()
+    return model
+
+
 def layer_output(output) -> torch.Tensor:
     """Hidden states from a decoder layer's return value (tensor or tuple, by version)."""
     return output[0] if isinstance(output, (tuple, list)) else output

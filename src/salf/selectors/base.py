@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import SalfError
+from ..losses import batch_loss, model_inputs
 from ..models.anatomy import Anatomy, anatomy
 
 
@@ -152,11 +153,6 @@ def human_layers(indices: Iterable[int]) -> str:
     return ",".join(str(i + 1) for i in sorted(indices)) or "none"
 
 
-def batch_task(batch: dict) -> str:
-    """Same rule as `salf.data.batch_task` (kept local: selectors do not import data)."""
-    return "classification" if "target_ids" in batch else "sft"
-
-
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -176,27 +172,18 @@ def accepts_kwarg(model: nn.Module, name: str) -> bool:
 
 
 def forward_kwargs(model: nn.Module, batch: dict, last_only: bool) -> dict[str, Any]:
-    """input_ids / attention_mask (+ logits_to_keep=1 when only the last position is needed)."""
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
-    if batch.get("attention_mask") is not None:
-        kwargs["attention_mask"] = batch["attention_mask"]
+    """Forward kwargs of a collated batch (position ids for left padding; logits at the last
+    position only when `last_only`) — the same as training uses (salf.losses)."""
+    kwargs = model_inputs(model, batch)
     if last_only and accepts_kwarg(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     return kwargs
 
 
 def training_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """The fine-tuning loss of one batch.
-
-    classification: cross-entropy of the last-position logits (left padding puts the
-    target there) against `target_ids`, over the full vocabulary;
-    SFT: the model's own loss with `labels` (-100 outside the response).
-    """
-    if batch_task(batch) == "classification":
-        out = model(**forward_kwargs(model, batch, last_only=True))
-        logits = out.logits[:, -1, :].float()
-        return torch.nn.functional.cross_entropy(logits, batch["target_ids"])
-    if "labels" not in batch:
+    """The fine-tuning loss of one batch, exactly as `salf train` computes it (salf.losses):
+    classification -> CE of the label token at the last position over the full vocabulary;
+    SFT -> mean CE over response tokens."""
+    if "target_ids" not in batch and "labels" not in batch:
         raise SalfError("SFT batch has no 'labels' (and no 'target_ids' for classification)")
-    kwargs = forward_kwargs(model, batch, last_only=False)
-    return model(**kwargs, labels=batch["labels"]).loss
+    return batch_loss(model, batch, "label")

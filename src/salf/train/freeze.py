@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import SalfError
-from ..models.anatomy import Anatomy, anatomy
+from ..models.anatomy import Anatomy, anatomy, unwrap  # noqa: F401 (unwrap re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,6 @@ class FreezeState:
 # --------------------------------------------------------------------------- helpers
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a PeftModel / DDP wrapper (or the model itself)."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) \
-            and not hasattr(model, "config"):
-        model = model.module
-    get_base = getattr(type(model), "get_base_model", None)
-    if get_base is not None:
-        model = model.get_base_model()
-    return model
 
 
 def freeze_state(model: nn.Module) -> FreezeState | None:
