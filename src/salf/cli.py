@@ -64,7 +64,8 @@ def _add_data_args(p: argparse.ArgumentParser):
     g.add_argument("--text-col", help="classification: column with the input text")
     g.add_argument("--label-col", help="classification: column with the label")
     g.add_argument("--labels", metavar="MAP",
-                   help="verbalizer, e.g. 'pos= good,neg= bad' (label=word; default: ' '+label)")
+                   help="verbalizer, e.g. 'pos=good,neg=bad' (a leading space is added; quote a word "
+                        "to keep it exact: 'pos=\" good\"'); default: ' '+label")
     g.add_argument("--prompt-col", help="SFT: column with the prompt")
     g.add_argument("--response-col", help="SFT: column with the response")
     g.add_argument("--template", help="prompt template with {text} or {prompt}")

@@ -69,20 +69,8 @@ def data_kwargs(args) -> dict:
     """The user-data column options shared by every verb that reads a dataset."""
     kw = dict(text_col=args.text_col, label_col=args.label_col, prompt_col=args.prompt_col,
               response_col=args.response_col, template=args.template,
-              labels=_parse_labels(args.labels))
+              labels=args.labels)
     return {k: v for k, v in kw.items() if v is not None}
-
-
-def _parse_labels(spec: str | None) -> dict | None:
-    if not spec:
-        return None
-    mapping = {}
-    for item in spec.split(","):
-        if "=" not in item:
-            raise SalfError(f"--labels item {item!r} is not label=word")
-        label, word = item.split("=", 1)
-        mapping[label.strip()] = word
-    return mapping
 
 
 def cmd_datasets(parser, args) -> int:
