@@ -24,7 +24,7 @@ def plot_trace(path: Path, *, title: str, deviation: list[float], gains: list[fl
     (layer l = D_{l-1} - D_l); cuts/cost/benefit describe every candidate eof.
     """
     L = len(deviation) - 1
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.7, 1]})
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.7, 1]})
 
     # panel 1 -------------------------------------------------------------
     spaces = list(range(L + 1))
@@ -42,7 +42,8 @@ def plot_trace(path: Path, *, title: str, deviation: list[float], gains: list[fl
     ax.set_xlabel("latent space l (0 = embedding output, l = output of decoder layer l)")
     ax.set_ylabel(metric_name)
     ax.axvline(eof + 0.5, color=ACCENT, lw=2, ls="--")
-    ax.text(eof + 0.7, hi + pad * 0.3, f"cut: eof = {eof}", color=ACCENT, va="top")
+    ax.text(eof + 0.5, 1.01, f"cut: eof = {eof}", color=ACCENT, ha="center", va="bottom",
+            transform=ax.get_xaxis_transform())
     axg = ax.twinx()
     axg.plot(range(1, L + 1), gains, color=ACCENT, marker="o", ms=3, lw=1,
              label="gain Δ_l = D_{l-1} - D_l")
@@ -50,8 +51,9 @@ def plot_trace(path: Path, *, title: str, deviation: list[float], gains: list[fl
     axg.set_ylabel("per-layer gain Δ_l", color=ACCENT)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = axg.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8, framealpha=0.9)
-    ax.set_title(title, fontsize=10)
+    ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3,
+              fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=10, pad=16)
 
     # panel 2 -------------------------------------------------------------
     ax2.plot(cost, benefit, color=INK, marker="o", ms=3, lw=1)
