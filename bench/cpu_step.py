@@ -27,11 +27,20 @@ from salf.pipeline import make_batches, sample_rows
 from salf.plan import FreezePlan
 from salf.train import LoraSettings, apply_plan
 from salf.train.loop import peak_rss_bytes
+from salf.train.prefix_cache import PrefixCache
 
 
-def setup(variant: str, L_hint=None):
+def setup(variant: str, data=None):
     model, tok, info = load_model("smollm2-135m")
     L = anatomy(model).num_layers
+    cache = None
+    if variant.startswith("cache-"):  # the cut, with the frozen prefix replayed from a cache
+        k = int(variant[6:])
+        model = apply_plan(model, FreezePlan.manual(k, L))
+        cache = PrefixCache(model, k).build(data or batches_for(tok, 4, 16, 96)).attach()
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        return model, tok, opt, cache
     if variant == "full":
         plan, lora = FreezePlan.full(L), None
     elif variant.startswith("lora-"):
@@ -41,16 +50,25 @@ def setup(variant: str, L_hint=None):
     model = apply_plan(model, plan, lora=lora)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    return model, tok, opt
+    return model, tok, opt, cache
 
 
-def step(model, opt, batch):
+def step(model, opt, batch, cache=None, index=None):
+    if cache is not None:
+        cache.set_batch(index, batch["attention_mask"])
     pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=pos, logits_to_keep=1, use_cache=False).logits[:, -1]
     F.cross_entropy(logits.float(), batch["target_ids"]).backward()
+    if cache is not None:
+        cache.set_batch(None, None)
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def _index(data, i):
+    start = sum(len(b["input_ids"]) for b in data[:i])
+    return torch.arange(start, start + len(data[i]["input_ids"]))
 
 
 def batches_for(tok, n, batch, length):
@@ -59,10 +77,20 @@ def batches_for(tok, n, batch, length):
     return make_batches(ds.task, tok, rows, batch, length)
 
 
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from salf.models.registry import resolve_path
+
+    return AutoTokenizer.from_pretrained(resolve_path("smollm2-135m"))
+
+
 def memory_child(variant, steps, batch, length):
-    model, tok, opt = setup(variant)
-    for b in batches_for(tok, steps, batch, length):
-        step(model, opt, b)
+    tok = tokenizer()
+    data = batches_for(tok, steps, batch, length)
+    model, tok, opt, cache = setup(variant, data)
+    for i, b in enumerate(data):
+        step(model, opt, b, cache, _index(data, i))
     print(json.dumps({"variant": variant, "peak_rss_mb": peak_rss_bytes() / 2**20}))
 
 
@@ -70,6 +98,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cuts", default="15,22,28")
     ap.add_argument("--lora-cut", type=int, default=22)
+    ap.add_argument("--cache-cuts", default="", help="cuts also run with --cache-prefix, e.g. 22,28")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--length", type=int, default=96)
@@ -77,22 +106,23 @@ def main():
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, 3, args.batch, args.length)
-    variants = ["full"] + [f"cut-{k}" for k in args.cuts.split(",")] + [f"lora-{args.lora_cut}"]
+    variants = (["full"] + [f"cut-{k}" for k in args.cuts.split(",")] + [f"lora-{args.lora_cut}"]
+                + [f"cache-{k}" for k in args.cache_cuts.split(",") if k])
     mem = {}
     for v in variants:  # before loading anything here: a child's peak must be its own
         out = subprocess.run([sys.executable, __file__, "--memory-child", v, "--batch",
                               str(args.batch), "--length", str(args.length)],
                              capture_output=True, text=True, check=True).stdout
         mem[v] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
-    state = {v: setup(v) for v in variants}
-    tok = state["full"][1]
+    tok = tokenizer()
     data = batches_for(tok, args.steps + 1, args.batch, args.length)
+    state = {v: setup(v, data) for v in variants}
     times = {v: [] for v in variants}
     for i, b in enumerate(data):
         for v in variants:
-            model, _, opt = state[v]
+            model, _, opt, cache = state[v]
             t = time.perf_counter()
-            step(model, opt, b)
+            step(model, opt, b, cache, _index(data, i))
             if i > 0:  # the first round is warm-up
                 times[v].append(time.perf_counter() - t)
     del state
@@ -111,6 +141,8 @@ def main():
             k = int(v.split("-")[1])
             src = pred_lora if v.startswith("lora") else pred
             p_t, p_m = src[k]["step_time_ratio"], src[k]["memory_ratio"]
+            if v.startswith("cache"):
+                p_t = p_m = float("nan")  # the cost model does not model the cache yet
         rows.append(dict(variant=v, median_step_s=t, step_ratio=t / full_t, predicted_step_ratio=p_t,
                          peak_rss_mb=mem[v], rss_ratio=mem[v] / mem["full"],
                          predicted_memory_ratio=p_m))

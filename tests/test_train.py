@@ -282,3 +282,42 @@ def test_bf16_final_eval_is_what_the_saved_model_gives(tmp_path):
                     max_steps=2, bf16=True, **COMMON)
     reloaded, _ = load_trained(tmp_path / "final")
     assert evaluate(reloaded, tok, TASK, rows(8), 4, 32) == metrics["eval"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_cache_trains_the_same_model(tmp_path, family):
+    """Skipping the frozen prefix (cached activations) gives the same losses and weights as
+    running it (dropout off: the cache is built in eval mode)."""
+    from salf.data import ClassificationTask
+    from salf.models import tiny_model, tiny_tokenizer
+    from salf.plan import FreezePlan
+    from salf.train import train
+
+    task = ClassificationTask("Review: {text}\nSentiment:", {"positive": " positive",
+                                                             "negative": " negative"})
+    rows = [{"text": f"{'good warm' if i % 2 else 'bad dull'} film {'!' * (i % 5)}",
+             "label": "positive" if i % 2 else "negative"} for i in range(24)]
+    results = {}
+    for cached in (False, True):
+        model = tiny_model(family, num_layers=4)
+        if family == "gpt2":
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        plan = FreezePlan.manual(3, 4, model={"tied": True})
+        layers = model.transformer.h if family == "gpt2" else model.model.layers
+        calls = []
+        real_forward = layers[0].forward
+        layers[0].forward = lambda *a, **k: (calls.append(1), real_forward(*a, **k))[1]
+        metrics = train(model, tiny_tokenizer(), task, rows, [], plan, tmp_path / f"{family}-{cached}",
+                        max_steps=4, batch_size=4, progress=False, cache_prefix=cached)
+        results[cached] = ([p["loss"] for p in metrics["train"]["loss_curve"]],
+                           {n: p.detach().clone() for n, p in model.named_parameters()})
+        if cached:
+            assert metrics["prefix_cache"]["examples"] == 24
+            assert len(calls) == 6      # the build pass only (24 examples / batch 4): no step ran it
+        else:
+            assert len(calls) == 4      # one per training step
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
+    for name, p in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], p, atol=1e-5, rtol=1e-4)

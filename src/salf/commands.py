@@ -177,6 +177,7 @@ def _train_kwargs(args) -> dict:
                 max_length=args.max_length, bf16=args.bf16, eval_steps=args.eval_steps,
                 save_steps=args.save_steps, resume=args.resume,
                 gradient_checkpointing=args.gradient_checkpointing, loss=args.loss,
+                cache_prefix=args.cache_prefix,
                 report_to=args.report_to)
 
 

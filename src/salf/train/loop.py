@@ -53,7 +53,7 @@ class _Examples(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
+        return dict(self.examples[i], salf_index=i)  # the prefix cache finds its rows by index
 
 
 class _Collator:
@@ -63,7 +63,10 @@ class _Collator:
     def __call__(self, examples: list[dict]) -> dict:
         from ..data import collate
 
-        return collate(examples, self.pad_id)
+        batch = collate(examples, self.pad_id)
+        if "salf_index" in examples[0]:
+            batch["example_index"] = torch.tensor([e["salf_index"] for e in examples])
+        return batch
 
 
 def _sync() -> None:
@@ -156,8 +159,9 @@ class SalfTrainer(Trainer):
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
-    def __init__(self, *args, salf_loss: str = "label", salf_eval=None, **kwargs):
+    def __init__(self, *args, salf_loss: str = "label", salf_eval=None, salf_cache=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.salf_cache = salf_cache    # a PrefixCache, or None
         self.salf_loss = salf_loss
         self.salf_eval = salf_eval      # callable(model) -> dict, or None
         self.salf_tokens = 0
@@ -167,7 +171,14 @@ class SalfTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = batch_loss(model, inputs, self.salf_loss)
+        index = inputs.pop("example_index", None)
+        if self.salf_cache is not None and index is not None:
+            self.salf_cache.set_batch(index, inputs["attention_mask"])
+        try:
+            loss = batch_loss(model, inputs, self.salf_loss)
+        finally:
+            if self.salf_cache is not None:
+                self.salf_cache.set_batch(None, None)
         self.salf_tokens += batch_tokens(inputs)
         return (loss, None) if return_outputs else loss
 
@@ -307,6 +318,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
           lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_length: int = 128,
           bf16: bool = False, seed: int = 0, eval_steps: int | None = None, save_steps: int | None = None,
           resume: bool = False, gradient_checkpointing: bool = False, loss: str = "label",
+          cache_prefix: bool = False,
           report_to: str = "none", progress: bool = True, weight_decay: float = 0.0,
           warmup_steps: int = 0, save_total_limit: int | None = None,
           base_spec: str | None = None, callbacks: list | None = None) -> dict:
@@ -353,7 +365,8 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
         "lora": lora.to_dict() if lora else None, "loss": loss, "lr": lr, "batch_size": int(batch_size),
         "grad_accum": int(grad_accum), "max_length": int(max_length), "epochs": epochs,
         "max_steps": max_steps, "seed": int(seed), "bf16": bool(bf16),
-        "gradient_checkpointing": bool(gradient_checkpointing), "n_train": len(train_rows),
+        "gradient_checkpointing": bool(gradient_checkpointing), "cache_prefix": bool(cache_prefix),
+        "n_train": len(train_rows),
         "n_eval": len(eval_rows), "eval_steps": eval_steps, "save_steps": save_steps,
     }
     run_file = out / "run.json"
@@ -392,6 +405,24 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
+    cache, cache_info = None, None
+    if cache_prefix:
+        from ..data import collate
+        from .prefix_cache import PrefixCache
+
+        if plan_dict and plan_dict.get("train_embeddings"):
+            raise SalfError("--cache-prefix needs a cut: full fine-tuning has no frozen prefix")
+        if loss == "lm":
+            raise SalfError("--cache-prefix supports the label/SFT loss, not the full-sequence "
+                            "'lm' loss (its extra label token has no cached state)")
+        eof = int(plan_dict["eof"]) if plan_dict else 0
+        step, t_cache = int(batch_size), time.perf_counter()
+        cache = PrefixCache(model, eof).build(
+            (collate(train_examples[i:i + step], pad_id) for i in range(0, len(train_examples), step)),
+            progress=progress).attach()
+        cache_info = {"bytes": cache.nbytes, "build_s": time.perf_counter() - t_cache,
+                      "examples": len(cache.states)}
+
     # 3. the Trainer
     do_eval = bool(eval_steps) and bool(eval_examples)
     args = TrainingArguments(
@@ -428,7 +459,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
            else {"gradient_checkpointing": False}),
     )
     trainer = SalfTrainer(
-        model=model, args=args, train_dataset=_Examples(train_examples),
+        model=model, args=args, train_dataset=_Examples(train_examples), salf_cache=cache,
         eval_dataset=_Examples(eval_examples) if do_eval else None,
         data_collator=_Collator(pad_id), salf_loss=loss,
         salf_eval=run_eval if eval_examples else None,
@@ -443,6 +474,8 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     trainer.add_callback(timer)
 
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if cache is not None:
+        cache.detach()
     # drop accelerate's mixed-precision forward wrapper, so the final evaluation runs the same
     # forward as the saved model does when reloaded
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -495,6 +528,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
                   "frozen_count": report["frozen"]["count"],
                   "trainable_changed": report["trainable"]["changed"],
                   "trainable_count": report["trainable"]["count"]},
+        "prefix_cache": cache_info,
         "resumed_from_step": int(resume_from.rsplit("-", 1)[-1]) if resume_from else None,
         "versions": _versions(),
     }

@@ -1,0 +1,118 @@
+"""Prefix-activation cache: run the frozen prefix once per training example, then skip it.
+
+With a cut at eof, layers 1..eof are frozen and receive no gradient, so their
+output for a given example never changes during training. `PrefixCache.build`
+runs the model once over the training examples (inference mode, stopping after
+layer eof) and keeps, per example, the hidden states at its real tokens. During
+training, `attach` makes the frozen layers pass-throughs and the last of them
+return the cached states for the current batch (re-padded to the batch's
+layout): each step then costs only the trainable suffix, the embeddings lookup
+and the head.
+
+Differences from running the prefix: the prefix runs in eval mode (no dropout
+in frozen layers; Llama-family models have none anyway), and in the dtype of the
+cache. Evaluation and anything called without `current` set run the real
+prefix. Memory: sum of tokens x hidden x bytes (e.g. 2,000 examples x 60 tokens
+x 576 x 4 B = 276 MB).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import SalfError
+from ..losses import model_inputs
+from ..models.anatomy import anatomy, layer_output, unwrap
+
+
+class _Stop(Exception):
+    pass
+
+
+class PrefixCache:
+    def __init__(self, model: nn.Module, eof: int, dtype: torch.dtype | None = None):
+        if eof < 1:
+            raise SalfError("the prefix cache needs a cut with at least one frozen layer (eof >= 1)")
+        self.model = model
+        self.anat = anatomy(unwrap(model))
+        self.eof = eof
+        self.dtype = dtype
+        self.states: list[torch.Tensor] = []
+        self.current: torch.Tensor | None = None   # example indices of the batch being trained
+        self.current_mask: torch.Tensor | None = None
+        self._returns_tuple: bool | None = None
+        self._originals: dict[int, object] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states)
+
+    @torch.inference_mode()
+    def build(self, batches, progress: bool = False) -> "PrefixCache":
+        """`batches`: an iterable of collated batches covering the examples in index order."""
+        captured = {}
+        last = self.anat.layers[self.eof - 1]
+
+        def grab(_module, _args, output):
+            captured["h"] = layer_output(output)
+            self._returns_tuple = isinstance(output, (tuple, list))
+            raise _Stop
+
+        handle = last.register_forward_hook(grab)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, desc="prefix cache", unit="batch", leave=False)
+            for batch in batches:
+                try:
+                    self.model(**model_inputs(self.model, batch))
+                except _Stop:
+                    pass
+                h, mask = captured.pop("h"), batch["attention_mask"].bool()
+                for row in range(h.shape[0]):
+                    kept = h[row][mask[row]]
+                    self.states.append(kept.to(self.dtype or kept.dtype).clone())
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        return self
+
+    def _replay(self, hidden: torch.Tensor) -> torch.Tensor:
+        mask = self.current_mask.bool().to(hidden.device)
+        out = torch.zeros_like(hidden)
+        for row, idx in enumerate(self.current.tolist()):
+            out[row][mask[row]] = self.states[idx].to(device=hidden.device, dtype=hidden.dtype)
+        return out
+
+    def attach(self) -> "PrefixCache":
+        """Make layers 1..eof pass-throughs while `current` is set (the last one replays)."""
+        for i in range(self.eof):
+            layer = self.anat.layers[i]
+            original = layer.forward
+            self._originals[i] = original
+            layer.forward = self._make_forward(original, replay=i == self.eof - 1)
+        return self
+
+    def detach(self) -> None:
+        for i, original in self._originals.items():
+            del self.anat.layers[i].forward  # back to the class's forward
+        self._originals.clear()
+
+    def _make_forward(self, original, replay: bool):
+        cache = self
+
+        def forward(*args, **kwargs):
+            if cache.current is None:
+                return original(*args, **kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = cache._replay(hidden) if replay else hidden
+            return (out,) if cache._returns_tuple else out
+
+        return forward
+
+    def set_batch(self, indices: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        self.current, self.current_mask = indices, attention_mask
