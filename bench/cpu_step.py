@@ -37,6 +37,7 @@ def setup(variant: str, data=None):
     if variant.startswith("cache-"):  # the cut, with the frozen prefix replayed from a cache
         k = int(variant[6:])
         model = apply_plan(model, FreezePlan.manual(k, L))
+        # filled up front: the steps timed here are those from the second epoch on
         cache = PrefixCache(model, k).build(data or batches_for(tok, 4, 16, 96)).attach()
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -287,7 +287,8 @@ def test_bf16_final_eval_is_what_the_saved_model_gives(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_prefix_cache_trains_the_same_model(tmp_path, family):
     """Skipping the frozen prefix (cached activations) gives the same losses and weights as
-    running it (dropout off: the cache is built in eval mode)."""
+    running it (dropout off: the cache is built in eval mode); over 2 epochs the prefix runs
+    only in the first one."""
     from salf.data import ClassificationTask
     from salf.models import tiny_model, tiny_tokenizer
     from salf.plan import FreezePlan
@@ -310,14 +311,14 @@ def test_prefix_cache_trains_the_same_model(tmp_path, family):
         real_forward = layers[0].forward
         layers[0].forward = lambda *a, **k: (calls.append(1), real_forward(*a, **k))[1]
         metrics = train(model, tiny_tokenizer(), task, rows, [], plan, tmp_path / f"{family}-{cached}",
-                        max_steps=4, batch_size=4, progress=False, cache_prefix=cached)
+                        epochs=2, batch_size=4, progress=False, cache_prefix=cached)
         results[cached] = ([p["loss"] for p in metrics["train"]["loss_curve"]],
                            {n: p.detach().clone() for n, p in model.named_parameters()})
         if cached:
             assert metrics["prefix_cache"]["examples"] == 24
-            assert len(calls) == 6      # the build pass only (24 examples / batch 4): no step ran it
+            assert len(calls) == 6      # epoch 1 only (24 examples / batch 4)
         else:
-            assert len(calls) == 4      # one per training step
+            assert len(calls) == 12     # one per training step, 2 epochs
     assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
     for name, p in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], p, atol=1e-5, rtol=1e-4)

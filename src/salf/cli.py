@@ -141,8 +141,9 @@ def _add_train_args(p: argparse.ArgumentParser):
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations of the trainable layers (never the frozen ones)")
     g.add_argument("--cache-prefix", action="store_true",
-                   help="run the frozen prefix once per training example and skip it in every "
-                        "step (needs a cut; memory: tokens x hidden x 4 bytes)")
+                   help="run the frozen prefix once per training example and replay it in later "
+                        "epochs (needs a cut; pays off with --epochs > 1; memory: tokens x "
+                        "hidden x 4 bytes)")
     g.add_argument("--loss", choices=["label", "lm"], default="label",
                    help="classification loss: label token only (default) or full-sequence LM")
     g.add_argument("--seed", type=int, default=0)

@@ -173,6 +173,7 @@ class SalfTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop("example_index", None)
         if self.salf_cache is not None and index is not None:
+            self.salf_cache.ensure(inputs, index)
             self.salf_cache.set_batch(index, inputs["attention_mask"])
         try:
             loss = batch_loss(model, inputs, self.salf_loss)
@@ -407,7 +408,6 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
 
     cache, cache_info = None, None
     if cache_prefix:
-        from ..data import collate
         from .prefix_cache import PrefixCache
 
         if plan_dict and plan_dict.get("train_embeddings"):
@@ -416,12 +416,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
             raise SalfError("--cache-prefix supports the label/SFT loss, not the full-sequence "
                             "'lm' loss (its extra label token has no cached state)")
         eof = int(plan_dict["eof"]) if plan_dict else 0
-        step, t_cache = int(batch_size), time.perf_counter()
-        cache = PrefixCache(model, eof).build(
-            (collate(train_examples[i:i + step], pad_id) for i in range(0, len(train_examples), step)),
-            progress=progress).attach()
-        cache_info = {"bytes": cache.nbytes, "build_s": time.perf_counter() - t_cache,
-                      "examples": len(cache.states)}
+        cache = PrefixCache(model, eof).attach()   # filled lazily, on each example's first step
 
     # 3. the Trainer
     do_eval = bool(eval_steps) and bool(eval_examples)
@@ -476,6 +471,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     result = trainer.train(resume_from_checkpoint=resume_from)
     if cache is not None:
         cache.detach()
+        cache_info = {"bytes": cache.nbytes, "examples": len(cache.states)}
     # drop accelerate's mixed-precision forward wrapper, so the final evaluation runs the same
     # forward as the saved model does when reloaded
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)

@@ -1,13 +1,16 @@
 """Prefix-activation cache: run the frozen prefix once per training example, then skip it.
 
 With a cut at eof, layers 1..eof are frozen and receive no gradient, so their
-output for a given example never changes during training. `PrefixCache.build`
-runs the model once over the training examples (inference mode, stopping after
-layer eof) and keeps, per example, the hidden states at its real tokens. During
-training, `attach` makes the frozen layers pass-throughs and the last of them
+output for a given example never changes during training. The first time an
+example is trained on, `ensure` runs the prefix for its batch (inference mode,
+stopping after layer eof) and keeps the hidden states at the example's real
+tokens. `attach` makes the frozen layers pass-throughs and the last of them
 return the cached states for the current batch (re-padded to the batch's
-layout): each step then costs only the trainable suffix, the embeddings lookup
-and the head.
+layout): from the second time an example is seen — the second epoch on — a step
+costs only the trainable suffix, the embeddings lookup and the head. In a
+single pass over the data the prefix runs once per example either way, so the
+cache saves nothing there; it pays off with epochs > 1. (`build` fills it for
+all examples up front, for benchmarks and repeated runs on the same data.)
 
 Differences from running the prefix: the prefix runs in eval mode (no dropout
 in frozen layers; Llama-family models have none anyway), and in the dtype of the
@@ -38,7 +41,7 @@ class PrefixCache:
         self.anat = anatomy(unwrap(model))
         self.eof = eof
         self.dtype = dtype
-        self.states: list[torch.Tensor] = []
+        self.states: dict[int, torch.Tensor] = {}
         self.current: torch.Tensor | None = None   # example indices of the batch being trained
         self.current_mask: torch.Tensor | None = None
         self._returns_tuple: bool | None = None
@@ -46,11 +49,10 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.states)
+        return sum(s.numel() * s.element_size() for s in self.states.values())
 
     @torch.inference_mode()
-    def build(self, batches, progress: bool = False) -> "PrefixCache":
-        """`batches`: an iterable of collated batches covering the examples in index order."""
+    def _run_prefix(self, batch: dict, indices: list[int]) -> None:
         captured = {}
         last = self.anat.layers[self.eof - 1]
 
@@ -60,25 +62,43 @@ class PrefixCache:
             raise _Stop
 
         handle = last.register_forward_hook(grab)
+        saved, self.current = self.current, None      # the real prefix runs here
         was_training = self.model.training
         self.model.eval()
         try:
-            if progress:
-                from tqdm.auto import tqdm
-
-                batches = tqdm(batches, desc="prefix cache", unit="batch", leave=False)
-            for batch in batches:
-                try:
-                    self.model(**model_inputs(self.model, batch))
-                except _Stop:
-                    pass
-                h, mask = captured.pop("h"), batch["attention_mask"].bool()
-                for row in range(h.shape[0]):
-                    kept = h[row][mask[row]]
-                    self.states.append(kept.to(self.dtype or kept.dtype).clone())
+            try:
+                self.model(**model_inputs(self.model, batch))
+            except _Stop:
+                pass
         finally:
             handle.remove()
             self.model.train(was_training)
+            self.current = saved
+        h, mask = captured["h"], batch["attention_mask"].bool()
+        for row, idx in enumerate(indices):
+            kept = h[row][mask[row]]
+            self.states[idx] = kept.to(self.dtype or kept.dtype).clone()
+
+    def ensure(self, batch: dict, indices) -> int:
+        """Cache the examples of `batch` not cached yet; returns how many were added."""
+        indices = [int(i) for i in indices]
+        if all(i in self.states for i in indices):
+            return 0
+        missing = [i for i in indices if i not in self.states]
+        self._run_prefix(batch, indices)
+        return len(missing)
+
+    def build(self, batches, progress: bool = False) -> "PrefixCache":
+        """Fill the cache for every example of `batches` (indices follow the batch order)."""
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="prefix cache", unit="batch", leave=False)
+        start = 0
+        for batch in batches:
+            n = batch["input_ids"].shape[0]
+            self._run_prefix(batch, list(range(start, start + n)))
+            start += n
         return self
 
     def _replay(self, hidden: torch.Tensor) -> torch.Tensor:
