@@ -297,6 +297,9 @@ def _add_pipeline_verbs(sub):
     p.add_argument("--test-samples", type=int, default=1000)
     p.add_argument("--samples", type=int, default=256, help="analysis examples for SALF")
     p.add_argument("--head", choices=["frozen", "untied-copy"], default="frozen")
+    p.add_argument("--report-only", action="store_true",
+                   help="only redraw OUT/sweep.md and OUT/frontier.png from OUT/sweep.json "
+                        "(e.g. while the sweep is still running)")
     p.add_argument("--out", required=True, metavar="DIR")
 
 

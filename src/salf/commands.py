@@ -304,7 +304,15 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def cmd_sweep(parser, args) -> int:
-    from .sweep import SweepConfig, run_sweep
+    from .sweep import SweepConfig, refresh_report, run_sweep
+
+    if args.report_only:
+        if not (Path(args.out) / "sweep.json").exists():
+            raise SalfError(f"{args.out}/sweep.json does not exist: no sweep has finished a cell "
+                            "there yet")
+        refresh_report(Path(args.out))
+        console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
+        return 0
 
     cfg = SweepConfig(model=args.model, dataset=args.dataset, out=args.out,
                       cuts=None if args.cuts == "all" else _int_list(args.cuts, "--cuts"),

@@ -14,6 +14,7 @@ OUT/frontier.png.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -224,7 +225,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
                 todo.append(dict(cut=p["cut"], layers=None, selector=name, seed=seed))
             elif "layers" in p:
                 todo.append(dict(cut=None, layers=p["layers"], selector=name, seed=seed))
-    seen, cells = set(), []
+    wanted = {cell_key(t["cut"], t["layers"], t["seed"]) for t in todo}
+    seen = set()
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=not progress)
@@ -235,22 +237,42 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
             continue
         seen.add(key)
         path = cells_dir / f"{key}.json"
-        if path.exists():
-            cells.append(json.loads(path.read_text()))
-        else:
+        if not path.exists():
             spec = dict(item, key=key, model=cfg.model, dataset=cfg.dataset,
                         data_kwargs=cfg.data_kwargs, steps=cfg.steps, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, lr=cfg.lr, test_samples=cfg.test_samples,
                         head=cfg.head, work_dir=str(cells_dir / f".work-{key}"))
             bar.set_postfix_str(key)
-            cells.append(_run_cell_subprocess(spec, cells_dir, cfg.timeout_s))
-            log(f"  {key}: quality {cells[-1]['quality']:.4f}, cost {cells[-1]['cost']:.3f}, "
-                f"step {cells[-1]['step_s'] or 0:.2f} s")
+            done = _run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
+            log(f"  {key}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
+                f"step {done['step_s'] or 0:.2f} s")
         bar.update(1)
-        summary = summarize(cfg, cells, picks, timing)   # keep sweep.json current after each cell
+        # keep sweep.json current after each cell, from every finished cell on disk
+        summary = summarize(cfg, load_cells(cells_dir, wanted), picks, timing)
         _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
     bar.close()
-    summary = summarize(cfg, cells, picks, timing)
+    summary = summarize(cfg, load_cells(cells_dir, wanted), picks, timing)
+    _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    write_sweep_report(out, summary)
+    return summary
+
+
+def load_cells(cells_dir: Path, keys: set[str] | None = None) -> list[dict]:
+    """Finished cells on disk (all, or those whose key is in `keys`), in key order."""
+    cells = [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))
+             if not p.name.startswith(".")]  # .<key>.spec.json: a cell being computed
+    return [c for c in cells if keys is None or c["key"] in keys]
+
+
+def refresh_report(out: Path) -> dict:
+    """Recompute sweep.json from the cells on disk and redraw sweep.md / frontier.png."""
+    out = Path(out)
+    state = json.loads((out / "config.json").read_text())["config"]
+    previous = json.loads((out / "sweep.json").read_text())
+    cfg = SweepConfig(**state)
+    picks = {name: {k: v for k, v in d.items() if k in ("cut", "layers", "reason")}
+             for name, d in previous["pick_details"].items()}
+    summary = summarize(cfg, load_cells(out / "cells"), picks, previous.get("timing", {}))
     _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
     write_sweep_report(out, summary)
     return summary
@@ -283,7 +305,12 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
                        "loss": _mean_spread([c["loss"] for c in by_cut[k]])[0],
                        "step_s": _mean_spread([c["step_s"] for c in by_cut[k] if c["step_s"]])[0],
                        "seeds": len(by_cut[k])})
-    tol = fs if full_cells else 0.0
+    # noise floor: the seed spread, and for accuracy at least the binomial standard error of
+    # full fine-tuning's accuracy on the test rows (what one seed cannot show)
+    se = (math.sqrt(max(fq * (1 - fq), 0.0) / cfg.test_samples)
+          if higher and full_cells and cfg.test_samples else 0.0)
+    tol = max(fs, se) if full_cells else 0.0
+    full["noise"] = tol
     for p in points:
         if not full_cells:
             p["safe"] = None
@@ -315,8 +342,10 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
         "pick_details": pick_rows,
         "oracle": {"cheapest_safe_cut": cheapest_safe["cut"] if cheapest_safe else None,
                    "cheapest_safe_cost": cheapest_safe["cost"] if cheapest_safe else None,
-                   "safe_rule": "mean quality within the full-FT seed spread (std) and >= 99% of "
-                                "full (<= 101% for loss)"},
+                   "safe_rule": "mean quality within full fine-tuning's noise (max of the seed "
+                                "std and, for accuracy, the binomial standard error on the test "
+                                "rows) and >= 99% of full (<= 101% for loss)",
+                   "noise": tol},
         "timing": timing,
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -344,10 +373,14 @@ def write_sweep_report(out: Path, s: dict) -> None:
              f"Oracle's cheapest safe cut: {s['oracle']['cheapest_safe_cut']} "
              f"(rule: {s['oracle']['safe_rule']}).", ""]
     for name, d in s["pick_details"].items():
-        lines.append(f"- **{name}**: {d.get('cut', d.get('layers'))} — quality "
-                     f"{d.get('quality', float('nan')):.4f}, cost {d.get('cost', float('nan')):.3f}, "
+        where = d.get("cut", d.get("layers"))
+        if d.get("quality") is None:
+            lines.append(f"- **{name}**: {where} — not measured yet — {d.get('reason', '')}")
+            continue
+        ratio = d.get("cost_vs_cheapest_safe")
+        lines.append(f"- **{name}**: {where} — quality {d['quality']:.4f}, cost {d['cost']:.3f}, "
                      f"safe {d.get('safe')}, cost / cheapest safe "
-                     f"{d.get('cost_vs_cheapest_safe', float('nan')):.2f} — {d.get('reason', '')}")
+                     f"{'–' if ratio is None else f'{ratio:.2f}'} — {d.get('reason', '')}")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     if s["cuts"] and s["full"]["seeds"]:
         plot_frontier(out / "frontier.png", title=f"{s['model']} on {s['dataset']}",
