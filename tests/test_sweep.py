@@ -44,6 +44,13 @@ def test_tiny_sweep_schema_and_resume(tmp_path):
     assert kept.stat().st_mtime_ns == before
     assert (cells / "cut03-s1.json").exists()
 
+    # --report-only rebuilds the summary from the cells on disk without training
+    (out / "sweep.md").unlink()
+    assert main(argv + ["--report-only"]) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert again["full"]["quality"] == s["full"]["quality"] and (out / "sweep.md").exists()
+    assert again["oracle"]["noise"] >= again["full"]["spread"]
+
 
 def test_sweep_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
     out = tmp_path / "sweep"
