@@ -484,7 +484,6 @@ def test_budget_and_knee():
 def test_knee_of_concave_curve():
     # benefit rises steeply for the first cheap steps, then saturates: knee in between
     L = 10
-    D = [1.0] * (L + 1)
     cost = [1.0 - k / L for k in range(L)]                  # k=9 cheapest
     B = [0.5, 0.5, 0.5, 0.5, 0.5, 0.49, 0.45, 0.35, 0.2, 0.0]
     from salf.analysis.gains import _knee

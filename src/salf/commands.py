@@ -321,7 +321,7 @@ def cmd_sweep(parser, args) -> int:
                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                       test_samples=args.test_samples, samples=args.samples, head=args.head,
                       data_kwargs=data_kwargs(args))
-    s = run_sweep(cfg, log=lambda m: console.print(m, markup=False))
+    run_sweep(cfg, log=lambda m: console.print(m, markup=False))
     console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
     console.print(f"wrote {args.out}/sweep.json, sweep.md, frontier.png")
     return 0

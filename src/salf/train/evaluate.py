@@ -35,7 +35,6 @@ from ..errors import SalfError
 from ..losses import (IGNORE_INDEX, batch_loss, is_classification_batch,  # noqa: F401
                       label_position_logits, lm_loss, model_inputs, response_loss)
 
-IGNORE_INDEX = -100
 META_FILE = "salf.json"
 
 
