@@ -150,7 +150,7 @@ def print_trace_table(result) -> None:
         row = [str(l), f"{s['deviation']:.4f}", f"{gains[l - 1]:+.4f}" if l else ""]
         if cls:
             row += [_f(s.get("lens_acc")), _f(s.get("margin_auc"))]
-        row.append(f"{cuts[l]['flops_ratio']:.2f}x" if l < len(cuts) - 1 or l < tr.num_layers else "")
+        row.append(f"{cuts[l]['flops_ratio']:.2f}x" if l < tr.num_layers else "")  # a cut at L trains nothing
         style = "bold red" if l == eof else ("dim" if l < eof else None)
         table.add_row(*row, style=style)
     console.print(table)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .analysis import Trace, choose_cut, fit_depth_law, inference_gains, trace
 from .cost import ModelShape, cost_table, plan_prediction
-from .data import collate, encode, load_dataset_spec, pad_token_id
+from .data import collate, encode, load_dataset_spec, pad_token_id, sample_hash
 from .errors import SalfError
 from .models import anatomy, load_model, verify_anatomy
 from .plan import FreezePlan
@@ -76,8 +76,6 @@ def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = 
 
         verify_anatomy(anat, torch.tensor([first[0]["input_ids"]]))
     shape = ModelShape.from_model(model)
-    from .data import sample_hash
-
     data_info = dict(ds.provenance, dataset=ds.name, split=split, samples=len(rows),
                      sample_hash=sample_hash(rows), max_length=max_length)
     tr = trace(model, anat, batches, kind, label_token_ids=label_ids,
