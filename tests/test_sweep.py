@@ -59,3 +59,26 @@ def test_sweep_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
     rc = main(["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
                "text", "--label-col", "label", "--cuts", "1", "--out", str(out)])
     assert rc == 2 and "other training settings" in capsys.readouterr().err
+
+
+def _cell(cut, loss, seed=1, selector=None, loss_se=None):
+    return {"key": f"c{cut}-{seed}", "cut": cut, "layers": None, "selector": selector,
+            "seed": seed, "quality": loss, "loss": loss, "accuracy": None, "cost": 1.0 if cut is
+            None else 1.0 - cut / 10, "step_s": 1.0, "peak_mb": 1.0, "loss_se": loss_se}
+
+
+def test_loss_sweep_with_one_seed_uses_the_test_row_standard_error():
+    from salf.sweep import SweepConfig, summarize
+
+    cfg = SweepConfig(model="m", dataset="d", out="o", test_samples=100)
+    cells = [_cell(None, 2.000, selector="full", loss_se=0.05),
+             _cell(2, 2.015), _cell(5, 2.030), _cell(8, 2.500)]
+    s = summarize(cfg, cells, {"salf": {"cut": 5}}, {})
+    assert s["metric"] == "loss" and s["oracle"]["noise"] == 0.05
+    safe = {p["cut"]: p["safe"] for p in s["cuts"]}
+    # within the SE and within 1%: safe; within the SE but 1.5% worse: not; far worse: not
+    assert safe == {2: True, 5: False, 8: False}
+    assert s["oracle"]["cheapest_safe_cut"] == 2 and s["pick_details"]["salf"]["safe"] is False
+    # without an SE (older cells) one seed leaves no noise allowance at all
+    s0 = summarize(cfg, [dict(c, loss_se=None) for c in cells], {}, {})
+    assert s0["oracle"]["noise"] == 0.0 and not any(p["safe"] for p in s0["cuts"])

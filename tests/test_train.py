@@ -143,6 +143,24 @@ def test_sft_and_lm_losses(tmp_path):
 
 # ---------------------------------------------------------------------------- resume
 
+def test_sft_eval_standard_error_matches_row_by_row_evaluation():
+    tok = tiny_tokenizer()
+    task = SFTTask("Question: {prompt} Answer:")
+    sft_rows = [{"prompt": f"What is {i}?", "response": "It is " + "a number " * (1 + i % 4)}
+                for i in range(9)]
+    model = tiny_model("llama")
+    batched = evaluate(model, tok, task, sft_rows, 4, 48)     # padded batches of mixed lengths
+    singles = [evaluate(model, tok, task, [r], 1, 48) for r in sft_rows]
+    sums = [s["loss"] * s["tokens"] for s in singles]
+    counts = [s["tokens"] for s in singles]
+    mean = sum(sums) / sum(counts)
+    assert batched["loss"] == pytest.approx(mean, rel=1e-5)
+    n = len(sums)
+    se = (sum((s - mean * c) ** 2 for s, c in zip(sums, counts)) * n / (n - 1)) ** 0.5 / sum(counts)
+    assert batched["loss_se"] == pytest.approx(se, rel=1e-4)
+    assert 0 < batched["loss_se"] < batched["loss"]
+
+
 _SCRIPT = textwrap.dedent("""
     import os, signal, sys, time, types
     sys.path.insert(0, {tests!r})

@@ -65,24 +65,40 @@ def label_position_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return out.logits[:, -1].float()
 
 
-def response_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of CE over response tokens, number of response tokens) for an SFT batch.
-
-    Position p predicts labels[p+1]; logits are computed only at positions that
-    predict a response token in some row of the batch.
-    """
-    labels = batch["labels"]
-    targets_next = labels[:, 1:]
+def _response_ce(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(CE per row and kept position, mask of response targets) for an SFT batch; None if the
+    batch has no response token. Logits are computed only at positions that predict a
+    response token in some row (position p predicts labels[p+1])."""
+    targets_next = batch["labels"][:, 1:]
     keep = (targets_next != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     if keep.numel() == 0:
+        return None
+    logits = model(**model_inputs(model, batch), logits_to_keep=keep).logits.float()  # (B, K, V)
+    targets = targets_next[:, keep]                                                    # (B, K)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                         reduction="none")                                             # 0 if ignored
+    return ce, targets != IGNORE_INDEX
+
+
+def response_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of CE over response tokens, number of response tokens) for an SFT batch."""
+    res = _response_ce(model, batch)
+    if res is None:
         zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
         return zero, 0
-    out = model(**model_inputs(model, batch), logits_to_keep=keep)
-    logits = out.logits.float()                    # (B, K, V)
-    targets = targets_next[:, keep]                # (B, K)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, int((targets != IGNORE_INDEX).sum())
+    ce, mask = res
+    return ce.sum(), int(mask.sum())
+
+
+@torch.no_grad()
+def response_loss_per_example(model: nn.Module, batch: dict) -> tuple[list[float], list[int]]:
+    """Per-row (sum of CE over its response tokens, number of them) for an SFT batch."""
+    res = _response_ce(model, batch)
+    if res is None:
+        rows = batch["labels"].shape[0]
+        return [0.0] * rows, [0] * rows
+    ce, mask = res
+    return ce.sum(-1).tolist(), mask.sum(-1).tolist()
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

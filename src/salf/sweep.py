@@ -116,6 +116,7 @@ def run_cell(spec: dict) -> dict:
         "quality": quality[metric], "loss": quality["loss"],
         "accuracy": quality.get("accuracy"), "macro_f1": quality.get("macro_f1"),
         "label_loss": quality.get("label_loss"), "perplexity": quality.get("perplexity"),
+        "loss_se": quality.get("loss_se"),
         "cost": cost, "step_s": metrics["timing"].get("median_step_s"),
         "peak_mb": peak / 2**20 if peak else None, "train_s": train_s,
         "final_train_loss": metrics["train"].get("final_loss"),
@@ -305,10 +306,14 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
                        "loss": _mean_spread([c["loss"] for c in by_cut[k]])[0],
                        "step_s": _mean_spread([c["step_s"] for c in by_cut[k] if c["step_s"]])[0],
                        "seeds": len(by_cut[k])})
-    # noise floor: the seed spread, and for accuracy at least the binomial standard error of
-    # full fine-tuning's accuracy on the test rows (what one seed cannot show)
-    se = (math.sqrt(max(fq * (1 - fq), 0.0) / cfg.test_samples)
-          if higher and full_cells and cfg.test_samples else 0.0)
+    # noise floor: the seed spread, and at least the standard error of full fine-tuning's
+    # quality on the test rows (what one seed cannot show): binomial for accuracy, the
+    # ratio-estimator SE recorded by evaluate for a mean loss
+    if higher and full_cells and cfg.test_samples:
+        se = math.sqrt(max(fq * (1 - fq), 0.0) / cfg.test_samples)
+    else:
+        se = _mean_spread([c["loss_se"] for c in full_cells if c.get("loss_se")])[0]
+        se = 0.0 if math.isnan(se) else se
     tol = max(fs, se) if full_cells else 0.0
     full["noise"] = tol
     for p in points:
@@ -343,8 +348,9 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
         "oracle": {"cheapest_safe_cut": cheapest_safe["cut"] if cheapest_safe else None,
                    "cheapest_safe_cost": cheapest_safe["cost"] if cheapest_safe else None,
                    "safe_rule": "mean quality within full fine-tuning's noise (max of the seed "
-                                "std and, for accuracy, the binomial standard error on the test "
-                                "rows) and >= 99% of full (<= 101% for loss)",
+                                "std and the standard error on the test rows: binomial for "
+                                "accuracy, ratio-estimator for a mean loss) and >= 99% of full "
+                                "(<= 101% for loss)",
                    "noise": tol},
         "timing": timing,
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),

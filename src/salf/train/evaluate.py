@@ -33,7 +33,8 @@ from torch import nn
 
 from ..errors import SalfError
 from ..losses import (IGNORE_INDEX, batch_loss, is_classification_batch,  # noqa: F401
-                      label_position_logits, lm_loss, model_inputs, response_loss)
+                      label_position_logits, lm_loss, model_inputs, response_loss,
+                      response_loss_per_example)
 
 META_FILE = "salf.json"
 
@@ -63,6 +64,17 @@ def macro_f1(gold: list[int], pred: list[int]) -> float:
         fn = sum(1 for g, p in zip(gold, pred) if g == c and p != c)
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores)
+
+
+def ratio_standard_error(sums: list[float], counts: list[int]) -> float:
+    """Standard error of the token-weighted mean loss sum(s)/sum(c) over independent examples
+    (delta method for a ratio estimator): what the test rows alone leave uncertain."""
+    n, total_c = len(sums), sum(counts)
+    if n < 2 or total_c == 0:
+        return 0.0
+    mean = sum(sums) / total_c
+    resid = sum((s - mean * c) ** 2 for s, c in zip(sums, counts))
+    return math.sqrt(resid * n / (n - 1)) / total_c
 
 
 def _is_classification_task(task) -> bool:
@@ -102,16 +114,17 @@ def evaluate_examples(model: nn.Module, task, examples: list[dict], pad_id: int,
             return {"accuracy": sum(g == p for g, p in zip(gold, pred)) / n,
                     "macro_f1": macro_f1(gold, pred), "loss": ce / n, "label_loss": label_ce / n,
                     "n": n}
-        total, count = 0.0, 0
+        sums, counts = [], []
         for start in chunks:
             batch = collate(examples[start:start + int(batch_size)], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            s, c = response_loss(model, batch)
-            total += float(s)
-            count += c
+            s, c = response_loss_per_example(model, batch)
+            sums += s
+            counts += c
+        total, count = sum(sums), sum(counts)
         loss = total / max(count, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "n": len(examples),
-                "tokens": count}
+                "tokens": count, "loss_se": ratio_standard_error(sums, counts)}
     finally:
         model.train(was_training)
 
@@ -121,7 +134,8 @@ def evaluate(model: nn.Module, tokenizer, task, rows, batch_size: int = 16, max_
     """Evaluate `model` on `rows` of `task` (no grad, eval mode; training mode restored after).
 
     Classification -> {"accuracy", "macro_f1", "loss", "label_loss", "n"};
-    SFT -> {"loss", "perplexity", "n", "tokens"}.
+    SFT -> {"loss", "perplexity", "n", "tokens", "loss_se"} (loss_se: standard error of the
+    mean loss over the test rows).
     """
     from ..data import encode, pad_token_id
 
