@@ -189,7 +189,7 @@ def _add_pipeline_verbs(sub):
           salf plan --trace runs/a/trace.json --policy budget=0.4 --out runs/a/plan-b04.json"""))
     p.add_argument("--trace", required=True, metavar="TRACE_JSON")
     p.add_argument("--policy", default="max-gain", metavar="POLICY",
-                   help="max-gain | paper | onset | knee | budget=B")
+                   help="max-gain | max-gain-e0 | paper | onset | knee | budget=B (see salf analyze)")
     p.add_argument("--head", choices=["frozen", "untied-copy"], default="frozen")
     p.add_argument("--out", metavar="PLAN_JSON",
                    help="where to write the plan (default: plan-<policy>.json beside the trace)")
