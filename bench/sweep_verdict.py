@@ -55,7 +55,7 @@ def pick_table(s: dict) -> list[str]:
     return lines
 
 
-def targets(s: dict, default: str = "salf") -> list[str]:
+def targets(s: dict, default: str) -> list[str]:
     higher = s["higher_is_better"]
     noise = s["oracle"]["noise"]
     out = []
@@ -74,6 +74,11 @@ def targets(s: dict, default: str = "salf") -> list[str]:
             if better > noise:
                 out.append(f"  - baseline {name} at cost {d['cost']:.3f} <= {me['cost']:.3f} beats "
                            f"it by {better:.4f} > noise {noise:.4f}")
+    return out
+
+
+def analysis_share(s: dict) -> list[str]:
+    out = []
     full_train = [c.get("train_s") for c in s["cells"] if c["selector"] == "full" and c.get("train_s")]
     analysis = s.get("timing", {}).get("analysis_wall_s")
     if full_train and analysis:
@@ -86,7 +91,10 @@ def targets(s: dict, default: str = "salf") -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="*", type=Path)
-    ap.add_argument("--default", default="salf", help="the selector judged as SALF's default pick")
+    ap.add_argument("--judge", default="salf-e0,salf",
+                    help="comma-separated selectors judged against the targets (default: salf-e0 = "
+                         "max-gain-e0, the default policy since 2026-11-28, and salf = max-gain, "
+                         "the first default)")
     args = ap.parse_args(argv)
     here = Path(__file__).parent / "results"
     folders = args.folders or sorted(p for p in here.glob("sweep-*") if (p / "sweep.json").is_file())
@@ -103,7 +111,9 @@ def main(argv=None) -> int:
         print("\n".join(cut_table(s)) + "\n")
         print(f"![frontier](results/{folder.name}/frontier.png)\n")
         print("\n".join(pick_table(s)) + "\n")
-        print("\n".join(targets(s, args.default)) + "\n")
+        for name in args.judge.split(","):
+            print("\n".join(targets(s, name.strip())))
+        print("\n".join(analysis_share(s)) + "\n")
     return 0
 
 

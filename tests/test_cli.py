@@ -55,6 +55,7 @@ def test_analyze_then_replan_then_train_with_plan(tmp_path):
     assert len(trace["spaces"]) == 5 and trace["num_layers"] == 4
     plan = json.loads((out / "plan.json").read_text())
     assert 0 <= plan["eof"] <= 3
+    assert plan["policy"] == "max-gain-e0"          # the default the sweep chose (salf.defaults)
     assert (out / "trace.png").stat().st_size > 10_000
     assert "## The cut" in (out / "report.md").read_text()
     assert main(["plan", "--trace", str(out / "trace.json"), "--policy", "paper",

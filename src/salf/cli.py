@@ -16,6 +16,7 @@ import textwrap
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
+from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .errors import SalfError
 
 MANUAL = """\
@@ -109,11 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_analysis_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("analysis")
-    g.add_argument("--samples", type=int, default=256, help="analysis examples (default 256)")
+    g.add_argument("--samples", type=int, default=DEFAULT_ANALYSIS_SAMPLES,
+                   help=f"analysis examples (default {DEFAULT_ANALYSIS_SAMPLES})")
     g.add_argument("--split", default="train", help="split the analysis reads (default train)")
-    g.add_argument("--policy", default="max-gain", metavar="POLICY",
-                   help="max-gain | max-gain-e0 | paper | onset | knee | budget=B (B = max predicted training "
-                        "cost relative to full fine-tuning, e.g. budget=0.5); default max-gain")
+    g.add_argument("--policy", default=DEFAULT_POLICY, metavar="POLICY",
+                   help="max-gain-e0 | max-gain | paper | onset | knee | budget=B (B = max predicted "
+                        "training cost relative to full fine-tuning, e.g. budget=0.5); default "
+                        f"{DEFAULT_POLICY} (chosen by the sweep; max-gain was the first default — "
+                        "docs/method.md)")
     g.add_argument("--max-targets", type=int, default=16,
                    help="SFT: response positions sampled per example (default 16)")
     g.add_argument("--logit-lens", action="store_true",
@@ -188,8 +192,9 @@ def _add_pipeline_verbs(sub):
         example:
           salf plan --trace runs/a/trace.json --policy budget=0.4 --out runs/a/plan-b04.json"""))
     p.add_argument("--trace", required=True, metavar="TRACE_JSON")
-    p.add_argument("--policy", default="max-gain", metavar="POLICY",
-                   help="max-gain | max-gain-e0 | paper | onset | knee | budget=B (see salf analyze)")
+    p.add_argument("--policy", default=DEFAULT_POLICY, metavar="POLICY",
+                   help=f"max-gain-e0 | max-gain | paper | onset | knee | budget=B (see salf analyze); "
+                        f"default {DEFAULT_POLICY}")
     p.add_argument("--head", choices=["frozen", "untied-copy"], default="frozen")
     p.add_argument("--out", metavar="PLAN_JSON",
                    help="where to write the plan (default: plan-<policy>.json beside the trace)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .analysis import Trace, choose_cut, fit_depth_law, inference_gains, trace
 from .cost import ModelShape, cost_table, plan_prediction
+from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .data import collate, encode, load_dataset_spec, pad_token_id, sample_hash
 from .errors import SalfError
 from .models import anatomy, load_model, verify_anatomy
@@ -50,7 +51,8 @@ def make_batches(task, tokenizer, rows, batch_size: int, max_length: int) -> lis
 
 
 def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = None,
-            samples: int = 256, split: str = "train", policy: str = "max-gain",
+            samples: int = DEFAULT_ANALYSIS_SAMPLES, split: str = "train",
+            policy: str = DEFAULT_POLICY,
             batch_size: int = 8, max_length: int = 128, max_targets: int = 16,
             logit_lens: bool = False, head: str = "frozen", seed: int = 0,
             train_batch_size: int = 16, train_max_length: int = 96, data_kwargs: dict | None = None,
@@ -227,8 +229,9 @@ def load_for_eval(spec: str, trust_remote_code: bool = False):
     return model, tok, {"base": spec}
 
 
-def finetune(model_spec: str, dataset_spec: str, out_dir, *, samples: int = 128,
-             policy: str = "max-gain", head: str = "frozen", max_targets: int = 16,
+def finetune(model_spec: str, dataset_spec: str, out_dir, *,
+             samples: int = DEFAULT_ANALYSIS_SAMPLES,
+             policy: str = DEFAULT_POLICY, head: str = "frozen", max_targets: int = 16,
              logit_lens: bool = False, test_samples: int = 1000, lora=None,
              data_kwargs: dict | None = None, trust_remote_code: bool = False,
              progress: bool = True, seed: int = 0, batch_size: int = 16, max_length: int = 96,

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..defaults import DEFAULT_POLICY  # noqa: F401  (re-exported)
 from ..errors import SalfError
 
 R2_MIN = 0.5
@@ -37,6 +38,7 @@ _GRID_POINTS = 241
 _FLAT_EPS = 1e-9
 
 VALID_POLICIES = ("paper", "max-gain", "max-gain-e0", "budget=B", "knee", "onset")
+
 BENEFIT_SOURCES = ("depth", "prior", "given")
 
 

@@ -1,0 +1,14 @@
+"""Defaults shared by the library and the CLI (kept import-light: `salf --help` reads them).
+
+DEFAULT_POLICY is the cut policy `salf analyze` / `salf finetune` use unless told
+otherwise. It was "max-gain" until 2026-11-28; the sweep (bench/RESULTS.md §4,
+docs/method.md "Sweep verdict") found max-gain's deep picks unsafe on every dataset
+measured and max-gain-e0's picks safe, so the default changed. "max-gain" stays selectable.
+"""
+
+DEFAULT_POLICY = "max-gain-e0"
+
+# Analysis examples for `salf analyze` / `salf finetune` (the sweep keeps 256). 64 gave the
+# same max-gain-e0 and max-gain picks as 256 on all three built-in datasets (2 sampling
+# seeds each) at about 1% of a 120-step full fine-tuning run (bench/RESULTS.md §4).
+DEFAULT_ANALYSIS_SAMPLES = 64
