@@ -38,7 +38,6 @@ _GRID_POINTS = 241
 _FLAT_EPS = 1e-9
 
 VALID_POLICIES = ("paper", "max-gain", "max-gain-e0", "budget=B", "knee", "onset")
-
 BENEFIT_SOURCES = ("depth", "prior", "given")
 
 
