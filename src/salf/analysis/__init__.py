@@ -5,8 +5,8 @@ See docs/method.md for the formula -> function map.
 
 from .basis import clear_cache, semantic_basis, weight_fingerprint
 from .gains import (ALPHA_PRIOR, DEFAULT_POLICY, ONSET_FRACTION, R2_MIN, TIE_TOLERANCE,
-                    VALID_POLICIES, benefit_curve, choose_cut, deviations, fit_depth_law, inference_gains,
-                    prior_law, transition_onset)
+                    VALID_POLICIES, benefit_curve, choose_cut, deviations, fit_depth_law,
+                    inference_gains, prior_law, transition_onset)
 from .trace import TAU, TargetCapture, Trace, auc, trace
 
 __all__ = [
