@@ -29,7 +29,7 @@ def test_tiny_sweep_schema_and_resume(tmp_path):
     assert {1, 3} <= cut_cells
     for c in s["cells"]:
         assert {"cut", "selector", "seed", "quality", "loss", "cost", "step_s", "peak_mb"} <= set(c)
-        assert c["audit_ok"]
+        assert c["audit_ok"] and c["test_rows"] == 8
     costs = {c["cut"]: c["cost"] for c in s["cells"] if c["cut"] is not None}
     assert costs[3] < costs[1] < 1.0
     assert set(s["picks"]) == {"salf", "paper", "freeze-half"} and s["picks"]["freeze-half"] == 2
@@ -44,12 +44,17 @@ def test_tiny_sweep_schema_and_resume(tmp_path):
     assert kept.stat().st_mtime_ns == before
     assert (cells / "cut03-s1.json").exists()
 
-    # --report-only rebuilds the summary from the cells on disk without training
+    # --report-only rebuilds the summary from the cells on disk without training (and fills
+    # test_rows into cells written before it was recorded)
     (out / "sweep.md").unlink()
+    old = json.loads(kept.read_text())
+    del old["test_rows"]
+    kept.write_text(json.dumps(old))
     assert main(argv + ["--report-only"]) == 0
     again = json.loads((out / "sweep.json").read_text())
     assert again["full"]["quality"] == s["full"]["quality"] and (out / "sweep.md").exists()
     assert again["oracle"]["noise"] >= again["full"]["spread"]
+    assert json.loads(kept.read_text())["test_rows"] == 8
 
 
 def test_sweep_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
@@ -82,3 +87,13 @@ def test_loss_sweep_with_one_seed_uses_the_test_row_standard_error():
     # without an SE (older cells) one seed leaves no noise allowance at all
     s0 = summarize(cfg, [dict(c, loss_se=None) for c in cells], {}, {})
     assert s0["oracle"]["noise"] == 0.0 and not any(p["safe"] for p in s0["cuts"])
+
+
+def test_accuracy_noise_uses_the_rows_actually_evaluated():
+    from salf.sweep import SweepConfig, summarize
+
+    cfg = SweepConfig(model="m", dataset="d", out="o", test_samples=1000)
+    full = dict(_cell(None, 0.9, selector="full"), accuracy=0.9, test_rows=100)
+    s = summarize(cfg, [full], {}, {})
+    assert s["metric"] == "accuracy"
+    assert abs(s["oracle"]["noise"] - (0.9 * 0.1 / 100) ** 0.5) < 1e-12   # not / 1000

@@ -116,7 +116,7 @@ def run_cell(spec: dict) -> dict:
         "quality": quality[metric], "loss": quality["loss"],
         "accuracy": quality.get("accuracy"), "macro_f1": quality.get("macro_f1"),
         "label_loss": quality.get("label_loss"), "perplexity": quality.get("perplexity"),
-        "loss_se": quality.get("loss_se"),
+        "loss_se": quality.get("loss_se"), "test_rows": quality.get("n"),
         "cost": cost, "step_s": metrics["timing"].get("median_step_s"),
         "peak_mb": peak / 2**20 if peak else None, "train_s": train_s,
         "final_train_loss": metrics["train"].get("final_loss"),
@@ -216,6 +216,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
     if bad:
         raise SalfError(f"cuts {bad} are outside 0..{L - 1} for this {L}-layer model")
     picks, timing = selector_picks(cfg, progress)
+    backfill_test_rows(cfg, cells_dir)
     todo: list[dict] = []
     for seed in cfg.seeds:
         todo.append(dict(cut=None, layers=None, selector="full", seed=seed))
@@ -258,6 +259,24 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
     return summary
 
 
+def backfill_test_rows(cfg: SweepConfig, cells_dir: Path) -> None:
+    """Cells written before `test_rows` was recorded get it from the dataset (the number of
+    test rows evaluated is min(test_samples, size of the test split), the same for every
+    cell), so the binomial noise uses the real count."""
+    missing = [p for p in sorted(Path(cells_dir).glob("*.json"))
+               if not p.name.startswith(".") and "test_rows" not in json.loads(p.read_text())]
+    if not missing:
+        return
+    from .data import load_dataset_spec
+    from .pipeline import test_rows
+
+    ds = load_dataset_spec(cfg.dataset, **cfg.data_kwargs)
+    n = len(test_rows(ds, "test", cfg.test_samples))
+    for p in missing:
+        cell = json.loads(p.read_text())
+        _write_atomic(p, json.dumps(dict(cell, test_rows=n), indent=2) + "\n")
+
+
 def load_cells(cells_dir: Path, keys: set[str] | None = None) -> list[dict]:
     """Finished cells on disk (all, or those whose key is in `keys`), in key order."""
     cells = [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))
@@ -271,6 +290,7 @@ def refresh_report(out: Path) -> dict:
     state = json.loads((out / "config.json").read_text())["config"]
     previous = json.loads((out / "sweep.json").read_text())
     cfg = SweepConfig(**state)
+    backfill_test_rows(cfg, out / "cells")
     picks = {name: {k: v for k, v in d.items() if k in ("cut", "layers", "reason")}
              for name, d in previous["pick_details"].items()}
     summary = summarize(cfg, load_cells(out / "cells"), picks, previous.get("timing", {}))
@@ -310,7 +330,8 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
     # quality on the test rows (what one seed cannot show): binomial for accuracy, the
     # ratio-estimator SE recorded by evaluate for a mean loss
     if higher and full_cells and cfg.test_samples:
-        se = math.sqrt(max(fq * (1 - fq), 0.0) / cfg.test_samples)
+        n = full_cells[0].get("test_rows") or cfg.test_samples  # fewer when the split is smaller
+        se = math.sqrt(max(fq * (1 - fq), 0.0) / n)
     else:
         se = _mean_spread([c["loss_se"] for c in full_cells if c.get("loss_se")])[0]
         se = 0.0 if math.isnan(se) else se
