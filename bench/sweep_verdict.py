@@ -19,28 +19,15 @@ import json
 import shutil
 from pathlib import Path
 
+from salf.report.markdown import md_table
+from salf.sweep import cut_table
+
 BASELINES = ("freeze-half", "freeze-first-k", "random", "spectrum", "block-influence",
              "block-influence-cut", "grad-norm")
 
 
 def fmt(x, spec=".3f"):
     return "–" if x is None else format(x, spec)
-
-
-def cut_table(s: dict) -> list[str]:
-    by_cut: dict[int, list[str]] = {}
-    for name, k in s["picks"].items():
-        if k is not None:
-            by_cut.setdefault(k, []).append(name)
-    f = s["full"]
-    lines = [f"| cut (eof) | FLOPs vs full | {s['metric']} | test loss | step s | safe | picked by |",
-             "|---:|---:|---:|---:|---:|:---:|---|",
-             f"| full | 1.000 | {fmt(f['quality'], '.4f')} | {fmt(f['loss'])} | {fmt(f['step_s'], '.2f')} | – | |"]
-    for p in s["cuts"]:
-        safe = {True: "yes", False: "no", None: "?"}[p["safe"]]
-        lines.append(f"| {p['cut']} | {p['cost']:.3f} | {fmt(p['quality'], '.4f')} | {fmt(p['loss'])} | "
-                     f"{fmt(p['step_s'], '.2f')} | {safe} | {', '.join(by_cut.get(p['cut'], []))} |")
-    return lines
 
 
 def pick_table(s: dict) -> list[str]:
@@ -108,7 +95,7 @@ def main(argv=None) -> int:
               f"{fmt(s['oracle']['noise'], '.4f')}); oracle's cheapest safe cut: "
               f"{s['oracle']['cheapest_safe_cut']} at {fmt(s['oracle']['cheapest_safe_cost'])} "
               f"of full's FLOPs\n")
-        print("\n".join(cut_table(s)) + "\n")
+        print(md_table(*cut_table(s)) + "\n")
         print(f"![frontier](results/{folder.name}/frontier.png)\n")
         print("\n".join(pick_table(s)) + "\n")
         for name in args.judge.split(","):

@@ -378,10 +378,9 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
     }
 
 
-def write_sweep_report(out: Path, s: dict) -> None:
-    from .report.markdown import md_table
-    from .report.plots import plot_frontier
-
+def cut_table(s: dict) -> tuple[list[str], list[list]]:
+    """(header, rows) of a sweep summary's per-cut table: full, then every measured cut with
+    its cost, quality, test loss, step time, safety and the selectors that picked it."""
     by_cut_picks: dict[int, list[str]] = {}
     for name, k in s["picks"].items():
         if k is not None:
@@ -392,11 +391,19 @@ def write_sweep_report(out: Path, s: dict) -> None:
         rows.append([p["cut"], p["cost"], f"{p['quality']:.4f} ± {p['spread']:.4f}", p["loss"],
                      p["step_s"], {True: "yes", False: "no", None: "?"}[p["safe"]],
                      ", ".join(by_cut_picks.get(p["cut"], []))])
+    header = ["cut (eof)", "FLOPs vs full", f"{s['metric']} (mean ± std)", "test loss", "step s",
+              "safe", "picked by"]
+    return header, rows
+
+
+def write_sweep_report(out: Path, s: dict) -> None:
+    from .report.markdown import md_table
+    from .report.plots import plot_frontier
+
     lines = [f"# sweep: {s['model']} on {s['dataset']}", "",
              f"metric: {s['metric']} ({'higher' if s['higher_is_better'] else 'lower'} is better), "
              f"seeds {s['seeds']}, settings `{json.dumps(s['settings'])}`", "",
-             md_table(["cut (eof)", "FLOPs vs full", f"{s['metric']} (mean ± std)", "test loss",
-                       "step s", "safe", "picked by"], rows), "",
+             md_table(*cut_table(s)), "",
              f"Oracle's cheapest safe cut: {s['oracle']['cheapest_safe_cut']} "
              f"(rule: {s['oracle']['safe_rule']}).", ""]
     for name, d in s["pick_details"].items():
