@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from salf.cli import main
 
 
@@ -56,6 +58,26 @@ def test_tiny_sweep_schema_and_resume(tmp_path):
     assert again["oracle"]["noise"] >= again["full"]["spread"]
     assert json.loads(kept.read_text())["test_rows"] == 8
 
+    # bench/sweep_cells.py adds chosen cells at another seed, with the same settings
+    sweep_cells = _bench_module("sweep_cells")
+    assert sweep_cells.main([str(out), "full-s2", "cut03-s2"]) == 0
+    more = json.loads((out / "sweep.json").read_text())
+    pts = {p["cut"]: p for p in more["cuts"]}
+    assert more["seeds"] == [1, 2] and more["full"]["seeds"] == 2
+    assert pts[3]["paired_seeds"] == [1, 2] and pts[1]["paired_seeds"] == [1]
+    assert not (cells / "cut01-s2.json").exists()
+
+
+def _bench_module(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def test_sweep_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
     out = tmp_path / "sweep"
@@ -97,3 +119,35 @@ def test_accuracy_noise_uses_the_rows_actually_evaluated():
     s = summarize(cfg, [full], {}, {})
     assert s["metric"] == "accuracy"
     assert abs(s["oracle"]["noise"] - (0.9 * 0.1 / 100) ** 0.5) < 1e-12   # not / 1000
+
+
+def test_a_cut_is_compared_with_full_at_the_seeds_they_share():
+    from salf.sweep import SweepConfig, summarize
+
+    cfg = SweepConfig(model="m", dataset="d", out="o", test_samples=1000)
+
+    def acc(cut, q, seed, selector=None):
+        return dict(_cell(cut, q, seed=seed, selector=selector), accuracy=q, test_rows=1000)
+
+    cells = [acc(None, 0.90, 1, "full"), acc(None, 0.80, 2, "full"),
+             acc(4, 0.87, 1),                      # one seed: judged against full's seed 1 only
+             acc(6, 0.895, 1), acc(6, 0.80, 2)]    # both seeds: against full's mean
+    s = summarize(cfg, cells, {}, {})
+    pts = {p["cut"]: p for p in s["cuts"]}
+    assert s["seeds"] == [1, 2] and s["full"]["seeds"] == 2
+    assert pts[4]["paired_seeds"] == [1] and abs(pts[4]["delta_vs_full"] + 0.03) < 1e-12
+    # 0.87 beats full's two-seed mean (0.85) but is 3.3% below full at the same seed
+    assert pts[4]["safe"] is False
+    assert abs(pts[6]["delta_vs_full"] + 0.0025) < 1e-12 and pts[6]["safe"] is True
+    assert s["oracle"]["cheapest_safe_cut"] == 6
+
+
+def test_cell_names_round_trip_and_bad_names_are_refused():
+    from salf.errors import SalfError
+    from salf.sweep import cell_key, parse_cell_key
+
+    for cut, seed in [(None, 2), (4, 1), (29, 3)]:
+        assert parse_cell_key(cell_key(cut, None, seed)) == (cut, seed)
+    for bad in ["cut4", "full", "cut04-s", "set-1_2-s1", "cut04-s1.json"]:
+        with pytest.raises(SalfError, match="is not full-sN"):
+            parse_cell_key(bad)

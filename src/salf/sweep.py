@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -64,6 +65,23 @@ def cell_key(cut: int | None, layers: list[int] | None, seed: int) -> str:
     if layers is not None:
         return "set-" + "_".join(map(str, layers)) + f"-s{seed}"
     return f"cut{cut:02d}-s{seed}"
+
+
+def parse_cell_key(key: str) -> tuple[int | None, int]:
+    """(cut, seed) of a cell name made by cell_key: "full-s2" -> (None, 2), "cut04-s1" -> (4, 1)."""
+    m = re.fullmatch(r"(?:full|cut(\d+))-s(\d+)", key)
+    if not m:
+        raise SalfError(f"cell name {key!r} is not full-sN or cutKK-sN")
+    return (int(m.group(1)) if m.group(1) is not None else None), int(m.group(2))
+
+
+def cell_spec(cfg: SweepConfig, item: dict, cells_dir: Path) -> dict:
+    """Everything one cell's subprocess needs: the item (cut/layers/selector/seed) + settings."""
+    key = cell_key(item["cut"], item["layers"], item["seed"])
+    return dict(item, key=key, model=cfg.model, dataset=cfg.dataset,
+                data_kwargs=cfg.data_kwargs, steps=cfg.steps, batch_size=cfg.batch_size,
+                max_length=cfg.max_length, lr=cfg.lr, test_samples=cfg.test_samples,
+                head=cfg.head, work_dir=str(cells_dir / f".work-{key}"))
 
 
 def run_cell(spec: dict) -> dict:
@@ -240,10 +258,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
         seen.add(key)
         path = cells_dir / f"{key}.json"
         if not path.exists():
-            spec = dict(item, key=key, model=cfg.model, dataset=cfg.dataset,
-                        data_kwargs=cfg.data_kwargs, steps=cfg.steps, batch_size=cfg.batch_size,
-                        max_length=cfg.max_length, lr=cfg.lr, test_samples=cfg.test_samples,
-                        head=cfg.head, work_dir=str(cells_dir / f".work-{key}"))
+            spec = cell_spec(cfg, item, cells_dir)
             bar.set_postfix_str(key)
             done = _run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
             log(f"  {key}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
@@ -337,13 +352,26 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
         se = 0.0 if math.isnan(se) else se
     tol = max(fs, se) if full_cells else 0.0
     full["noise"] = tol
+    full_by_seed = {c["seed"]: c["quality"] for c in full_cells}
     for p in points:
+        # paired: a cut is compared with full fine-tuning at the seeds it shares with it (same
+        # data order, same test rows), so a cut run at fewer seeds than full is not judged
+        # against seeds it never saw
+        shared = sorted({c["seed"] for c in by_cut[p["cut"]]} & full_by_seed.keys())
+        ref = statistics.fmean(full_by_seed[x] for x in shared) if shared else fq
+        if shared:
+            q_shared = statistics.fmean(c["quality"] for c in by_cut[p["cut"]]
+                                        if c["seed"] in full_by_seed)
+            p["delta_vs_full"] = q_shared - ref
+        else:
+            p["delta_vs_full"] = p["quality"] - ref
+        p["paired_seeds"] = shared
         if not full_cells:
             p["safe"] = None
         elif higher:
-            p["safe"] = p["quality"] >= fq - tol and p["quality"] >= 0.99 * fq
+            p["safe"] = p["delta_vs_full"] >= -tol and ref + p["delta_vs_full"] >= 0.99 * ref
         else:
-            p["safe"] = p["quality"] <= fq + tol and p["quality"] <= 1.01 * fq
+            p["safe"] = p["delta_vs_full"] <= tol and ref + p["delta_vs_full"] <= 1.01 * ref
     safe = [p for p in points if p["safe"]]
     cheapest_safe = min(safe, key=lambda p: p["cost"]) if safe else None
     pick_rows = {}
@@ -362,16 +390,17 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
         pick_rows[name] = row
     return {
         "model": cfg.model, "dataset": cfg.dataset, "metric": metric,
-        "higher_is_better": higher, "settings": cfg.training_key(), "seeds": cfg.seeds,
+        "higher_is_better": higher, "settings": cfg.training_key(),
+        "seeds": sorted({c["seed"] for c in cells}) or cfg.seeds,
         "full": full, "cells": cells, "cuts": points,
         "picks": {k: v.get("cut") for k, v in picks.items()},
         "pick_details": pick_rows,
         "oracle": {"cheapest_safe_cut": cheapest_safe["cut"] if cheapest_safe else None,
                    "cheapest_safe_cost": cheapest_safe["cost"] if cheapest_safe else None,
-                   "safe_rule": "mean quality within full fine-tuning's noise (max of the seed "
-                                "std and the standard error on the test rows: binomial for "
-                                "accuracy, ratio-estimator for a mean loss) and >= 99% of full "
-                                "(<= 101% for loss)",
+                   "safe_rule": "quality minus full fine-tuning's at the same seeds (paired) "
+                                "within full's noise (max of the seed std and the standard "
+                                "error on the test rows: binomial for accuracy, ratio-estimator "
+                                "for a mean loss) and >= 99% of full (<= 101% for loss)",
                    "noise": tol},
         "timing": timing,
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -385,14 +414,16 @@ def cut_table(s: dict) -> tuple[list[str], list[list]]:
     for name, k in s["picks"].items():
         if k is not None:
             by_cut_picks.setdefault(k, []).append(name)
-    rows = [["full", 1.0, f"{s['full']['quality']:.4f} ± {s['full']['spread']:.4f}",
-             s["full"]["loss"], s["full"]["step_s"], "–", ""]]
+    rows = [["full", 1.0, s["full"]["seeds"], f"{s['full']['quality']:.4f} ± {s['full']['spread']:.4f}",
+             "–", s["full"]["loss"], s["full"]["step_s"], "–", ""]]
     for p in s["cuts"]:
-        rows.append([p["cut"], p["cost"], f"{p['quality']:.4f} ± {p['spread']:.4f}", p["loss"],
+        delta = p.get("delta_vs_full")
+        rows.append([p["cut"], p["cost"], p["seeds"], f"{p['quality']:.4f} ± {p['spread']:.4f}",
+                     "–" if delta is None else f"{delta:+.4f}", p["loss"],
                      p["step_s"], {True: "yes", False: "no", None: "?"}[p["safe"]],
                      ", ".join(by_cut_picks.get(p["cut"], []))])
-    header = ["cut (eof)", "FLOPs vs full", f"{s['metric']} (mean ± std)", "test loss", "step s",
-              "safe", "picked by"]
+    header = ["cut (eof)", "FLOPs vs full", "seeds", f"{s['metric']} (mean ± std)",
+              "Δ vs full, same seeds", "test loss", "step s", "safe", "picked by"]
     return header, rows
 
 

@@ -1,0 +1,63 @@
+"""Run named cells of an existing sweep, with that sweep's own settings.
+
+`salf sweep --seeds 1,2,3` runs every cut and every pick at every seed; on two
+CPU cores that is a day per dataset. This runs only the cells named, e.g. the
+full run and the decisive cuts at more seeds, then refreshes sweep.json /
+sweep.md / frontier.png from every cell on disk. The cells are exactly the
+ones `salf sweep` would make (same key, same spec), so a later full
+`salf sweep ... --seeds 1,2,3` reuses them.
+
+    python bench/sweep_cells.py bench/results/sweep-smollm2-135m-rotten-tomatoes \
+        full-s2 cut04-s2 cut08-s2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from salf.errors import SalfError
+from salf.sweep import (SweepConfig, _run_cell_subprocess, cell_spec, parse_cell_key,
+                        refresh_report)
+
+
+def named_cell_spec(cfg: SweepConfig, cells_dir: Path, key: str) -> dict:
+    cut, seed = parse_cell_key(key)
+    # a pick's cell keeps the selector name salf sweep gave it at its first seed
+    selector = "full" if cut is None else None
+    for other in sorted(cells_dir.glob(f"cut{cut:02d}-s*.json")) if cut is not None else []:
+        selector = json.loads(other.read_text()).get("selector")
+        break
+    return cell_spec(cfg, dict(cut=cut, layers=None, selector=selector, seed=seed), cells_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep_dir", type=Path, help="a directory made by `salf sweep --out`")
+    ap.add_argument("cells", nargs="+", help="cell names: full-s2, cut04-s2, ...")
+    args = ap.parse_args(argv)
+    if not (args.sweep_dir / "config.json").is_file():
+        raise SalfError(f"{args.sweep_dir} has no config.json: run `salf sweep --out` there first")
+    state = json.loads((args.sweep_dir / "config.json").read_text())["config"]
+    cfg = SweepConfig(**state)
+    cells_dir = args.sweep_dir / "cells"
+    specs = [named_cell_spec(cfg, cells_dir, k) for k in args.cells]  # all names checked first
+    for spec in specs:
+        if (cells_dir / f"{spec['key']}.json").exists():
+            print(f"{spec['key']}: done before, kept", flush=True)
+            continue
+        done = _run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
+        print(f"{spec['key']}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
+              f"train {done['train_s']:.0f} s", flush=True)
+        refresh_report(args.sweep_dir)
+    refresh_report(args.sweep_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except SalfError as e:
+        print(f"sweep_cells: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
