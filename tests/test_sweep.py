@@ -32,6 +32,7 @@ def test_tiny_sweep_schema_and_resume(tmp_path):
     for c in s["cells"]:
         assert {"cut", "selector", "seed", "quality", "loss", "cost", "step_s", "peak_mb"} <= set(c)
         assert c["audit_ok"] and c["test_rows"] == 8
+        assert len(c["train_loss_curve"]) == 2    # one loss per optimizer step
     costs = {c["cut"]: c["cost"] for c in s["cells"] if c["cut"] is not None}
     assert costs[3] < costs[1] < 1.0
     assert set(s["picks"]) == {"salf", "paper", "freeze-half"} and s["picks"]["freeze-half"] == 2

@@ -138,6 +138,9 @@ def run_cell(spec: dict) -> dict:
         "cost": cost, "step_s": metrics["timing"].get("median_step_s"),
         "peak_mb": peak / 2**20 if peak else None, "train_s": train_s,
         "final_train_loss": metrics["train"].get("final_loss"),
+        # per-step training loss: within the first epoch each batch is new to the model when
+        # its loss is taken, so the curve is a held-out signal too (what a short probe sees)
+        "train_loss_curve": [round(p["loss"], 5) for p in metrics["train"].get("loss_curve", [])],
         "trainable_params": metrics["params"].get("trainable"),
         "audit_ok": metrics["audit"]["ok"],
     }
