@@ -417,11 +417,14 @@ def cut_table(s: dict) -> tuple[list[str], list[list]]:
     for name, k in s["picks"].items():
         if k is not None:
             by_cut_picks.setdefault(k, []).append(name)
-    rows = [["full", 1.0, s["full"]["seeds"], f"{s['full']['quality']:.4f} ± {s['full']['spread']:.4f}",
+    def mean_std(d: dict) -> str:  # no "± 0" for one seed: its spread is unknown, not zero
+        return f"{d['quality']:.4f}" + (f" ± {d['spread']:.4f}" if d["seeds"] > 1 else "")
+
+    rows = [["full", 1.0, s["full"]["seeds"], mean_std(s["full"]),
              "–", s["full"]["loss"], s["full"]["step_s"], "–", ""]]
     for p in s["cuts"]:
         delta = p.get("delta_vs_full")
-        rows.append([p["cut"], p["cost"], p["seeds"], f"{p['quality']:.4f} ± {p['spread']:.4f}",
+        rows.append([p["cut"], p["cost"], p["seeds"], mean_std(p),
                      "–" if delta is None else f"{delta:+.4f}", p["loss"],
                      p["step_s"], {True: "yes", False: "no", None: "?"}[p["safe"]],
                      ", ".join(by_cut_picks.get(p["cut"], []))])
