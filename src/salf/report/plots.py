@@ -98,8 +98,10 @@ def plot_frontier(path: Path, *, title: str, metric: str, full: dict, cut_points
             frontier.append(p)
     ax.plot([p["cost"] for p in frontier], [p["quality"] for p in frontier], color=INK, lw=1,
             alpha=0.5, label="frontier")
-    ax.axhspan(full["quality"] - (full.get("spread") or 0), full["quality"] + (full.get("spread") or 0),
-               color="#999", alpha=0.2, lw=0)
+    # the band a safe cut must reach: full's noise (seed spread or test-row error) when known
+    band = full.get("noise") if full.get("noise") is not None else (full.get("spread") or 0)
+    ax.axhspan(full["quality"] - band, full["quality"] + band, color="#999", alpha=0.2, lw=0,
+               label="full fine-tuning ± noise")
     ax.scatter([1.0], [full["quality"]], marker="s", s=60, color="#555", label="full fine-tuning",
                zorder=4)
     markers = "D^v<>ph*"
