@@ -31,12 +31,14 @@ def fmt(x, spec=".3f"):
 
 
 def pick_table(s: dict) -> list[str]:
-    lines = ["| selector | pick | quality | safe | FLOPs vs full | cost / cheapest safe |",
-             "|---|---:|---:|:---:|---:|---:|"]
+    lines = ["| selector | pick | seeds | quality | Δ vs full, same seeds | safe | FLOPs vs full | "
+             "cost / cheapest safe |",
+             "|---|---:|---:|---:|---:|:---:|---:|---:|"]
     for name, d in s["pick_details"].items():
         where = d.get("cut") if "cut" in d else "set " + ",".join(map(str, d.get("layers", [])))
         safe = {True: "yes", False: "no", None: "?"}[d.get("safe")]
-        lines.append(f"| {name} | {where} | {fmt(d.get('quality'), '.4f')} | "
+        lines.append(f"| {name} | {where} | {d.get('seeds', '–')} | {fmt(d.get('quality'), '.4f')} | "
+                     f"{fmt(d.get('delta_vs_full'), '+.4f')} | "
                      f"{safe if d.get('quality') is not None else 'not run'} | "
                      f"{fmt(d.get('cost'))} | {fmt(d.get('cost_vs_cheapest_safe'), '.2f')} |")
     return lines
@@ -82,14 +84,17 @@ def main(argv=None) -> int:
                     help="comma-separated selectors judged against the targets (default: salf-e0 = "
                          "max-gain-e0, the default policy since 2026-11-28, and salf = max-gain, "
                          "the first default)")
+    ap.add_argument("--number", default="",
+                    help="number the headings as sections of this one, e.g. 4 -> '### 4.1 ...'")
     args = ap.parse_args(argv)
     here = Path(__file__).parent / "results"
     folders = args.folders or sorted(p for p in here.glob("sweep-*") if (p / "sweep.json").is_file())
-    for folder in folders:
+    for i, folder in enumerate(folders, 1):
         s = json.loads((folder / "sweep.json").read_text())
         shutil.copyfile(folder / "sweep.json", folder.with_suffix(".json"))
         full = s["full"]
-        print(f"### {s['model']} on {s['dataset']} ({s['metric']}, "
+        number = f"{args.number}.{i} " if args.number else ""
+        print(f"### {number}{s['model']} on {s['dataset']} ({s['metric']}, "
               f"{'higher' if s['higher_is_better'] else 'lower'} is better)\n")
         print(f"full fine-tuning {fmt(full['quality'], '.4f')} (seeds {full['seeds']}, noise "
               f"{fmt(s['oracle']['noise'], '.4f')}); oracle's cheapest safe cut: "

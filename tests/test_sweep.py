@@ -15,7 +15,7 @@ def _csv(tmp_path, n=80):
     return path
 
 
-def test_tiny_sweep_schema_and_resume(tmp_path):
+def test_tiny_sweep_schema_and_resume(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col", "text",
             "--label-col", "label", "--cuts", "1,3", "--selectors", "salf,paper,freeze-half",
@@ -67,6 +67,13 @@ def test_tiny_sweep_schema_and_resume(tmp_path):
     assert more["seeds"] == [1, 2] and more["full"]["seeds"] == 2
     assert pts[3]["paired_seeds"] == [1, 2] and pts[1]["paired_seeds"] == [1]
     assert not (cells / "cut01-s2.json").exists()
+
+    # bench/sweep_verdict.py publishes OUT.json and prints the tables and the targets
+    capsys.readouterr()
+    assert _bench_module("sweep_verdict").main([str(out), "--number", "4", "--judge", "salf"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text()) == more
+    assert "### 4.1 tiny-llama on" in printed and "- salf (eof " in printed
 
 
 def _bench_module(name):

@@ -382,14 +382,15 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
         row = dict(p)
         if "cut" in p and p["cut"] in by_cut:
             pt = next(x for x in points if x["cut"] == p["cut"])
-            row.update(quality=pt["quality"], spread=pt["spread"], cost=pt["cost"], safe=pt["safe"])
+            row.update(quality=pt["quality"], spread=pt["spread"], cost=pt["cost"], safe=pt["safe"],
+                       seeds=pt["seeds"], delta_vs_full=pt["delta_vs_full"])
             if cheapest_safe:
                 row["cost_vs_cheapest_safe"] = pt["cost"] / cheapest_safe["cost"]
         elif "layers" in p:
             mine = [c for c in cells if c.get("layers") == p["layers"]]
             if mine:
                 q, s = _mean_spread([c["quality"] for c in mine])
-                row.update(quality=q, spread=s, cost=mine[0]["cost"])
+                row.update(quality=q, spread=s, cost=mine[0]["cost"], seeds=len(mine))
         pick_rows[name] = row
     return {
         "model": cfg.model, "dataset": cfg.dataset, "metric": metric,
