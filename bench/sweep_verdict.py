@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         number = f"{args.number}.{i} " if args.number else ""
         print(f"### {number}{s['model']} on {s['dataset']} ({s['metric']}, "
               f"{'higher' if s['higher_is_better'] else 'lower'} is better)\n")
-        print(f"full fine-tuning {fmt(full['quality'], '.4f')} (seeds {full['seeds']}, noise "
+        print(f"full fine-tuning {fmt(full['quality'], '.4f')} (mean of {full['seeds']} "
+              f"seed{'s' if full['seeds'] != 1 else ''}, noise "
               f"{fmt(s['oracle']['noise'], '.4f')}); oracle's cheapest safe cut: "
               f"{s['oracle']['cheapest_safe_cut']} at {fmt(s['oracle']['cheapest_safe_cost'])} "
               f"of full's FLOPs\n")
