@@ -360,15 +360,11 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
         # paired: a cut is compared with full fine-tuning at the seeds it shares with it (same
         # data order, same test rows), so a cut run at fewer seeds than full is not judged
         # against seeds it never saw
-        shared = sorted({c["seed"] for c in by_cut[p["cut"]]} & full_by_seed.keys())
-        ref = statistics.fmean(full_by_seed[x] for x in shared) if shared else fq
-        if shared:
-            q_shared = statistics.fmean(c["quality"] for c in by_cut[p["cut"]]
-                                        if c["seed"] in full_by_seed)
-            p["delta_vs_full"] = q_shared - ref
-        else:
-            p["delta_vs_full"] = p["quality"] - ref
-        p["paired_seeds"] = shared
+        paired = [c for c in by_cut[p["cut"]] if c["seed"] in full_by_seed]
+        ref = statistics.fmean(full_by_seed[c["seed"]] for c in paired) if paired else fq
+        q = statistics.fmean(c["quality"] for c in paired) if paired else p["quality"]
+        p["delta_vs_full"] = q - ref
+        p["paired_seeds"] = sorted(c["seed"] for c in paired)
         if not full_cells:
             p["safe"] = None
         elif higher:
@@ -418,6 +414,7 @@ def cut_table(s: dict) -> tuple[list[str], list[list]]:
     for name, k in s["picks"].items():
         if k is not None:
             by_cut_picks.setdefault(k, []).append(name)
+
     def mean_std(d: dict) -> str:  # no "± 0" for one seed: its spread is unknown, not zero
         return f"{d['quality']:.4f}" + (f" ± {d['spread']:.4f}" if d["seeds"] > 1 else "")
 
