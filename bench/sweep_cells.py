@@ -18,17 +18,16 @@ import sys
 from pathlib import Path
 
 from salf.errors import SalfError
-from salf.sweep import (SweepConfig, _run_cell_subprocess, cell_spec, parse_cell_key,
-                        refresh_report)
+from salf.sweep import (SweepConfig, cell_spec, parse_cell_key, refresh_report,
+                        run_cell_subprocess)
 
 
 def named_cell_spec(cfg: SweepConfig, cells_dir: Path, key: str) -> dict:
     cut, seed = parse_cell_key(key)
     # a pick's cell keeps the selector name salf sweep gave it at its first seed
-    selector = "full" if cut is None else None
-    for other in sorted(cells_dir.glob(f"cut{cut:02d}-s*.json")) if cut is not None else []:
-        selector = json.loads(other.read_text()).get("selector")
-        break
+    earlier = sorted(cells_dir.glob(f"cut{cut:02d}-s*.json")) if cut is not None else []
+    selector = ("full" if cut is None else
+                json.loads(earlier[0].read_text()).get("selector") if earlier else None)
     return cell_spec(cfg, dict(cut=cut, layers=None, selector=selector, seed=seed), cells_dir)
 
 
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if (cells_dir / f"{spec['key']}.json").exists():
             print(f"{spec['key']}: done before, kept", flush=True)
             continue
-        done = _run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
+        done = run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
         print(f"{spec['key']}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
               f"train {done['train_s']:.0f} s", flush=True)
         refresh_report(args.sweep_dir)

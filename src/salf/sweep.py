@@ -146,7 +146,7 @@ def run_cell(spec: dict) -> dict:
     }
 
 
-def _run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int) -> dict:
+def run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int) -> dict:
     spec_path = cells_dir / f".{spec['key']}.spec.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -263,7 +263,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
         if not path.exists():
             spec = cell_spec(cfg, item, cells_dir)
             bar.set_postfix_str(key)
-            done = _run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
+            done = run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
             log(f"  {key}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
                 f"step {done['step_s'] or 0:.2f} s")
         bar.update(1)
