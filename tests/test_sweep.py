@@ -159,3 +159,44 @@ def test_cell_names_round_trip_and_bad_names_are_refused():
     for bad in ["cut4", "full", "cut04-s", "set-1_2-s1", "cut04-s1.json"]:
         with pytest.raises(SalfError, match="is not full-sN"):
             parse_cell_key(bad)
+
+
+def test_parallel_cells_match_sequential_ones(tmp_path):
+    """--jobs 2 runs cells side by side; each cell is the same training run as with --jobs 1."""
+    base = ["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
+            "text", "--label-col", "label", "--cuts", "3", "--selectors", "freeze-half",
+            "--budget-steps", "2", "--batch-size", "4", "--test-samples", "8", "--samples", "8"]
+    assert main(base + ["--out", str(tmp_path / "seq")]) == 0
+    assert main(base + ["--jobs", "3", "--out", str(tmp_path / "par")]) == 0
+    seq, par = ({c["key"]: c for c in json.loads((tmp_path / d / "sweep.json").read_text())["cells"]}
+                for d in ("seq", "par"))
+    assert set(seq) == set(par) == {"full-s1", "cut02-s1", "cut03-s1"}
+    for key in seq:
+        assert par[key]["loss"] == pytest.approx(seq[key]["loss"], rel=1e-4, abs=1e-5)
+        assert par[key]["train_loss_curve"] == pytest.approx(seq[key]["train_loss_curve"], abs=1e-4)
+
+
+def test_parallel_cells_keep_finished_work_when_one_fails(tmp_path, monkeypatch):
+    import time
+
+    import salf.sweep as sweep
+
+    started, kept = [], []
+
+    def fake_cell(spec, cells_dir, timeout_s, env_extra=None):
+        started.append((spec["key"], env_extra))
+        if spec["key"] == "bad":
+            raise sweep.SalfError("sweep cell bad failed: boom")
+        time.sleep(0.3)  # the failure is seen while this one still runs
+        return {"key": spec["key"]}
+
+    monkeypatch.setattr(sweep, "run_cell_subprocess", fake_cell)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("SALF_THREADS", raising=False)
+    specs = [{"key": k} for k in ("a", "bad", "c", "d", "e")]
+    with pytest.raises(sweep.SalfError, match="boom"):
+        sweep.run_cells(specs, tmp_path, 10, 2, lambda done: kept.append(done["key"]))
+    # the cell running beside the failure is kept; nothing new starts after the failure
+    assert kept == ["a"] and [k for k, _ in started] == ["a", "bad"]
+    gpus = {env["CUDA_VISIBLE_DEVICES"] for _, env in started}
+    assert gpus == {"0", "1"} and all(int(env["SALF_THREADS"]) >= 1 for _, env in started)

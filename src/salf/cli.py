@@ -302,6 +302,11 @@ def _add_pipeline_verbs(sub):
     p.add_argument("--test-samples", type=int, default=1000)
     p.add_argument("--samples", type=int, default=256, help="analysis examples for SALF")
     p.add_argument("--head", choices=["frozen", "untied-copy"], default="frozen")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="cells trained at once, each in its own process (default 1). On a GPU "
+                        "a small model leaves the card mostly idle: several cells share it; "
+                        "with several GPUs, cells are spread over them. On a CPU the cores are "
+                        "split between the cells, which rarely beats 1")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw OUT/sweep.md and OUT/frontier.png from OUT/sweep.json "
                         "(e.g. while the sweep is still running)")

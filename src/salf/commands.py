@@ -320,7 +320,9 @@ def cmd_sweep(parser, args) -> int:
                       seeds=_int_list(args.seeds, "--seeds"), steps=args.budget_steps,
                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                       test_samples=args.test_samples, samples=args.samples, head=args.head,
-                      data_kwargs=data_kwargs(args))
+                      data_kwargs=data_kwargs(args), jobs=args.jobs)
+    if args.jobs < 1:
+        raise SalfError(f"--jobs must be at least 1, got {args.jobs}")
     run_sweep(cfg, log=lambda m: console.print(m, markup=False))
     console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
     console.print(f"wrote {args.out}/sweep.json, sweep.md, frontier.png")

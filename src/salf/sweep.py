@@ -50,6 +50,7 @@ class SweepConfig:
     head: str = "frozen"
     data_kwargs: dict = field(default_factory=dict)
     timeout_s: int = 3600                    # per cell
+    jobs: int = 1                            # cells run at once (not a training setting)
 
     def training_key(self) -> dict:
         """Settings every cell must share; a resumed sweep with other settings is refused."""
@@ -146,10 +147,11 @@ def run_cell(spec: dict) -> dict:
     }
 
 
-def run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int) -> dict:
+def run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int,
+                        env_extra: dict | None = None) -> dict:
     spec_path = cells_dir / f".{spec['key']}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-m", "salf.sweep", str(spec_path)],
                           capture_output=True, text=True, timeout=timeout_s, env=env)
     spec_path.unlink(missing_ok=True)
@@ -249,32 +251,84 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
             elif "layers" in p:
                 todo.append(dict(cut=None, layers=p["layers"], selector=name, seed=seed))
     wanted = {cell_key(t["cut"], t["layers"], t["seed"]) for t in todo}
-    seen = set()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=not progress)
+    missing: dict[str, dict] = {}  # key -> spec, in todo order (seed by seed)
     for item in todo:
         key = cell_key(item["cut"], item["layers"], item["seed"])
-        if key in seen:
-            bar.update(1)
-            continue
-        seen.add(key)
-        path = cells_dir / f"{key}.json"
-        if not path.exists():
-            spec = cell_spec(cfg, item, cells_dir)
-            bar.set_postfix_str(key)
-            done = run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
-            log(f"  {key}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
-                f"step {done['step_s'] or 0:.2f} s")
+        if key not in missing and not (cells_dir / f"{key}.json").exists():
+            missing[key] = cell_spec(cfg, item, cells_dir)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(wanted), initial=len(wanted) - len(missing), desc="sweep cells",
+               unit="cell", disable=not progress)
+
+    def finished(done: dict) -> None:
+        log(f"  {done['key']}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
+            f"step {done['step_s'] or 0:.2f} s")
         bar.update(1)
         # keep sweep.json current after each cell, from every finished cell on disk
         summary = summarize(cfg, load_cells(cells_dir, wanted), picks, timing)
         _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+
+    run_cells(list(missing.values()), cells_dir, cfg.timeout_s, cfg.jobs, finished,
+              on_start=bar.set_postfix_str)
     bar.close()
     summary = summarize(cfg, load_cells(cells_dir, wanted), picks, timing)
     _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
     write_sweep_report(out, summary)
     return summary
+
+
+def cell_environments(jobs: int) -> list[dict]:
+    """Environment overrides for `jobs` cells running at once: the CPU threads split between
+    them (unless SALF_THREADS is set), and with several GPUs, cells spread over them."""
+    if jobs <= 1:
+        return [{}]
+    envs = [{} for _ in range(jobs)]
+    if "SALF_THREADS" not in os.environ:
+        for e in envs:
+            e["SALF_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if not gpus:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if len(gpus) > 1:
+        for i, e in enumerate(envs):
+            e["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+    return envs
+
+
+def run_cells(specs: list[dict], cells_dir: Path, timeout_s: int, jobs: int, finished,
+              on_start=lambda key: None) -> None:
+    """Run cell subprocesses, `jobs` at a time, in the order given; `finished(result)` is
+    called in this thread as each one ends. If a cell fails, no new cell starts, the ones
+    running finish (and are kept), then the first failure is raised."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    envs = cell_environments(jobs)
+    free = list(range(len(envs)))  # slots: each running cell holds one environment
+    pending = list(specs)
+    failure: Exception | None = None
+    with ThreadPoolExecutor(max_workers=len(envs)) as pool:
+        running = {}
+        while pending or running:
+            while pending and free and failure is None:
+                spec, slot = pending.pop(0), free.pop(0)
+                on_start(spec["key"])
+                running[pool.submit(run_cell_subprocess, spec, cells_dir, timeout_s,
+                                    envs[slot])] = slot
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                free.append(running.pop(fut))
+                try:
+                    finished(fut.result())
+                except (SalfError, subprocess.TimeoutExpired) as e:
+                    failure = failure or e
+    if failure is not None:
+        raise failure if isinstance(failure, SalfError) else SalfError(f"a sweep cell ran past "
+                                                                      f"{timeout_s} s: {failure}")
 
 
 def backfill_test_rows(cfg: SweepConfig, cells_dir: Path) -> None:
