@@ -15,7 +15,7 @@ def _csv(tmp_path, n=80):
     return path
 
 
-def test_tiny_sweep_schema_and_resume(tmp_path, capsys):
+def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col", "text",
             "--label-col", "label", "--cuts", "1,3", "--selectors", "salf,paper,freeze-half",
@@ -38,11 +38,19 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys):
     assert set(s["picks"]) == {"salf", "paper", "freeze-half"} and s["picks"]["freeze-half"] == 2
     assert (out / "frontier.png").stat().st_size > 10_000 and (out / "sweep.md").exists()
 
-    # resume: a finished cell is never recomputed, a missing one is
+    # resume: a finished cell is never recomputed, a missing one is; the baseline
+    # selectors' picks are read back from analysis/picks.json, not recomputed
     cells = out / "cells"
     kept = cells / "cut01-s1.json"
     before = kept.stat().st_mtime_ns
     (cells / "cut03-s1.json").unlink()
+    saved = json.loads((out / "analysis" / "picks.json").read_text())
+    assert saved["picks"]["freeze-half"]["cut"] == 2 and "salf" not in saved["picks"]
+
+    def no_selector(*a, **k):
+        raise AssertionError("a saved pick was recomputed")
+
+    monkeypatch.setattr("salf.selectors.run_selector", no_selector)
     assert main(argv) == 0
     assert kept.stat().st_mtime_ns == before
     assert (cells / "cut03-s1.json").exists()
@@ -200,3 +208,12 @@ def test_parallel_cells_keep_finished_work_when_one_fails(tmp_path, monkeypatch)
     assert kept == ["a"] and [k for k, _ in started] == ["a", "bad"]
     gpus = {env["CUDA_VISIBLE_DEVICES"] for _, env in started}
     assert gpus == {"0", "1"} and all(int(env["SALF_THREADS"]) >= 1 for _, env in started)
+
+
+def test_sweep_refuses_an_unknown_selector_before_training(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
+               "text", "--label-col", "label", "--cuts", "1", "--selectors", "salf,nope",
+               "--out", str(out)])
+    assert rc == 2 and "unknown selector 'nope'" in capsys.readouterr().err
+    assert not list((out / "cells").glob("*.json"))

@@ -170,21 +170,44 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # ------------------------------------------------------------------ picks
 def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]:
-    """Each selector's choice: {name: {"cut": k} or {"layers": [...]}} and the analysis timing."""
+    """Each selector's choice: {name: {"cut": k} or {"layers": [...]}} and the analysis timing.
+
+    Picks are kept in OUT/analysis/picks.json: a resumed sweep reuses them instead of
+    re-running the baseline selectors (gradient norms, weight spectra: minutes on a CPU),
+    and computes only selectors it has not seen with these settings.
+    """
     from .analysis import Trace, choose_cut
-    from .data import load_dataset_spec
     from .models import anatomy, load_model
     from .pipeline import analyze, make_batches, sample_rows
     from .selectors import SelectorContext, run_selector
 
+    for name in cfg.selectors:
+        if not (name in SALF_POLICIES or name.startswith("budget=") or name in PREFIX_SELECTORS
+                or name in SET_SELECTORS):
+            raise SalfError(f"unknown selector {name!r} for sweep; choose from "
+                            f"{', '.join([*SALF_POLICIES, 'budget=B', *PREFIX_SELECTORS, *SET_SELECTORS])}")
     out = Path(cfg.out)
     trace_path = out / "analysis" / "trace.json"
-    model, tok, info = load_model(cfg.model)
-    ds = load_dataset_spec(cfg.dataset, **cfg.data_kwargs)
+    picks_path = out / "analysis" / "picks.json"
+    settings = {"samples": cfg.samples, "max_length": cfg.max_length, "head": cfg.head,
+                "batch_size": cfg.batch_size}
+    saved = json.loads(picks_path.read_text()) if picks_path.exists() else {}
+    known = saved.get("picks", {}) if saved.get("settings") == settings else {}
+    loaded = None  # (model, tok, info, ds), loaded only if something must be computed
+
+    def load():
+        nonlocal loaded
+        if loaded is None:
+            from .data import load_dataset_spec
+
+            loaded = (*load_model(cfg.model), load_dataset_spec(cfg.dataset, **cfg.data_kwargs))
+        return loaded
+
     if trace_path.exists():
         tr = Trace.from_json(trace_path)
         cost = tr.extra["cost"]
     else:
+        model, tok, info, ds = load()
         t0 = time.perf_counter()
         res = analyze(cfg.model, cfg.dataset, out_dir=out / "analysis", samples=cfg.samples,
                       head=cfg.head, train_batch_size=cfg.batch_size,
@@ -193,25 +216,31 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
         tr, cost = res.trace, res.cost
         tr.extra["analysis_wall_s"] = time.perf_counter() - t0
         tr.to_json(trace_path)
+        known = {}  # a new trace: nothing saved before it holds
     flops = [c["flops_ratio"] for c in cost["cuts"]]
     picks, L = {}, tr.num_layers
-    rows = sample_rows(ds.splits["train"], cfg.samples, 0, "selector sample")
-    ctx = SelectorContext(model=model, anat=anatomy(model),
-                          batches=lambda: iter(make_batches(ds.task, tok, rows, 8, cfg.max_length)),
-                          num_layers=L, seed=0)
+    ctx = None
     for name in cfg.selectors:
         if name in SALF_POLICIES or name.startswith("budget="):
             choice = choose_cut(tr, SALF_POLICIES.get(name, name), cost=flops)
             picks[name] = {"cut": choice["eof"], "reason": choice["reason"]}
-        elif name in PREFIX_SELECTORS or name in SET_SELECTORS:
+        elif name in known:
+            picks[name] = known[name]
+        else:
+            if ctx is None:
+                model, tok, _, ds = load()
+                rows = sample_rows(ds.splits["train"], cfg.samples, 0, "selector sample")
+                ctx = SelectorContext(model=model, anat=anatomy(model), num_layers=L, seed=0,
+                                      batches=lambda: iter(make_batches(ds.task, tok, rows, 8,
+                                                                        cfg.max_length)))
             sel = run_selector(name, ctx)
             if sel.eof is not None:
                 picks[name] = {"cut": sel.eof, "reason": sel.reason}
             else:
                 picks[name] = {"layers": sorted(sel.trainable_layers), "reason": sel.reason}
-        else:
-            raise SalfError(f"unknown selector {name!r} for sweep; choose from "
-                            f"{', '.join([*SALF_POLICIES, 'budget=B', *PREFIX_SELECTORS, *SET_SELECTORS])}")
+    baseline = {n: p for n, p in picks.items() if n in PREFIX_SELECTORS or n in SET_SELECTORS}
+    _write_atomic(picks_path, json.dumps({"settings": settings, "picks": {**known, **baseline}},
+                                         indent=2) + "\n")
     timing = {"analysis_s": tr.timing.get("seconds"), "analysis_wall_s": tr.extra.get("analysis_wall_s")}
     return picks, timing
 
