@@ -217,3 +217,20 @@ def test_sweep_refuses_an_unknown_selector_before_training(tmp_path, capsys):
                "--out", str(out)])
     assert rc == 2 and "unknown selector 'nope'" in capsys.readouterr().err
     assert not list((out / "cells").glob("*.json"))
+
+
+def test_compare_sweeps_pairs_cells_by_key(tmp_path, capsys):
+    compare = _bench_module("compare_sweeps")
+    for name, shift in (("a", 0.0), ("b", 0.002)):
+        cells = tmp_path / name / "cells"
+        cells.mkdir(parents=True)
+        for key, q in (("full-s1", 0.9), ("cut04-s1", 0.88), (f"only-{name}-s1", 0.5)):
+            (cells / f"{key}.json").write_text(json.dumps({"key": key, "quality": q + shift,
+                                                           "loss": 0.3 - shift}))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--names", "gpu,cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| cut04-s1 | 0.8800 | 0.8820 | -0.0020 |" in out and "only-" not in out
+    assert "2 shared cells; largest |Δ quality| 0.0020, largest |Δ loss| 0.0020" in out
+    (tmp_path / "c" / "cells").mkdir(parents=True)
+    with pytest.raises(compare.SalfError, match="share no cell"):
+        compare.main([str(tmp_path / "a"), str(tmp_path / "c")])
