@@ -20,3 +20,19 @@ def smollm2():
     from salf.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def bench_module():
+    """Import a script of bench/ by name (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -15,7 +15,7 @@ def _csv(tmp_path, n=80):
     return path
 
 
-def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch):
+def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch, bench_module):
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col", "text",
             "--label-col", "label", "--cuts", "1,3", "--selectors", "salf,paper,freeze-half",
@@ -68,7 +68,7 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch):
     assert json.loads(kept.read_text())["test_rows"] == 8
 
     # bench/sweep_cells.py adds chosen cells at another seed, with the same settings
-    sweep_cells = _bench_module("sweep_cells")
+    sweep_cells = bench_module("sweep_cells")
     assert sweep_cells.main([str(out), "full-s2", "cut03-s2"]) == 0
     more = json.loads((out / "sweep.json").read_text())
     pts = {p["cut"]: p for p in more["cuts"]}
@@ -78,21 +78,10 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch):
 
     # bench/sweep_verdict.py publishes OUT.json and prints the tables and the targets
     capsys.readouterr()
-    assert _bench_module("sweep_verdict").main([str(out), "--number", "4", "--judge", "salf"]) == 0
+    assert bench_module("sweep_verdict").main([str(out), "--number", "4", "--judge", "salf"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(out.with_suffix(".json").read_text()) == more
     assert "### 4.1 tiny-llama on" in printed and "- salf (eof " in printed
-
-
-def _bench_module(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_sweep_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
@@ -219,18 +208,10 @@ def test_sweep_refuses_an_unknown_selector_before_training(tmp_path, capsys):
     assert not list((out / "cells").glob("*.json"))
 
 
-def test_compare_sweeps_pairs_cells_by_key(tmp_path, capsys):
-    compare = _bench_module("compare_sweeps")
-    for name, shift in (("a", 0.0), ("b", 0.002)):
-        cells = tmp_path / name / "cells"
-        cells.mkdir(parents=True)
-        for key, q in (("full-s1", 0.9), ("cut04-s1", 0.88), (f"only-{name}-s1", 0.5)):
-            (cells / f"{key}.json").write_text(json.dumps({"key": key, "quality": q + shift,
-                                                           "loss": 0.3 - shift}))
-    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--names", "gpu,cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "| cut04-s1 | 0.8800 | 0.8820 | -0.0020 |" in out and "only-" not in out
-    assert "2 shared cells; largest |Δ quality| 0.0020, largest |Δ loss| 0.0020" in out
-    (tmp_path / "c" / "cells").mkdir(parents=True)
-    with pytest.raises(compare.SalfError, match="share no cell"):
-        compare.main([str(tmp_path / "a"), str(tmp_path / "c")])
+def test_sweep_refuses_an_unknown_selector_before_training(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
+               "text", "--label-col", "label", "--cuts", "1", "--selectors", "salf,nope",
+               "--out", str(out)])
+    assert rc == 2 and "unknown selector 'nope'" in capsys.readouterr().err
+    assert not list((out / "cells").glob("*.json"))

@@ -1,0 +1,35 @@
+"""The bench/ scripts that need no training: they compute what RESULTS.md reports."""
+
+import json
+
+import pytest
+import torch
+
+
+def test_compare_sweeps_pairs_cells_by_key(tmp_path, capsys, bench_module):
+    compare = bench_module("compare_sweeps")
+    for name, shift in (("a", 0.0), ("b", 0.002)):
+        cells = tmp_path / name / "cells"
+        cells.mkdir(parents=True)
+        for key, q in (("full-s1", 0.9), ("cut04-s1", 0.88), (f"only-{name}-s1", 0.5)):
+            (cells / f"{key}.json").write_text(json.dumps({"key": key, "quality": q + shift,
+                                                           "loss": 0.3 - shift}))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--names", "gpu,cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| cut04-s1 | 0.8800 | 0.8820 | -0.0020 |" in out and "only-" not in out
+    assert "2 shared cells; largest |Δ quality| 0.0020, largest |Δ loss| 0.0020" in out
+    (tmp_path / "c" / "cells").mkdir(parents=True)
+    with pytest.raises(compare.SalfError, match="share no cell"):
+        compare.main([str(tmp_path / "a"), str(tmp_path / "c")])
+
+
+def test_linear_probe_reads_a_linear_label_and_not_noise(bench_module):
+    probe = bench_module("linear_probe")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=g)
+    y = (x[:, 3] + 0.5 * x[:, 7] > 0).long()          # a linear rule on two features
+    acc = probe.probe_accuracy(x[:200], y[:200], x[200:], y[200:], classes=2, l2=1e-3)
+    assert acc > 0.9
+    noise = torch.randint(0, 2, (400,), generator=g)    # labels unrelated to the features
+    chance = probe.probe_accuracy(x[:200], noise[:200], x[200:], noise[200:], classes=2, l2=1e-3)
+    assert 0.3 < chance < 0.7
