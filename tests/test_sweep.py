@@ -206,12 +206,3 @@ def test_sweep_refuses_an_unknown_selector_before_training(tmp_path, capsys):
                "--out", str(out)])
     assert rc == 2 and "unknown selector 'nope'" in capsys.readouterr().err
     assert not list((out / "cells").glob("*.json"))
-
-
-def test_sweep_refuses_an_unknown_selector_before_training(tmp_path, capsys):
-    out = tmp_path / "sweep"
-    rc = main(["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
-               "text", "--label-col", "label", "--cuts", "1", "--selectors", "salf,nope",
-               "--out", str(out)])
-    assert rc == 2 and "unknown selector 'nope'" in capsys.readouterr().err
-    assert not list((out / "cells").glob("*.json"))
