@@ -22,26 +22,33 @@ from salf.sweep import (SweepConfig, cell_spec, parse_cell_key, refresh_report,
                         run_cell_subprocess)
 
 
-def named_cell_spec(cfg: SweepConfig, cells_dir: Path, key: str) -> dict:
-    cut, seed = parse_cell_key(key)
-    # a pick's cell keeps the selector name salf sweep gave it at its first seed
-    earlier = sorted(cells_dir.glob(f"cut{cut:02d}-s*.json")) if cut is not None else []
-    selector = ("full" if cut is None else
-                json.loads(earlier[0].read_text()).get("selector") if earlier else None)
-    return cell_spec(cfg, dict(cut=cut, layers=None, selector=selector, seed=seed), cells_dir)
+def named_cell_spec(cfg: SweepConfig, sweep_dir: Path, key: str) -> dict:
+    cut, layers, seed = parse_cell_key(key)
+    cells_dir = sweep_dir / "cells"
+    # a pick's cell keeps the selector name salf sweep gave it: that of the cell at another
+    # seed, else that of the pick (a cut outside the grid or a layer set) in sweep.json
+    stem = key.rsplit("-s", 1)[0]
+    same = [json.loads(p.read_text()) for p in sorted(cells_dir.glob(f"{stem}-s*.json"))]
+    picked = json.loads((sweep_dir / "sweep.json").read_text()).get("pick_details", {}) \
+        if (sweep_dir / "sweep.json").exists() else {}
+    by_pick = [n for n, p in picked.items() if p.get("layers") == layers and
+               (layers is not None or (p.get("cut") == cut and cut not in (cfg.cuts or [])))]
+    selector = ("full" if cut is None and layers is None else
+                same[0].get("selector") if same else by_pick[0] if by_pick else None)
+    return cell_spec(cfg, dict(cut=cut, layers=layers, selector=selector, seed=seed), cells_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir", type=Path, help="a directory made by `salf sweep --out`")
-    ap.add_argument("cells", nargs="+", help="cell names: full-s2, cut04-s2, ...")
+    ap.add_argument("cells", nargs="+", help="cell names: full-s2, cut04-s2, set-0_1_18-s1, ...")
     args = ap.parse_args(argv)
     if not (args.sweep_dir / "config.json").is_file():
         raise SalfError(f"{args.sweep_dir} has no config.json: run `salf sweep --out` there first")
     state = json.loads((args.sweep_dir / "config.json").read_text())["config"]
     cfg = SweepConfig(**state)
     cells_dir = args.sweep_dir / "cells"
-    specs = [named_cell_spec(cfg, cells_dir, k) for k in args.cells]  # all names checked first
+    specs = [named_cell_spec(cfg, args.sweep_dir, k) for k in args.cells]  # all names checked first
     for spec in specs:
         if (cells_dir / f"{spec['key']}.json").exists():
             print(f"{spec['key']}: done before, kept", flush=True)

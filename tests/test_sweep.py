@@ -151,11 +151,52 @@ def test_cell_names_round_trip_and_bad_names_are_refused():
     from salf.errors import SalfError
     from salf.sweep import cell_key, parse_cell_key
 
-    for cut, seed in [(None, 2), (4, 1), (29, 3)]:
-        assert parse_cell_key(cell_key(cut, None, seed)) == (cut, seed)
-    for bad in ["cut4", "full", "cut04-s", "set-1_2-s1", "cut04-s1.json"]:
+    for cut, layers, seed in [(None, None, 2), (4, None, 1), (29, None, 3), (None, [0, 1, 18], 1)]:
+        assert parse_cell_key(cell_key(cut, layers, seed)) == (cut, layers, seed)
+    for bad in ["cut4", "full", "cut04-s", "set--s1", "set-1_-s1", "cut04-s1.json"]:
         with pytest.raises(SalfError, match="is not full-sN"):
             parse_cell_key(bad)
+
+
+def test_sweep_cells_names_a_pick_cell_after_its_selector(tmp_path, bench_module):
+    """A set cell or a pick outside the grid, run by name, keeps its selector's name."""
+    from salf.sweep import SweepConfig
+
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps({"pick_details": {
+        "spectrum": {"layers": [0, 1, 3]}, "paper": {"cut": 1}, "freeze-half": {"cut": 2}}}))
+    cfg = SweepConfig(model="tiny-llama", dataset="d", out=str(tmp_path), cuts=[2, 3])
+    spec = bench_module("sweep_cells").named_cell_spec
+    s = spec(cfg, tmp_path, "set-0_1_3-s2")
+    assert (s["layers"], s["cut"], s["selector"], s["seed"]) == ([0, 1, 3], None, "spectrum", 2)
+    assert spec(cfg, tmp_path, "cut01-s3")["selector"] == "paper"
+    assert spec(cfg, tmp_path, "cut02-s3")["selector"] is None   # a grid cut, not a pick's cell
+    assert spec(cfg, tmp_path, "full-s3")["selector"] == "full"
+
+
+def test_a_narrower_rerun_adds_to_the_folder_and_drops_nothing(tmp_path, capsys):
+    """Rerunning with other --cuts/--selectors trains only what it names, and the folder's
+    config and report keep every earlier cell and pick."""
+    out = tmp_path / "sweep"
+    base = ["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
+            "text", "--label-col", "label", "--budget-steps", "2", "--batch-size", "4",
+            "--test-samples", "8", "--samples", "8", "--out", str(out)]
+    assert main(base + ["--cuts", "1", "--selectors", "freeze-half"]) == 0
+    first = {c["key"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert first == {"full-s1", "cut01-s1", "cut02-s1"}
+    capsys.readouterr()
+    assert main(base + ["--cuts", "3", "--selectors", "freeze-half", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "2 of the 3 cells asked for are done; 1 to train: cut03-s1" in said
+    assert not (out / "cells" / "cut03-s1.json").exists()
+    assert json.loads((out / "config.json").read_text())["config"]["cuts"] == [1]
+
+    assert main(base + ["--cuts", "3", "--selectors", "paper"]) == 0
+    s = json.loads((out / "sweep.json").read_text())
+    assert first | {"cut03-s1"} <= {c["key"] for c in s["cells"]}
+    assert {"freeze-half", "paper"} <= set(s["picks"])
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["cuts"] == [1, 3] and cfg["selectors"] == ["freeze-half", "paper"]
 
 
 def test_parallel_cells_match_sequential_ones(tmp_path):

@@ -282,6 +282,9 @@ def _add_pipeline_verbs(sub):
         The oracle frontier: fine-tune at every cut in --cuts and at each selector's pick with
         identical hyper-parameters and data, evaluate on the test split, record measured cost.
         Resumable: finished cells are never recomputed; rerun the same command to continue.
+        A rerun with other --cuts/--selectors/--seeds (same training settings) trains only
+        the cells it names that are missing, and adds them to the folder's sweep: the report
+        covers every cell the folder holds. --dry-run lists those cells first.
 
         writes: OUT/sweep.json, OUT/frontier.png, OUT/sweep.md, OUT/cells/<cell>/
 
@@ -307,6 +310,9 @@ def _add_pipeline_verbs(sub):
                         "a small model leaves the card mostly idle: several cells share it; "
                         "with several GPUs, cells are spread over them. On a CPU the cores are "
                         "split between the cells, which rarely beats 1")
+    p.add_argument("--dry-run", action="store_true",
+                   help="compute (and keep) the analysis and the selectors' picks, list the "
+                        "cells this command would train and those already done; train nothing")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw OUT/sweep.md and OUT/frontier.png from OUT/sweep.json "
                         "(e.g. while the sweep is still running)")

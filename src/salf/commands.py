@@ -323,7 +323,8 @@ def cmd_sweep(parser, args) -> int:
                       data_kwargs=data_kwargs(args), jobs=args.jobs)
     if args.jobs < 1:
         raise SalfError(f"--jobs must be at least 1, got {args.jobs}")
-    run_sweep(cfg, log=lambda m: console.print(m, markup=False))
+    if run_sweep(cfg, log=lambda m: console.print(m, markup=False), dry_run=args.dry_run) is None:
+        return 0  # --dry-run: the cell list is the output
     console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
     console.print(f"wrote {args.out}/sweep.json, sweep.md, frontier.png")
     return 0

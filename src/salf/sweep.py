@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import SalfError
@@ -68,12 +68,15 @@ def cell_key(cut: int | None, layers: list[int] | None, seed: int) -> str:
     return f"cut{cut:02d}-s{seed}"
 
 
-def parse_cell_key(key: str) -> tuple[int | None, int]:
-    """(cut, seed) of a cell name made by cell_key: "full-s2" -> (None, 2), "cut04-s1" -> (4, 1)."""
-    m = re.fullmatch(r"(?:full|cut(\d+))-s(\d+)", key)
+def parse_cell_key(key: str) -> tuple[int | None, list[int] | None, int]:
+    """(cut, layers, seed) of a cell name made by cell_key: "full-s2" -> (None, None, 2),
+    "cut04-s1" -> (4, None, 1), "set-0_1_18-s1" -> (None, [0, 1, 18], 1)."""
+    m = re.fullmatch(r"(?:full|cut(\d+)|set-(\d+(?:_\d+)*))-s(\d+)", key)
     if not m:
-        raise SalfError(f"cell name {key!r} is not full-sN or cutKK-sN")
-    return (int(m.group(1)) if m.group(1) is not None else None), int(m.group(2))
+        raise SalfError(f"cell name {key!r} is not full-sN, cutKK-sN or set-A_B_..-sN")
+    cut = int(m.group(1)) if m.group(1) is not None else None
+    layers = [int(x) for x in m.group(2).split("_")] if m.group(2) else None
+    return cut, layers, int(m.group(3))
 
 
 def cell_spec(cfg: SweepConfig, item: dict, cells_dir: Path) -> dict:
@@ -246,20 +249,39 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
 
 
 # ------------------------------------------------------------------ the sweep
-def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
+def merged_config(saved: dict | None, cfg: SweepConfig) -> SweepConfig:
+    """The folder's sweep once this run is added to it: its cuts, selectors and seeds are
+    those of earlier runs plus this one's. A rerun with fewer of them runs only what it
+    asks for, but never drops earlier cells and picks from config.json and the report."""
+    if not saved:
+        return cfg
+    old = SweepConfig(**saved)
+
+    def union(a: list, b: list) -> list:
+        return list(a) + [x for x in b if x not in a]
+
+    cuts = None if old.cuts is None or cfg.cuts is None else union(old.cuts, cfg.cuts)
+    return replace(cfg, cuts=cuts, selectors=union(old.selectors, cfg.selectors),
+                   seeds=sorted(set(old.seeds) | set(cfg.seeds)))
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
+              dry_run: bool = False) -> dict | None:
+    """Train the cells `cfg` asks for that the folder lacks; report on every cell it holds.
+
+    dry_run: compute the analysis and picks (both kept), list the cells, train nothing.
+    """
     from .models import anatomy, load_model
 
     out = Path(cfg.out)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old.get("training") != cfg.training_key():
-            raise SalfError(f"{out} holds a sweep with other training settings "
-                            f"({old.get('training')}); use another --out")
-    _write_atomic(cfg_path, json.dumps({"training": cfg.training_key(), "config": asdict(cfg)},
-                                       indent=2))
+    saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    if saved and saved.get("training") != cfg.training_key():
+        raise SalfError(f"{out} holds a sweep with other training settings "
+                        f"({saved.get('training')}); use another --out")
+    folder = merged_config(saved["config"] if saved else None, cfg)
     model, _, _ = load_model(cfg.model)
     L = anatomy(model).num_layers
     del model
@@ -267,14 +289,15 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
     bad = [k for k in cuts if not 0 <= k < L]
     if bad:
         raise SalfError(f"cuts {bad} are outside 0..{L - 1} for this {L}-layer model")
-    picks, timing = selector_picks(cfg, progress)
+    picks, timing = selector_picks(folder, progress)  # cached: only new selectors cost time
     backfill_test_rows(cfg, cells_dir)
     todo: list[dict] = []
     for seed in cfg.seeds:
         todo.append(dict(cut=None, layers=None, selector="full", seed=seed))
         for k in cuts:
             todo.append(dict(cut=k, layers=None, selector=None, seed=seed))
-        for name, p in picks.items():
+        for name in cfg.selectors:
+            p = picks[name]
             if "cut" in p and p["cut"] not in cuts:
                 todo.append(dict(cut=p["cut"], layers=None, selector=name, seed=seed))
             elif "layers" in p:
@@ -285,24 +308,36 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print) -> dict:
         key = cell_key(item["cut"], item["layers"], item["seed"])
         if key not in missing and not (cells_dir / f"{key}.json").exists():
             missing[key] = cell_spec(cfg, item, cells_dir)
+    if dry_run:
+        log(f"{len(wanted) - len(missing)} of the {len(wanted)} cells asked for are done; "
+            f"{len(missing)} to train: {', '.join(missing) or 'none'}")
+        for name, p in picks.items():
+            log(f"  pick {name}: " + (f"eof {p['cut']}" if "cut" in p else
+                                      "layers " + ",".join(map(str, p["layers"]))))
+        return None
+    _write_atomic(cfg_path, json.dumps({"training": cfg.training_key(), "config": asdict(folder)},
+                                       indent=2))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(wanted), initial=len(wanted) - len(missing), desc="sweep cells",
                unit="cell", disable=not progress)
 
+    def report() -> dict:
+        # every finished cell in the folder, also those of earlier runs with other lists
+        summary = summarize(folder, load_cells(cells_dir), picks, timing)
+        _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
     def finished(done: dict) -> None:
         log(f"  {done['key']}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
             f"step {done['step_s'] or 0:.2f} s")
         bar.update(1)
-        # keep sweep.json current after each cell, from every finished cell on disk
-        summary = summarize(cfg, load_cells(cells_dir, wanted), picks, timing)
-        _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+        report()  # keep sweep.json current after each cell
 
     run_cells(list(missing.values()), cells_dir, cfg.timeout_s, cfg.jobs, finished,
               on_start=bar.set_postfix_str)
     bar.close()
-    summary = summarize(cfg, load_cells(cells_dir, wanted), picks, timing)
-    _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    summary = report()
     write_sweep_report(out, summary)
     return summary
 
