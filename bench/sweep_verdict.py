@@ -59,7 +59,12 @@ def targets(s: dict, default: str) -> list[str]:
         for name, d in s["pick_details"].items():
             if name not in BASELINES or d.get("quality") is None or d["cost"] > me["cost"] + 1e-9:
                 continue
-            better = (d["quality"] - me["quality"]) if higher else (me["quality"] - d["quality"])
+            # each against full fine-tuning at its own seeds (paired), when both have that
+            if d.get("delta_vs_full") is not None and me.get("delta_vs_full") is not None:
+                gap = d["delta_vs_full"] - me["delta_vs_full"]
+            else:
+                gap = d["quality"] - me["quality"]
+            better = gap if higher else -gap
             if better > noise:
                 out.append(f"  - baseline {name} at cost {d['cost']:.3f} <= {me['cost']:.3f} beats "
                            f"it by {better:.4f} > noise {noise:.4f}")

@@ -33,3 +33,18 @@ def test_linear_probe_reads_a_linear_label_and_not_noise(bench_module):
     noise = torch.randint(0, 2, (400,), generator=g)    # labels unrelated to the features
     chance = probe.probe_accuracy(x[:200], noise[:200], x[200:], noise[200:], classes=2, l2=1e-3)
     assert 0.3 < chance < 0.7
+
+
+def test_sweep_verdict_compares_a_baseline_with_the_pick_at_their_own_seeds(bench_module):
+    """A one-seed baseline is set against the default's pick through each one's paired
+    difference from full fine-tuning, not through means over different seeds."""
+    targets = bench_module("sweep_verdict").targets
+    s = {"higher_is_better": True, "oracle": {"noise": 0.01}, "pick_details": {
+        "salf-e0": {"cut": 4, "quality": 0.870, "delta_vs_full": -0.002, "cost": 0.9,
+                    "safe": True, "cost_vs_cheapest_safe": 1.1},
+        # a higher raw mean (0.885 vs 0.870) but measured at a seed where full was strong
+        "spectrum": {"layers": [0, 3], "quality": 0.885, "delta_vs_full": -0.004, "cost": 0.8},
+        "freeze-half": {"cut": 15, "quality": 0.860, "delta_vs_full": +0.015, "cost": 0.67}}}
+    lines = "\n".join(targets(s, "salf-e0"))
+    assert "target MET" in lines and "spectrum" not in lines
+    assert "baseline freeze-half at cost 0.670 <= 0.900 beats it by 0.0170" in lines

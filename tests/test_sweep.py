@@ -146,6 +146,14 @@ def test_a_cut_is_compared_with_full_at_the_seeds_they_share():
     assert abs(pts[6]["delta_vs_full"] + 0.0025) < 1e-12 and pts[6]["safe"] is True
     assert s["oracle"]["cheapest_safe_cut"] == 6
 
+    # a selector's layer set (Spectrum) is judged the same way: paired, with a verdict
+    spectrum = dict(acc(None, 0.89, 1), key="set-0_3-s1", layers=[0, 3], selector="spectrum",
+                    cost=0.5)
+    s = summarize(cfg, cells + [spectrum], {"spectrum": {"layers": [0, 3]}}, {})
+    d = s["pick_details"]["spectrum"]
+    assert d["paired_seeds"] == [1] and abs(d["delta_vs_full"] + 0.01) < 1e-12
+    assert d["safe"] is False and d["cost_vs_cheapest_safe"] == 0.5 / pts[6]["cost"]
+
 
 def test_cell_names_round_trip_and_bad_names_are_refused():
     from salf.errors import SalfError

@@ -474,21 +474,26 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
     tol = max(fs, se) if full_cells else 0.0
     full["noise"] = tol
     full_by_seed = {c["seed"]: c["quality"] for c in full_cells}
-    for p in points:
-        # paired: a cut is compared with full fine-tuning at the seeds it shares with it (same
-        # data order, same test rows), so a cut run at fewer seeds than full is not judged
-        # against seeds it never saw
-        paired = [c for c in by_cut[p["cut"]] if c["seed"] in full_by_seed]
+
+    def judge(mine: list[dict]) -> dict:
+        # paired: cells are compared with full fine-tuning at the seeds they share with it
+        # (same data order, same test rows), so one run at fewer seeds than full is not
+        # judged against seeds it never saw
+        paired = [c for c in mine if c["seed"] in full_by_seed]
         ref = statistics.fmean(full_by_seed[c["seed"]] for c in paired) if paired else fq
-        q = statistics.fmean(c["quality"] for c in paired) if paired else p["quality"]
-        p["delta_vs_full"] = q - ref
-        p["paired_seeds"] = sorted(c["seed"] for c in paired)
+        delta = (statistics.fmean(c["quality"] for c in paired) if paired
+                 else _mean_spread([c["quality"] for c in mine])[0]) - ref
         if not full_cells:
-            p["safe"] = None
+            safe = None
         elif higher:
-            p["safe"] = p["delta_vs_full"] >= -tol and ref + p["delta_vs_full"] >= 0.99 * ref
+            safe = delta >= -tol and ref + delta >= 0.99 * ref
         else:
-            p["safe"] = p["delta_vs_full"] <= tol and ref + p["delta_vs_full"] <= 1.01 * ref
+            safe = delta <= tol and ref + delta <= 1.01 * ref
+        return {"delta_vs_full": delta, "paired_seeds": sorted(c["seed"] for c in paired),
+                "safe": safe}
+
+    for p in points:
+        p.update(judge(by_cut[p["cut"]]))
     safe = [p for p in points if p["safe"]]
     cheapest_safe = min(safe, key=lambda p: p["cost"]) if safe else None
     pick_rows = {}
@@ -504,7 +509,10 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
             mine = [c for c in cells if c.get("layers") == p["layers"]]
             if mine:
                 q, s = _mean_spread([c["quality"] for c in mine])
-                row.update(quality=q, spread=s, cost=mine[0]["cost"], seeds=len(mine))
+                row.update(quality=q, spread=s, cost=mine[0]["cost"], seeds=len(mine),
+                           **judge(mine))
+                if cheapest_safe:
+                    row["cost_vs_cheapest_safe"] = mine[0]["cost"] / cheapest_safe["cost"]
         pick_rows[name] = row
     return {
         "model": cfg.model, "dataset": cfg.dataset, "metric": metric,

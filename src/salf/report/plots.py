@@ -109,7 +109,8 @@ def plot_frontier(path: Path, *, title: str, metric: str, full: dict, cut_points
         if p.get("cost") is None or p.get("quality") is None:
             continue
         ax.scatter([p["cost"]], [p["quality"]], marker=markers[i % len(markers)], s=70, zorder=5,
-                   label=f"{name} (eof={p.get('cut')})", edgecolor="k", linewidth=0.5)
+                   label=f"{name} (eof={p['cut']})" if p.get("cut") is not None else
+                   f"{name} ({len(p.get('layers') or [])} layers)", edgecolor="k", linewidth=0.5)
     ax.set_xlabel("training FLOPs relative to full fine-tuning")
     ax.set_ylabel(metric + (" (higher is better)" if higher_better else " (lower is better)"))
     ax.set_title(title, fontsize=10)
