@@ -91,6 +91,22 @@ def test_matmul_flops_match_flop_counter(llama, ids, loss_positions):
         assert predicted == pytest.approx(measured, rel=0.05), (k, predicted, measured)
 
 
+@pytest.mark.parametrize("layers", [[0, 3], [1, 2], [0, 2, 3]])
+def test_layer_set_flops_match_flop_counter(llama, ids, layers):
+    """Spectrum-style sets: frozen layers between trained ones cost input-gradients only."""
+    from salf.cost import layer_set_cost
+
+    shape = ModelShape.from_model(llama)
+    _freeze(llama, 0)
+    for i, layer in enumerate(llama.model.layers):
+        for p in layer.parameters():
+            p.requires_grad_(i in layers)
+    measured = _measured_flops(llama, ids, "last")
+    predicted = layer_set_cost(shape, layers, T, B, loss_positions="last", attention="eager",
+                               machine="cpu")["matmul_flops"]
+    assert predicted == pytest.approx(measured, rel=0.05), (layers, predicted, measured)
+
+
 def test_untied_copy_head_flops(ids):
     """A trainable (untied) head adds exactly its weight-gradient matmul."""
     model = _tiny_llama(tie_word_embeddings=False)
@@ -335,3 +351,29 @@ def test_machine_presets():
     assert get_machine("gpu") is MACHINES["h100"]
     assert get_machine(MACHINES["cpu"].to_dict()) == MACHINES["cpu"]
     assert get_machine("auto").name in MACHINES
+
+
+def test_a_layer_set_pays_for_its_layers_and_the_path_down_to_its_lowest():
+    """Training layers {0, 3} of 4: forward everything, input-gradients through 1-2 (frozen),
+    weight gradients and optimizer state for 0 and 3 only. A prefix given as a set costs
+    exactly its cut."""
+    from salf.cost import ModelShape, cost_curve, layer_set_cost
+    from salf.errors import SalfError
+    from salf.models import load_model
+
+    shape = ModelShape.from_model(load_model("tiny-llama")[0])
+    L = shape.num_layers
+    curve = cost_curve(shape, 32, 4)
+    for k in range(L):
+        e = layer_set_cost(shape, range(k, L), 32, 4)
+        assert e["flops_abs"] == curve[k]["flops_abs"] and e["memory_bytes"] == curve[k]["memory_bytes"]
+    hole = layer_set_cost(shape, [0, L - 1], 32, 4)
+    # cheaper than training every layer from 0, dearer than training the top layer alone
+    assert curve[L - 1]["flops_abs"] < hole["flops_abs"] < curve[0]["flops_abs"]
+    assert hole["trainable_params"] == (curve[0]["trainable_params"] - curve[1]["trainable_params"]
+                                        + curve[L - 1]["trainable_params"])
+    # the frozen middle layers keep their activations for the backward: same as the cut 0
+    assert hole["memory_breakdown"]["activations"] == curve[0]["memory_breakdown"]["activations"]
+    assert hole["layers"] == [0, L - 1] and 0 < hole["flops_ratio"] < 1
+    with pytest.raises(SalfError, match="non-empty set"):
+        layer_set_cost(shape, [L], 32, 4)

@@ -61,6 +61,22 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch, bench_modul
     old = json.loads(kept.read_text())
     del old["test_rows"]
     kept.write_text(json.dumps(old))
+    # a layer-set cell from before set costs counted only the trained layers: charged as
+    # its lowest layer's prefix (cost of cut 1); --report-only recomputes it
+    from salf.cost import ModelShape, layer_set_cost
+    from salf.models import load_model
+
+    assert old["cost_basis"] == "trained-layers"
+    legacy = {k: v for k, v in old.items() if k != "cost_basis"}
+    (cells / "set-1_3-s1.json").write_text(json.dumps(dict(legacy, key="set-1_3-s1", cut=None,
+                                                           layers=[1, 3], selector="spectrum")))
+    assert main(argv + ["--report-only"]) == 0
+    fixed = json.loads((cells / "set-1_3-s1.json").read_text())
+    want = layer_set_cost(ModelShape.from_model(load_model("tiny-llama")[0]), [1, 3], 96, 4,
+                          loss_positions="last")["flops_ratio"]
+    assert fixed["cost_basis"] == "trained-layers" and fixed["cost"] == pytest.approx(want)
+    assert costs[3] < fixed["cost"] < costs[1]
+    (cells / "set-1_3-s1.json").unlink()
     assert main(argv + ["--report-only"]) == 0
     again = json.loads((out / "sweep.json").read_text())
     assert again["full"]["quality"] == s["full"]["quality"] and (out / "sweep.md").exists()

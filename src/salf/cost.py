@@ -409,13 +409,20 @@ def _lora_targets(shape: ModelShape, targets) -> list[list]:
 
 def _cost(shape: ModelShape, k: int | None, *, T: int, B: int, loss_positions, optimizer: str, b: int,
           head: str, lora_rank: int | None, lora_targets, checkpointing: bool, attention: str,
-          machine: Machine) -> dict:
-    """Absolute costs of one step. k=None is full fine-tuning (everything trainable)."""
+          machine: Machine, layers=None) -> dict:
+    """Absolute costs of one step. k=None is full fine-tuning (everything trainable).
+
+    layers: a set of trainable layers with min(layers) = k (Spectrum's kind of plan): the
+    others above k stay frozen, but the gradient still passes through them to layer k, so
+    they cost an input-gradient backward (no weight gradient, no optimizer state).
+    """
     full = k is None
     L, d, V = shape.num_layers, shape.hidden_size, shape.vocab_size
     kk = 0 if full else k
-    trainable_layers = range(kk, L)
-    n_train = L - kk
+    traversed = range(kk, L)                 # layers the backward pass goes through
+    trainable_layers = traversed if full or layers is None else sorted(layers)
+    n_train = len(trainable_layers)
+    n_back = L - kk
     lora = lora_rank is not None and not full
     N = B * T
     Nh = N if loss_positions == "all" else B * (1 if loss_positions == "last" else min(loss_positions, T))
@@ -439,24 +446,27 @@ def _cost(shape: ModelShape, k: int | None, *, T: int, B: int, loss_positions, o
         per_layer_lora = r * sum(i + o for _, i, o in targets)
         lora_params = per_layer_lora * n_train
         fwd_layers += 2 * per_layer_lora * N * n_train
-        for idx in trainable_layers:
+        for idx in traversed:
             P = shape.layer_matmul_params[idx]
             # base weights frozen: input-gradient only (2PN); LoRA A and B: weight- and input-grads
-            bwd = 2 * P * N + 2 * attn_fwd + 4 * per_layer_lora * N
+            bwd = 2 * P * N + 2 * attn_fwd + (4 * per_layer_lora * N if idx in trainable_layers else 0)
             if idx == kk:
                 # the lowest LoRA layer's input (a frozen norm of frozen h^k) needs no gradient:
                 # its input projections skip the input-gradient, base and LoRA-A alike
                 bwd -= 2 * N * (inproj + r * sum(i for n, i, _ in targets if _is_input_projection(n)))
             bwd_layers += bwd
     else:
-        bwd_layers = sum(2 * layer_fwd[idx] for idx in trainable_layers)
+        # a trained layer: input- and weight-gradients (2x its forward); a frozen one the
+        # gradient passes through: input-gradients only (its matmuls once, attention twice)
+        bwd_layers = sum(2 * layer_fwd[idx] if idx in trainable_layers else layer_fwd[idx] + attn_fwd
+                         for idx in traversed)
     recompute = 0.0
     if checkpointing:
         # torch's non-reentrant checkpoint stops recomputing once the last saved tensor is back:
         # the layer's final projection (MLP down/out, whose output nobody saves) is skipped
         last = shape.linear_shapes[-1] if shape.linear_shapes else None
         skip = 2 * N * last[1] * last[2] if last else 0
-        recompute = sum(layer_fwd[idx] - skip for idx in trainable_layers)
+        recompute = sum(layer_fwd[idx] - skip for idx in traversed)
         if lora:
             last_targeted = last is not None and any(t[0] == last[0] for t in targets)
             per = 2 * lora_rank * N * (sum(i + o for _, i, o in targets) - (last[2] if last_targeted else 0))
@@ -491,11 +501,11 @@ def _cost(shape: ModelShape, k: int | None, *, T: int, B: int, loss_positions, o
     ew_layer = N * (EW_PER_D * d + EW_PER_KV * shape.kv_dim + ff_ew * shape.intermediate_size) * b
     lora_ew = N * sum(i + 4 * o for _, i, o in targets) * b if lora else 0
     # forward of every layer (+ LoRA branches), backward of trainable ones (2x), recompute (1x)
-    ew_bytes = (L * ew_layer + n_train * lora_ew + 2 * n_train * (ew_layer + lora_ew)
-                + (n_train * (ew_layer + lora_ew) if checkpointing else 0))
+    ew_bytes = (L * ew_layer + n_train * lora_ew + 2 * (n_back * ew_layer + n_train * lora_ew)
+                + (n_back * ew_layer + n_train * lora_ew if checkpointing else 0))
     if attention == "eager":        # softmax over H·T·T scores: r/w forward, r/r/w backward
         probs = N * T * shape.num_heads * 4
-        ew_bytes += L * 2 * probs + n_train * 3 * probs
+        ew_bytes += L * 2 * probs + n_back * 3 * probs
     ce_bytes = V * Nh * (CE_BYTES_PER_LOGIT_FP32 + (CE_BYTES_PER_LOGIT_EXTRA_LOWP if b < 4 else 0))
     impl = machine.optimizer_impl if machine.optimizer_impl in OPTIMIZER_WORDS else "fused"
     opt_bytes = OPTIMIZER_WORDS[impl][optimizer] * trainable * b
@@ -522,7 +532,7 @@ def _cost(shape: ModelShape, k: int | None, *, T: int, B: int, loss_positions, o
             for _, i, o in shape.linear_shapes:
                 fresh += n_train * big(i * o * b) * (1 + temps)
         ff_bytes = N * shape.intermediate_size * b
-        fresh += n_train * (4 if shape.gated_mlp else 2) * big(ff_bytes)
+        fresh += n_back * (4 if shape.gated_mlp else 2) * big(ff_bytes)
         fresh += 4 * big(Nh * V * 4) if anything_below_head_trains or head_w_trains else 0
 
     # --- peak memory -------------------------------------------------------------------
@@ -530,10 +540,12 @@ def _cost(shape: ModelShape, k: int | None, *, T: int, B: int, loss_positions, o
     act_tok = activation_bytes_per_token(shape, T, b, "eager" if attention == "eager" else "sdpa")
     if lora:
         act_tok += lora_rank * len(targets) * b
+    # every layer the backward goes through keeps its activations (a frozen one too: its
+    # norms, activation functions and attention need them for the input-gradient)
     if checkpointing:
-        activations = n_train * N * d * b + (N * act_tok if n_train else 0)
+        activations = n_back * N * d * b + (N * act_tok if n_back else 0)
     else:
-        activations = n_train * N * act_tok
+        activations = n_back * N * act_tok
     workspace = N * (4 * d + 3 * shape.intermediate_size) * b    # one layer's live intermediates
     logits = Nh * V * (b + 4 * LOGITS_WORKSPACE_FP32_COPIES)
     mem = {
@@ -613,14 +625,42 @@ def cost_curve(shape: ModelShape, seq_len: int, batch_size: int, loss_positions=
     if include_full:
         entries.append(full)
     for e in entries:
-        e["flops_ratio"] = e["flops"] = e["flops_abs"] / full["flops_abs"]
-        e["matmul_flops_ratio"] = e["matmul_flops"] / full["matmul_flops"]
-        e["memory_ratio"] = e["memory"] = e["memory_bytes"] / full["memory_bytes"]
-        e["step_time_ratio"] = predicted_step_time_ratio(e, full)
-        e["machine"] = m.name
-        e["lora_rank"] = lora_rank
-        e["head"] = "trainable" if e["full"] else head
+        _add_ratios(e, full, m.name, lora_rank, head)
     return entries
+
+
+def _add_ratios(e: dict, full: dict, machine: str, lora_rank, head: str) -> None:
+    e["flops_ratio"] = e["flops"] = e["flops_abs"] / full["flops_abs"]
+    e["matmul_flops_ratio"] = e["matmul_flops"] / full["matmul_flops"]
+    e["memory_ratio"] = e["memory"] = e["memory_bytes"] / full["memory_bytes"]
+    e["step_time_ratio"] = predicted_step_time_ratio(e, full)
+    e["machine"] = machine
+    e["lora_rank"] = lora_rank
+    e["head"] = "trainable" if e["full"] else head
+
+
+def layer_set_cost(shape: ModelShape, layers, seq_len: int, batch_size: int,
+                   loss_positions="all", optimizer: str = "adamw", dtype_bytes: int = 4,
+                   head: str = "frozen", lora_rank: int | None = None,
+                   gradient_checkpointing: bool = False, *, lora_targets=None,
+                   attention: str = "sdpa", machine="auto") -> dict:
+    """Predicted per-step cost of training only `layers` (0-based, any set), relative to
+    full fine-tuning, as one cost_curve entry. The frozen layers above the lowest trained
+    one are not free: the gradient passes through them (input-gradients, activations)."""
+    layers = sorted({int(i) for i in layers})
+    if not layers or not all(0 <= i < shape.num_layers for i in layers):
+        raise SalfError(f"cost model: layers must be a non-empty set of indices in "
+                        f"[0, {shape.num_layers - 1}], got {layers}")
+    _check_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head, lora_rank,
+                    attention)
+    m = get_machine(machine)
+    kw = dict(T=seq_len, B=batch_size, loss_positions=loss_positions, optimizer=optimizer, b=dtype_bytes,
+              head=head, lora_rank=lora_rank, lora_targets=lora_targets,
+              checkpointing=gradient_checkpointing, attention=attention, machine=m)
+    entry = _cost(shape, layers[0], layers=layers, **kw)
+    _add_ratios(entry, _cost(shape, None, **kw), m.name, lora_rank, head)
+    entry["layers"] = layers
+    return entry
 
 
 def full_cost(shape: ModelShape, seq_len: int, batch_size: int, **kwargs) -> dict:

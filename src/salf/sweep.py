@@ -92,7 +92,7 @@ def run_cell(spec: dict) -> dict:
     """Train + evaluate one cell in this process; returns the result record."""
     import torch
 
-    from .cost import ModelShape, cost_curve
+    from .cost import ModelShape
     from .data import load_dataset_spec
     from .models import anatomy, load_model
     from .pipeline import run_training, test_rows
@@ -125,10 +125,8 @@ def run_cell(spec: dict) -> dict:
     quality = evaluate(model, tok, ds.task, rows, batch_size=32, max_length=spec["max_length"])
     shutil.rmtree(work, ignore_errors=True)  # cells keep numbers, not 0.5 GB model copies
     kind = ds.task.kind
-    curve = cost_curve(ModelShape.from_model(model), spec["max_length"], spec["batch_size"],
-                       loss_positions="last" if kind == "classification" else "all",
-                       head=spec["head"], include_full=True)
-    cost = 1.0 if plan.is_full else curve[plan.eof]["flops_ratio"]
+    cost = 1.0 if plan.is_full else cell_cost(ModelShape.from_model(model), plan.eof,
+                                              plan.layers, spec, kind)
     mem = metrics.get("memory", {})
     peak = mem.get("cuda_peak_allocated_bytes") or mem.get("peak_rss_bytes")
     metric = "accuracy" if kind == "classification" else "loss"
@@ -139,7 +137,8 @@ def run_cell(spec: dict) -> dict:
         "accuracy": quality.get("accuracy"), "macro_f1": quality.get("macro_f1"),
         "label_loss": quality.get("label_loss"), "perplexity": quality.get("perplexity"),
         "loss_se": quality.get("loss_se"), "test_rows": quality.get("n"),
-        "cost": cost, "step_s": metrics["timing"].get("median_step_s"),
+        "cost": cost, "cost_basis": "trained-layers",
+        "step_s": metrics["timing"].get("median_step_s"),
         "peak_mb": peak / 2**20 if peak else None, "train_s": train_s,
         "final_train_loss": metrics["train"].get("final_loss"),
         # per-step training loss: within the first epoch each batch is new to the model when
@@ -290,7 +289,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
     if bad:
         raise SalfError(f"cuts {bad} are outside 0..{L - 1} for this {L}-layer model")
     picks, timing = selector_picks(folder, progress)  # cached: only new selectors cost time
-    backfill_test_rows(cfg, cells_dir)
+    backfill_cells(cfg, cells_dir)
     todo: list[dict] = []
     for seed in cfg.seeds:
         todo.append(dict(cut=None, layers=None, selector="full", seed=seed))
@@ -395,22 +394,51 @@ def run_cells(specs: list[dict], cells_dir: Path, timeout_s: int, jobs: int, fin
                                                                       f"{timeout_s} s: {failure}")
 
 
-def backfill_test_rows(cfg: SweepConfig, cells_dir: Path) -> None:
-    """Cells written before `test_rows` was recorded get it from the dataset (the number of
-    test rows evaluated is min(test_samples, size of the test split), the same for every
-    cell), so the binomial noise uses the real count."""
-    missing = [p for p in sorted(Path(cells_dir).glob("*.json"))
-               if not p.name.startswith(".") and "test_rows" not in json.loads(p.read_text())]
-    if not missing:
-        return
-    from .data import load_dataset_spec
-    from .pipeline import test_rows
+def cell_cost(shape, cut: int, layers: list[int] | None, spec: dict, kind: str) -> float:
+    """Predicted training FLOPs of a cut or a layer set relative to full fine-tuning
+    (salf.cost). A layer set (Spectrum's) pays weight gradients and optimizer state only
+    for its layers, and input-gradients down to its lowest one."""
+    from .cost import cost_curve, layer_set_cost
 
-    ds = load_dataset_spec(cfg.dataset, **cfg.data_kwargs)
-    n = len(test_rows(ds, "test", cfg.test_samples))
-    for p in missing:
-        cell = json.loads(p.read_text())
-        _write_atomic(p, json.dumps(dict(cell, test_rows=n), indent=2) + "\n")
+    kw = dict(loss_positions="last" if kind == "classification" else "all", head=spec["head"])
+    if layers is not None:
+        return layer_set_cost(shape, layers, spec["max_length"], spec["batch_size"],
+                              **kw)["flops_ratio"]
+    return cost_curve(shape, spec["max_length"], spec["batch_size"], **kw)[cut]["flops_ratio"]
+
+
+def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
+    """Bring cells written by an older salf up to date, from what the folder holds:
+    `test_rows` (min(test_samples, size of the test split), the same for every cell) so the
+    binomial noise uses the real count; and the cost of layer-set cells, which until
+    2026-11-28 was charged as the prefix from their lowest layer (every layer trained)."""
+    cells = {p: json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))
+             if not p.name.startswith(".")}
+    no_rows = [p for p, c in cells.items() if "test_rows" not in c]
+    old_sets = [p for p, c in cells.items() if c.get("layers") and "cost_basis" not in c]
+    n = None
+    if no_rows:
+        from .data import load_dataset_spec
+        from .pipeline import test_rows
+
+        ds = load_dataset_spec(cfg.dataset, **cfg.data_kwargs)
+        n = len(test_rows(ds, "test", cfg.test_samples))
+    if old_sets:
+        from .analysis import Trace
+        from .cost import ModelShape
+
+        tr = Trace.from_json(Path(cfg.out) / "analysis" / "trace.json")
+        shape = ModelShape.from_dict(tr.extra["cost"]["shape"])
+        spec = {"max_length": cfg.max_length, "batch_size": cfg.batch_size, "head": cfg.head}
+    for p, cell in cells.items():
+        new = dict(cell)
+        if p in no_rows:
+            new["test_rows"] = n
+        if p in old_sets:
+            new.update(cost=cell_cost(shape, min(cell["layers"]), cell["layers"], spec, tr.task),
+                       cost_basis="trained-layers")
+        if new != cell:
+            _write_atomic(p, json.dumps(new, indent=2) + "\n")
 
 
 def load_cells(cells_dir: Path, keys: set[str] | None = None) -> list[dict]:
@@ -426,7 +454,7 @@ def refresh_report(out: Path) -> dict:
     state = json.loads((out / "config.json").read_text())["config"]
     previous = json.loads((out / "sweep.json").read_text())
     cfg = SweepConfig(**state)
-    backfill_test_rows(cfg, out / "cells")
+    backfill_cells(cfg, out / "cells")
     picks = {name: {k: v for k, v in d.items() if k in ("cut", "layers", "reason")}
              for name, d in previous["pick_details"].items()}
     summary = summarize(cfg, load_cells(out / "cells"), picks, previous.get("timing", {}))
