@@ -32,7 +32,8 @@ def named_cell_spec(cfg: SweepConfig, sweep_dir: Path, key: str) -> dict:
     picked = json.loads((sweep_dir / "sweep.json").read_text()).get("pick_details", {}) \
         if (sweep_dir / "sweep.json").exists() else {}
     by_pick = [n for n, p in picked.items() if p.get("layers") == layers and
-               (layers is not None or (p.get("cut") == cut and cut not in (cfg.cuts or [])))]
+               (layers is not None or (p.get("cut") == cut and cfg.cuts is not None
+                                       and cut not in cfg.cuts))]  # cuts None: every cut
     selector = ("full" if cut is None and layers is None else
                 same[0].get("selector") if same else by_pick[0] if by_pick else None)
     return cell_spec(cfg, dict(cut=cut, layers=layers, selector=selector, seed=seed), cells_dir)

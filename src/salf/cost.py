@@ -594,6 +594,17 @@ def _cost(shape: ModelShape, k: int | None, *, T: int, B: int, loss_positions, o
     }
 
 
+def _step_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
+                   lora_rank, gradient_checkpointing, lora_targets, attention, machine):
+    """Checked settings of one training step: (machine, keyword arguments of _cost)."""
+    _check_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head, lora_rank,
+                    attention)
+    m = get_machine(machine)
+    return m, dict(T=seq_len, B=batch_size, loss_positions=loss_positions, optimizer=optimizer,
+                   b=dtype_bytes, head=head, lora_rank=lora_rank, lora_targets=lora_targets,
+                   checkpointing=gradient_checkpointing, attention=attention, machine=m)
+
+
 def cost_curve(shape: ModelShape, seq_len: int, batch_size: int, loss_positions="all",
                optimizer: str = "adamw", dtype_bytes: int = 4, head: str = "frozen",
                lora_rank: int | None = None, gradient_checkpointing: bool = False, *,
@@ -614,12 +625,8 @@ def cost_curve(shape: ModelShape, seq_len: int, batch_size: int, loss_positions=
     "causal" (half of them: flash kernels skip masked blocks), "eager" (full, plus
     the probabilities saved and streamed).
     """
-    _check_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head, lora_rank,
-                    attention)
-    m = get_machine(machine)
-    kw = dict(T=seq_len, B=batch_size, loss_positions=loss_positions, optimizer=optimizer, b=dtype_bytes,
-              head=head, lora_rank=lora_rank, lora_targets=lora_targets,
-              checkpointing=gradient_checkpointing, attention=attention, machine=m)
+    m, kw = _step_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
+                           lora_rank, gradient_checkpointing, lora_targets, attention, machine)
     full = _cost(shape, None, **kw)
     entries = [_cost(shape, k, **kw) for k in range(shape.num_layers + 1)]
     if include_full:
@@ -651,12 +658,8 @@ def layer_set_cost(shape: ModelShape, layers, seq_len: int, batch_size: int,
     if not layers or not all(0 <= i < shape.num_layers for i in layers):
         raise SalfError(f"cost model: layers must be a non-empty set of indices in "
                         f"[0, {shape.num_layers - 1}], got {layers}")
-    _check_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head, lora_rank,
-                    attention)
-    m = get_machine(machine)
-    kw = dict(T=seq_len, B=batch_size, loss_positions=loss_positions, optimizer=optimizer, b=dtype_bytes,
-              head=head, lora_rank=lora_rank, lora_targets=lora_targets,
-              checkpointing=gradient_checkpointing, attention=attention, machine=m)
+    m, kw = _step_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
+                           lora_rank, gradient_checkpointing, lora_targets, attention, machine)
     entry = _cost(shape, layers[0], layers=layers, **kw)
     _add_ratios(entry, _cost(shape, None, **kw), m.name, lora_rank, head)
     entry["layers"] = layers
