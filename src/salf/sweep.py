@@ -412,8 +412,7 @@ def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
     `test_rows` (min(test_samples, size of the test split), the same for every cell) so the
     binomial noise uses the real count; and the cost of layer-set cells, which until
     2026-11-28 was charged as the prefix from their lowest layer (every layer trained)."""
-    cells = {p: json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))
-             if not p.name.startswith(".")}
+    cells = {Path(cells_dir) / f"{c['key']}.json": c for c in load_cells(cells_dir)}
     no_rows = [p for p, c in cells.items() if "test_rows" not in c]
     old_sets = [p for p, c in cells.items() if c.get("layers") and "cost_basis" not in c]
     n = None
@@ -427,7 +426,7 @@ def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
         from .analysis import Trace
         from .cost import ModelShape
 
-        tr = Trace.from_json(Path(cfg.out) / "analysis" / "trace.json")
+        tr = Trace.from_json(Path(cells_dir).parent / "analysis" / "trace.json")
         shape = ModelShape.from_dict(tr.extra["cost"]["shape"])
         spec = {"max_length": cfg.max_length, "batch_size": cfg.batch_size, "head": cfg.head}
     for p, cell in cells.items():
@@ -441,11 +440,10 @@ def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
             _write_atomic(p, json.dumps(new, indent=2) + "\n")
 
 
-def load_cells(cells_dir: Path, keys: set[str] | None = None) -> list[dict]:
-    """Finished cells on disk (all, or those whose key is in `keys`), in key order."""
-    cells = [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))
-             if not p.name.startswith(".")]  # .<key>.spec.json: a cell being computed
-    return [c for c in cells if keys is None or c["key"] in keys]
+def load_cells(cells_dir: Path) -> list[dict]:
+    """Finished cells on disk, in key order."""
+    return [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))
+            if not p.name.startswith(".")]  # .<key>.spec.json: a cell being computed
 
 
 def refresh_report(out: Path) -> dict:
