@@ -37,6 +37,10 @@ def make_plan(eof, head="frozen", num_layers=4):
 
 
 COMMON = dict(batch_size=4, max_length=32, progress=False, seed=0)
+# A saved model reloaded runs the same weights through other code paths (kernels, thread
+# counts, no autocast wrapper): its evaluation agrees to ~1e-7, not bit for bit. What these
+# tests catch (autocast or dropout left on, a wrong head) moves it by 1e-3 or more.
+RELOAD_RTOL = 1e-5
 
 
 def test_training_reduces_loss_and_keeps_frozen_weights(tmp_path):
@@ -73,7 +77,7 @@ def test_training_reduces_loss_and_keeps_frozen_weights(tmp_path):
     # the saved model reproduces the final evaluation
     reloaded, tok2 = load_trained(tmp_path / "final")
     again = evaluate(reloaded, tok2, TASK, rows(8), batch_size=8, max_length=32)
-    assert again == pytest.approx(after)
+    assert again == pytest.approx(after, rel=RELOAD_RTOL)
 
 
 def test_audit_flags_a_changed_frozen_weight(tmp_path):
@@ -105,9 +109,9 @@ def test_lora_adapter_round_trip(tmp_path):
     assert audit["ok"] and all("lora_" in n for n in audit["trainable"]["unchanged"])
 
     reloaded = PeftModel.from_pretrained(tiny_model("llama"), str(final))
-    assert evaluate(reloaded, tok, TASK, rows(8), 8, 32) == pytest.approx(metrics["eval"], rel=1e-6)
+    assert evaluate(reloaded, tok, TASK, rows(8), 8, 32) == pytest.approx(metrics["eval"], rel=RELOAD_RTOL)
     via_salf, _ = load_trained(final, load_base=lambda spec: tiny_model(spec.removeprefix("tiny-")))
-    assert evaluate(via_salf, tok, TASK, rows(8), 8, 32) == pytest.approx(metrics["eval"], rel=1e-6)
+    assert evaluate(via_salf, tok, TASK, rows(8), 8, 32) == pytest.approx(metrics["eval"], rel=RELOAD_RTOL)
 
 
 def test_untied_copy_head_trains_and_reloads_separately(tmp_path):
@@ -298,7 +302,8 @@ def test_bf16_final_eval_is_what_the_saved_model_gives(tmp_path):
     metrics = train(tiny_model("llama"), tok, TASK, rows(8), rows(8), make_plan(2), tmp_path,
                     max_steps=2, bf16=True, **COMMON)
     reloaded, _ = load_trained(tmp_path / "final")
-    assert evaluate(reloaded, tok, TASK, rows(8), 4, 32) == metrics["eval"]
+    # bf16 autocast left on moves the loss by ~1e-2; a reload runs other kernels (~1e-7)
+    assert evaluate(reloaded, tok, TASK, rows(8), 4, 32) == pytest.approx(metrics["eval"], rel=RELOAD_RTOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

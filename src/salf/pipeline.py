@@ -16,6 +16,7 @@ from .cost import ModelShape, cost_table, plan_prediction
 from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .data import collate, encode, load_dataset_spec, pad_token_id, sample_hash
 from .errors import SalfError
+from .io import atomic_write_json
 from .models import anatomy, load_model, verify_anatomy
 from .plan import FreezePlan
 from .report.markdown import write_analysis_report
@@ -237,7 +238,6 @@ def finetune(model_spec: str, dataset_spec: str, out_dir, *,
              progress: bool = True, seed: int = 0, batch_size: int = 16, max_length: int = 96,
              train_samples=None, eval_samples=500, **train_kwargs) -> dict:
     """The whole job: analyze -> plan -> evaluate zero-shot -> train -> evaluate; summary.json."""
-    import json
     import time
 
     from .train import evaluate
@@ -279,5 +279,5 @@ def finetune(model_spec: str, dataset_spec: str, out_dir, *,
         "analysis_s": analysis_s, "total_s": time.perf_counter() - t0,
         "outputs": {"analysis": str(out / "analysis"), "model": str(out / "train" / "final")},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_json(out / "summary.json", summary)
     return summary

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
 from .errors import SalfError
+from .io import atomic_write_json, read_json
 
 SCHEMA = "salf.freeze-plan/1"
 HEADS = ("frozen", "trainable", "untied-copy")
@@ -244,25 +244,8 @@ class FreezePlan:
             raise SalfError(f"{source}: malformed freeze plan ({exc})") from None
 
     def to_json(self, path) -> Path:
-        path = Path(path)
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path) -> "FreezePlan":
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SalfError(f"freeze plan {path}: file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SalfError(f"freeze plan {path}: cannot read ({exc.__class__.__name__})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SalfError(f"freeze plan {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        return cls.from_dict(data, source=f"freeze plan {path}")
+        return cls.from_dict(read_json(path, "freeze plan"), source=f"freeze plan {path}")

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import SalfError
+from .io import atomic_write_json, atomic_write_text, read_json
 
 SALF_POLICIES = {"salf": "max-gain", "salf-e0": "max-gain-e0", "paper": "paper", "onset": "onset",
                  "knee": "knee"}
@@ -161,13 +162,7 @@ def run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int,
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SalfError(f"sweep cell {spec['key']} failed: {tail}")
     result_path = cells_dir / f"{spec['key']}.json"
-    return json.loads(result_path.read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return read_json(result_path, "sweep cell")
 
 
 # ------------------------------------------------------------------ picks
@@ -193,7 +188,7 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
     picks_path = out / "analysis" / "picks.json"
     settings = {"samples": cfg.samples, "max_length": cfg.max_length, "head": cfg.head,
                 "batch_size": cfg.batch_size}
-    saved = json.loads(picks_path.read_text()) if picks_path.exists() else {}
+    saved = read_json(picks_path, "selector picks") if picks_path.exists() else {}
     known = saved.get("picks", {}) if saved.get("settings") == settings else {}
     loaded = None  # (model, tok, info, ds), loaded only if something must be computed
 
@@ -241,8 +236,7 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
             else:
                 picks[name] = {"layers": sorted(sel.trainable_layers), "reason": sel.reason}
     baseline = {n: p for n, p in picks.items() if n in PREFIX_SELECTORS or n in SET_SELECTORS}
-    _write_atomic(picks_path, json.dumps({"settings": settings, "picks": {**known, **baseline}},
-                                         indent=2) + "\n")
+    atomic_write_json(picks_path, {"settings": settings, "picks": {**known, **baseline}})
     timing = {"analysis_s": tr.timing.get("seconds"), "analysis_wall_s": tr.extra.get("analysis_wall_s")}
     return picks, timing
 
@@ -276,7 +270,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
-    saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    saved = read_json(cfg_path, "sweep config") if cfg_path.exists() else None
     if saved and saved.get("training") != cfg.training_key():
         raise SalfError(f"{out} holds a sweep with other training settings "
                         f"({saved.get('training')}); use another --out")
@@ -314,8 +308,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
             log(f"  pick {name}: " + (f"eof {p['cut']}" if "cut" in p else
                                       "layers " + ",".join(map(str, p["layers"]))))
         return None
-    _write_atomic(cfg_path, json.dumps({"training": cfg.training_key(), "config": asdict(folder)},
-                                       indent=2))
+    atomic_write_json(cfg_path, {"training": cfg.training_key(), "config": asdict(folder)})
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(wanted), initial=len(wanted) - len(missing), desc="sweep cells",
@@ -324,7 +317,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
     def report() -> dict:
         # every finished cell in the folder, also those of earlier runs with other lists
         summary = summarize(folder, load_cells(cells_dir), picks, timing)
-        _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(out / "sweep.json", summary)
         return summary
 
     def finished(done: dict) -> None:
@@ -437,26 +430,26 @@ def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
             new.update(cost=cell_cost(shape, min(cell["layers"]), cell["layers"], spec, tr.task),
                        cost_basis="trained-layers")
         if new != cell:
-            _write_atomic(p, json.dumps(new, indent=2) + "\n")
+            atomic_write_json(p, new)
 
 
 def load_cells(cells_dir: Path) -> list[dict]:
     """Finished cells on disk, in key order."""
-    return [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))
+    return [read_json(p, "sweep cell") for p in sorted(Path(cells_dir).glob("*.json"))
             if not p.name.startswith(".")]  # .<key>.spec.json: a cell being computed
 
 
 def refresh_report(out: Path) -> dict:
     """Recompute sweep.json from the cells on disk and redraw sweep.md / frontier.png."""
     out = Path(out)
-    state = json.loads((out / "config.json").read_text())["config"]
-    previous = json.loads((out / "sweep.json").read_text())
+    state = read_json(out / "config.json", "sweep config")["config"]
+    previous = read_json(out / "sweep.json", "sweep summary")
     cfg = SweepConfig(**state)
     backfill_cells(cfg, out / "cells")
     picks = {name: {k: v for k, v in d.items() if k in ("cut", "layers", "reason")}
              for name, d in previous["pick_details"].items()}
     summary = summarize(cfg, load_cells(out / "cells"), picks, previous.get("timing", {}))
-    _write_atomic(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "sweep.json", summary)
     write_sweep_report(out, summary)
     return summary
 
@@ -602,7 +595,7 @@ def write_sweep_report(out: Path, s: dict) -> None:
         lines.append(f"- **{name}**: {where} — quality {d['quality']:.4f}, cost {d['cost']:.3f}, "
                      f"safe {d.get('safe')}, cost / cheapest safe "
                      f"{'–' if ratio is None else f'{ratio:.2f}'} — {d.get('reason', '')}")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
     if s["cuts"] and s["full"]["seeds"]:
         plot_frontier(out / "frontier.png", title=f"{s['model']} on {s['dataset']}",
                       metric=s["metric"], full=s["full"], cut_points=s["cuts"],
@@ -610,10 +603,10 @@ def write_sweep_report(out: Path, s: dict) -> None:
 
 
 def _cell_main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
+    spec = read_json(spec_path, "sweep cell spec")
     result = run_cell(spec)
     cells_dir = Path(spec_path).parent
-    _write_atomic(cells_dir / f"{spec['key']}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_json(cells_dir / f"{spec['key']}.json", result)
     return 0
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..errors import SalfError
+from ..io import atomic_write_text
 from ..models.anatomy import layer_output
 from .basis import semantic_basis, weight_fingerprint
 
@@ -126,8 +127,7 @@ class Trace:
         """JSON text; also written to `path` when given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod

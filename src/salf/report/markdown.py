@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io import atomic_write_text
+
 
 def fmt(v, digits: int = 3) -> str:
     if v is None:
@@ -74,5 +76,5 @@ def write_analysis_report(path: Path, tr, plan, choice: dict, cost: dict, fit: d
     lines += ["", "Every other policy can be applied to this trace without the model: "
               "`salf plan --trace trace.json --policy paper|onset|knee|budget=B`.", ""]
     path = Path(path)
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path

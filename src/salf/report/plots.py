@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..io import atomic_path  # noqa: E402
+
 FROZEN = "#c9d3e0"
 ACCENT = "#d1495b"
 INK = "#2e4057"
@@ -70,7 +72,8 @@ def plot_trace(path: Path, *, title: str, deviation: list[float], gains: list[fl
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -117,6 +120,7 @@ def plot_frontier(path: Path, *, title: str, metric: str, full: dict, cut_points
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
 
 from ..errors import SalfError
+from ..io import atomic_write_json
 
 
 class Snapshot(dict):
@@ -113,18 +113,6 @@ def compare(before: dict, after: dict, plan=None, *, trainable: Iterable[str] | 
     return report
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that it either appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_audit(path: str | os.PathLike, report: dict, **extra) -> None:
     """Write the audit report (plus any extra fields) as JSON, atomically."""
-    atomic_write_text(path, json.dumps({**report, **extra}, indent=2, default=str) + "\n")
+    atomic_write_json(path, {**report, **extra})

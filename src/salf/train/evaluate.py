@@ -21,7 +21,6 @@ padding.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SalfError
+from ..io import read_json
 from ..losses import (IGNORE_INDEX, batch_loss, is_classification_batch,  # noqa: F401
                       label_position_logits, lm_loss, model_inputs, response_loss,
                       response_loss_per_example)
@@ -152,7 +152,7 @@ def read_meta(folder: str | os.PathLike) -> dict:
     path = Path(folder) / META_FILE
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    return read_json(path, "trained-model metadata")
 
 
 def load_trained(folder: str | os.PathLike, load_base: Callable | None = None, dtype=None):

@@ -33,7 +33,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..errors import SalfError
-from .audit import _plan_dict, atomic_write_text, compare, snapshot, write_audit
+from ..io import atomic_write_json, publish_dir, read_json
+from .audit import _plan_dict, compare, snapshot, write_audit
 from .evaluate import META_FILE, batch_loss, batch_tokens, evaluate_examples
 from .freeze import (LoraSettings, SalfFreezeCallback, apply_plan, assert_truncated, freeze_state,
                      parameter_counts)
@@ -111,47 +112,6 @@ class _StepTimer(TrainerCallback):
             "tokens_per_step": sum(tokens) / len(tokens),
             "tokens_per_s": sum(tokens) / sum(times) if sum(times) > 0 else None,
         }
-
-
-def _fsync_tree(folder: str) -> None:
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:  # pragma: no cover
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
-    finally:
-        os.close(fd)
-
-
-def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move a fully written folder into place (rename; an old one is replaced)."""
-    staging, final = str(staging), str(final)
-    _fsync_tree(staging)
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(staging, final)
-    _fsync_dir(os.path.dirname(os.path.abspath(final)))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class SalfTrainer(Trainer):
@@ -306,7 +266,7 @@ def _base_spec(model: nn.Module, plan, base_spec) -> str | None:
 def _check_resume(run_file: Path, run: dict) -> None:
     if not run_file.is_file():
         return
-    old = json.loads(run_file.read_text())
+    old = read_json(run_file, "run settings")
     diffs = [k for k in _RESUME_KEYS if json.dumps(old.get(k), sort_keys=True, default=str)
              != json.dumps(run.get(k), sort_keys=True, default=str)]
     if diffs:
@@ -379,7 +339,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     elif last_checkpoint(ckpt_dir) is not None:
         raise SalfError(f"{ckpt_dir} already holds checkpoints; pass resume=True to continue that run "
                         "or choose another output folder")
-    atomic_write_text(run_file, json.dumps(run, indent=2, default=str) + "\n")
+    atomic_write_json(run_file, run)
 
     # 1. the plan (seeded: LoRA's initial weights come from the RNG)
     set_seed(int(seed))
@@ -388,7 +348,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
         model = apply_plan(model, plan, lora=lora, gradient_checkpointing=gradient_checkpointing)
     elif applied.eof != int(plan.eof) or (applied.lora is None) != (lora is None):
         raise SalfError("the model already has a different plan applied; pass a freshly loaded model")
-    atomic_write_text(out / "plan.json", json.dumps(plan_dict, indent=2, default=str) + "\n")
+    atomic_write_json(out / "plan.json", plan_dict)
 
     # 2. data
     train_examples = encode(task, tokenizer, train_rows, max_length)
@@ -492,7 +452,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     meta = {"base": _base_spec(model, plan, base_spec), "lora": lora.to_dict() if lora else None,
             "plan": plan_dict, "task": task.to_dict() if hasattr(task, "to_dict") else None,
             "max_length": int(max_length), "loss": loss}
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    atomic_write_json(staging / META_FILE, meta)
     publish_dir(staging, out / "final")
 
     history = trainer.state.log_history
@@ -528,5 +488,5 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
         "resumed_from_step": int(resume_from.rsplit("-", 1)[-1]) if resume_from else None,
         "versions": _versions(),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics
