@@ -39,10 +39,10 @@ from torch import nn
 
 from ..errors import SalfError
 from ..models.anatomy import Anatomy, anatomy, unwrap  # noqa: F401 (unwrap re-exported)
+from ..plan import HEADS
 
 log = logging.getLogger(__name__)
 
-HEAD_OPTIONS = ("frozen", "trainable", "untied-copy")
 _STATE_ATTR = "_salf_freeze"
 
 
@@ -79,12 +79,12 @@ class FreezeState:
     cut_hook: Any = None
     untied: bool = False
     full: bool = False              # plan.train_embeddings: full fine-tuning, no cut
+    layer_set: bool = False         # plan.layers: a non-contiguous set above the cut
+    trainable_layers: list[int] = field(default_factory=list)   # 0-based, the ones that train
     target_modules: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
 
 
 def freeze_state(model: nn.Module) -> FreezeState | None:
@@ -257,14 +257,30 @@ def apply_plan(model: nn.Module, plan, lora: LoraSettings | None = None,
     if freeze_state(model) is not None:
         raise SalfError("a freeze plan is already applied to this model; load a fresh model to apply another")
     anat = anatomy(model)
+    state = _checked_state(plan, anat, lora, gradient_checkpointing)
+    _set_requires_grad(model, anat, state)
+    _neutralise_input_grad_hooks(model, anat)
+    _guard_checkpointing(model, anat, state)
+    if not state.full:
+        _place_cut_hook(anat, state)
+    model.__dict__["salf_plan"] = plan
+    if lora is None:
+        assert_truncated(model)
+        return model
+    return _wrap_lora(model, anat, state)
+
+
+def _checked_state(plan, anat: Anatomy, lora: LoraSettings | None,
+                   gradient_checkpointing: bool) -> FreezeState:
+    """The FreezeState `plan` asks for on this model, or one SalfError saying why it cannot be."""
     L = anat.num_layers
     eof, num_layers, head, train_embeddings = _plan_fields(plan)
     if num_layers is not None and int(num_layers) != L:
         raise SalfError(f"plan is for a {num_layers}-layer model but this model has {L} layers")
     if not 0 <= eof <= L:
         raise SalfError(f"plan eof={eof} is outside 0..{L}")
-    if head not in HEAD_OPTIONS:
-        raise SalfError(f"plan head {head!r} is not one of {', '.join(HEAD_OPTIONS)}")
+    if head not in HEADS:
+        raise SalfError(f"plan head {head!r} is not one of {', '.join(HEADS)}")
     if train_embeddings and (eof != 0 or lora is not None):
         raise SalfError("train_embeddings means full fine-tuning (eof 0, no LoRA); for LoRA on every "
                         "layer use eof 0 without train_embeddings")
@@ -274,39 +290,45 @@ def apply_plan(model: nn.Module, plan, lora: LoraSettings | None = None,
                         "'frozen'")
     if lora is not None and eof >= L:
         raise SalfError(f"LoRA needs at least one trainable layer, but eof={eof} freezes all {L}")
-
-    state = FreezeState(plan=plan, eof=eof, num_layers=L, head=head, lora=lora,
-                        gradient_checkpointing=gradient_checkpointing, cut_module=None,
-                        full=train_embeddings)
-    head_trainable = head in ("trainable", "untied-copy")
-
-    # 1. requires_grad: everything off, then the part above the cut on.
-    model.requires_grad_(train_embeddings)   # full fine-tuning: everything trains, nothing is cut
-    if head == "untied-copy" and anat.tied and lora is None:
-        untie_head(model, anat)
-        state.untied = True
     # Optional non-contiguous set above the cut (plan.layers, e.g. Spectrum's pick): the
     # unlisted layers stay frozen but gradients still flow through them down to the cut.
-    trainable = sorted(getattr(plan, "layers", None) or range(eof, L))
-    if trainable and trainable[0] != eof and not train_embeddings:
-        raise SalfError(f"plan.layers must start at the cut (eof={eof}), got {trainable}")
-    if lora is None:
-        for i in trainable:
-            anat.layers[i].requires_grad_(True)
-        for module in [anat.final_norm, *anat.post_norm]:
-            if module is not None:
-                module.requires_grad_(True)
-        if head_trainable:
-            anat.head.requires_grad_(True)
+    layers = sorted(getattr(plan, "layers", None) or range(eof, L))
+    if layers and layers[0] != eof and not train_embeddings:
+        raise SalfError(f"plan.layers must start at the cut (eof={eof}), got {layers}")
+    return FreezeState(plan=plan, eof=eof, num_layers=L, head=head, lora=lora,
+                       gradient_checkpointing=gradient_checkpointing, cut_module=None,
+                       full=train_embeddings, layer_set=getattr(plan, "layers", None) is not None,
+                       trainable_layers=list(layers))
 
-    # 2. no hook may make the embedding output require grad, now or later.
+
+def _set_requires_grad(model: nn.Module, anat: Anatomy, state: FreezeState) -> None:
+    """Everything off, then the part above the cut on (with LoRA, PEFT adds what trains)."""
+    model.requires_grad_(state.full)   # full fine-tuning: everything trains, nothing is cut
+    if state.head == "untied-copy" and anat.tied and state.lora is None:
+        untie_head(model, anat)
+        state.untied = True
+    if state.lora is not None:
+        return
+    for i in state.trainable_layers:
+        anat.layers[i].requires_grad_(True)
+    for module in [anat.final_norm, *anat.post_norm]:
+        if module is not None:
+            module.requires_grad_(True)
+    if state.head in ("trainable", "untied-copy"):
+        anat.head.requires_grad_(True)
+
+
+def _neutralise_input_grad_hooks(model: nn.Module, anat: Anatomy) -> None:
+    """No hook may make the embedding output require grad, now or later."""
     _remove_require_grads_hooks(model, anat)
     model.__dict__["enable_input_require_grads"] = _noop_enable_input_require_grads
 
-    # 3. checkpointing only above the cut, non-reentrant.
+
+def _guard_checkpointing(model: nn.Module, anat: Anatomy, state: FreezeState) -> None:
+    """Checkpointing only above the cut, non-reentrant — now and after any later enable."""
     model.__dict__["_set_gradient_checkpointing"] = types.MethodType(_guarded_set_gradient_checkpointing, model)
     model.__dict__[_STATE_ATTR] = state
-    if gradient_checkpointing:
+    if state.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise SalfError(f"{type(model).__name__} does not support activation checkpointing")
         model._set_gradient_checkpointing(enable=True)
@@ -315,30 +337,32 @@ def apply_plan(model: nn.Module, plan, lora: LoraSettings | None = None,
     else:
         _restrict_checkpointing(model, state, anat)
 
-    # 4. the cut: detach whatever enters the first trainable module.
-    if not train_embeddings:
-        cut = anat.layers[eof] if eof < L else (anat.final_norm or anat.head)
-        state.cut_module = cut
-        state.cut_hook = cut.register_forward_pre_hook(_salf_cut_hook, with_kwargs=True, prepend=True)
 
-    model.__dict__["salf_plan"] = plan
+def _place_cut_hook(anat: Anatomy, state: FreezeState) -> None:
+    """Detach whatever enters the first trainable module (moved there if the cut moves)."""
+    if state.cut_hook is not None:
+        state.cut_hook.remove()
+    L = anat.num_layers
+    cut = anat.layers[state.eof] if state.eof < L else (anat.final_norm or anat.head)
+    state.cut_module = cut
+    state.cut_hook = cut.register_forward_pre_hook(_salf_cut_hook, with_kwargs=True, prepend=True)
 
-    if lora is None:
-        assert_truncated(model)
-        return model
 
-    # 5. LoRA on layers[eof:] only; the base stays frozen.
+def _wrap_lora(model: nn.Module, anat: Anatomy, state: FreezeState) -> nn.Module:
+    """LoRA adapters on layers[eof:] only (the listed ones for a layer set); the base stays frozen."""
     from peft import LoraConfig, get_peft_model
 
-    targets, conv1d = default_target_modules(anat, eof)
+    lora = state.lora
+    targets, conv1d = default_target_modules(anat, state.eof)
     if lora.target_modules:
         targets = list(lora.target_modules)
     state.target_modules = targets
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        layers_to_transform=trainable, layers_pattern=anat.layers_path.rsplit(".", 1)[-1],
+        layers_to_transform=state.trainable_layers, layers_pattern=anat.layers_path.rsplit(".", 1)[-1],
         fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM",
-        modules_to_save=[_module_name(model, anat.head)] if head_trainable else None,
+        modules_to_save=([_module_name(model, anat.head)]
+                         if state.head in ("trainable", "untied-copy") else None),
     )
     with warnings.catch_warnings():
         # a tied head in modules_to_save is exactly what "untied-copy" asks for: an independent copy
@@ -347,6 +371,72 @@ def apply_plan(model: nn.Module, plan, lora: LoraSettings | None = None,
         peft_model = get_peft_model(model, config)
     assert_truncated(peft_model)
     return peft_model
+
+
+def move_cut(model: nn.Module, new_eof: int, optimizer=None) -> dict:
+    """Move the cut of a planned model deeper: freeze decoder layers eof+1..new_eof too.
+
+    The cut never moves back. The newly frozen parameters (base weights, or their LoRA
+    adapters) lose requires_grad and their gradient; with `optimizer` (the Trainer's,
+    accelerate-wrapped or not) they also leave its parameter groups and their state is
+    dropped, so the memory is freed and a checkpoint's optimizer state matches an optimizer
+    built afresh from the parameters that still train (how a resumed run rebuilds it). The
+    detaching hook moves to the new first trainable module, checkpointing stays on trainable
+    layers only, and `assert_truncated` re-checks everything. Returns what was frozen:
+    `{"from", "to", "tensors": [names], "params", "optimizer_state_bytes_freed"}`.
+    """
+    base = unwrap(model)
+    state: FreezeState | None = getattr(base, _STATE_ATTR, None)
+    if state is None:
+        raise SalfError("no freeze plan applied to this model (call apply_plan first)")
+    if state.full:
+        raise SalfError("full fine-tuning has no cut to move: start from a plan with a cut (eof >= 0)")
+    if state.layer_set:
+        raise SalfError("a plan with a non-contiguous layer set (plan.layers) cannot move its cut")
+    old, L = state.eof, state.num_layers
+    if not isinstance(new_eof, int) or isinstance(new_eof, bool) or not old <= new_eof <= L:
+        raise SalfError(f"the cut can only move deeper: from eof {old} to an integer in {old}..{L}, "
+                        f"got {new_eof!r}")
+    head_trains = state.head in ("trainable", "untied-copy")
+    if new_eof == L and (state.lora is not None or not head_trains):
+        raise SalfError(f"eof {L} would freeze every layer and nothing would train; the deepest cut "
+                        f"is {L - 1}")
+    anat = anatomy(base)
+    newly = {id(p): p for layer in list(anat.layers)[old:new_eof] for p in layer.parameters()
+             if p.requires_grad}
+    names = [n for n, p in model.named_parameters() if id(p) in newly]
+    freed = _drop_from_optimizer(optimizer, list(newly.values())) if optimizer is not None else 0
+    for p in newly.values():
+        p.requires_grad_(False)
+        p.grad = None
+    state.eof = new_eof
+    state.trainable_layers = list(range(new_eof, L))
+    _place_cut_hook(anat, state)
+    _restrict_checkpointing(base, state, anat)
+    assert_truncated(model)
+    return {"from": old, "to": new_eof, "tensors": names,
+            "params": sum(p.numel() for p in newly.values()), "optimizer_state_bytes_freed": freed}
+
+
+def _drop_from_optimizer(optimizer, params: list[torch.Tensor]) -> int:
+    """Remove `params` from the optimizer's groups and state; returns the state bytes freed."""
+    inner = getattr(optimizer, "optimizer", optimizer)   # accelerate's AcceleratedOptimizer wraps one
+    ids = {id(p) for p in params}
+    for group in inner.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    freed = 0
+    for p in params:
+        for value in inner.state.pop(p, {}).values():
+            if isinstance(value, torch.Tensor):
+                freed += value.numel() * value.element_size()
+    return freed
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes held by the optimizer's per-parameter state (AdamW: two moments per parameter)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
 
 
 def assert_truncated(model: nn.Module) -> dict:
