@@ -1,4 +1,4 @@
-"""Transition trace (METHOD.md §1, §3, §4): streaming per-space statistics.
+"""Transition trace (docs/method.md, formula map §1, §3, §4): streaming per-space statistics.
 
 One forward per batch under `torch.inference_mode`, with hooks on the decoder
 layers: a forward-pre-hook on `layers[0]` captures space 0 (the input of
@@ -46,6 +46,7 @@ from .. import __version__
 from ..errors import SalfError
 from ..io import atomic_write_text
 from ..models.anatomy import layer_output
+from ..models.config import config_value, text_config
 from .basis import semantic_basis, weight_fingerprint
 
 # Temperature of the label-set softmax over cosines. Cosines live in [-1, 1], so
@@ -282,21 +283,12 @@ def _margin_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def _model_shapes(model, anat) -> dict:
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-    def first(*names):
-        for n in names:
-            v = getattr(cfg, n, None)
-            if v is not None:
-                return v
-        return None
-
+    cfg = text_config(getattr(model, "config", None))
     V, d = anat.unembedding.shape
     return {"num_layers": anat.num_layers, "hidden_size": int(d), "vocab_size": int(V),
-            "intermediate_size": first("intermediate_size", "n_inner", "ffn_dim"),
-            "num_attention_heads": first("num_attention_heads", "n_head"),
-            "num_key_value_heads": first("num_key_value_heads"),
+            "intermediate_size": config_value(cfg, "intermediate_size", "n_inner", "ffn_dim"),
+            "num_attention_heads": config_value(cfg, "num_attention_heads", "n_head"),
+            "num_key_value_heads": config_value(cfg, "num_key_value_heads"),
             "tied_embeddings": bool(anat.tied), "dtype": str(anat.unembedding.dtype)}
 
 
@@ -338,6 +330,8 @@ def _targets(batch, kind, label_ids, max_per_example, gen):
 
 
 class _Accumulator:
+    """Running sums over target positions, one entry per latent space."""
+
     def __init__(self, num_spaces):
         n = num_spaces
         self.n = 0
@@ -373,9 +367,26 @@ def trace(model, anat, batches, task_kind=None, label_token_ids=None, max_target
     `capture_callback(capture)` is called after the run with the `TargetCapture`
     (its `max_retained_bytes` is what the memory test checks).
     """
+    kind, label_ids = _checked_arguments(anat, task_kind, label_token_ids, max_targets_per_example)
+    run = _TraceRun(model, anat, kind, label_ids, tau=tau, logit_lens=logit_lens,
+                    max_targets=max_targets_per_example, seed=seed,
+                    position_ids_from_mask=position_ids_from_mask, basis_cache_dir=basis_cache_dir)
+    t_start = time.perf_counter()
+    run.run(batches, progress)
+    if capture_callback is not None:
+        capture_callback(run.capture)
+    if run.sums.n == 0:
+        raise SalfError("no target positions in the analysis sample (empty batches, or SFT labels "
+                        "all -100?)")
+    spaces = _spaces_from_sums(run.sums, run.kind, anat.num_layers, logit_lens)
+    return _build_trace(run, spaces, time.perf_counter() - t_start, model_info=model_info,
+                        data_info=data_info, shapes=shapes, extra=extra)
+
+
+def _checked_arguments(anat, task_kind, label_token_ids, max_targets) -> tuple[str | None, list | None]:
+    """(task kind or None = infer from the batches, label ids as ints or None); SalfError if unusable."""
     kind = _task_kind(task_kind)
-    L = anat.num_layers
-    if L < 1:
+    if anat.num_layers < 1:
         raise SalfError("model has no decoder layers")
     if kind == "classification" or (kind is None and label_token_ids is not None):
         if not label_token_ids:
@@ -383,151 +394,187 @@ def trace(model, anat, batches, task_kind=None, label_token_ids=None, max_target
     label_ids = [int(t) for t in label_token_ids] if label_token_ids is not None else None
     if label_ids is not None and len(set(label_ids)) != len(label_ids):
         raise SalfError(f"label token ids collide: {label_ids}")
-    if max_targets_per_example is not None and max_targets_per_example < 1:
+    if max_targets is not None and max_targets < 1:
         raise SalfError("max_targets_per_example must be >= 1")
+    return kind, label_ids
 
-    device = anat.model.get_input_embeddings().weight.device \
-        if hasattr(anat.model, "get_input_embeddings") else next(model.parameters()).device
-    accepts_pos = "position_ids" in inspect.signature(model.forward).parameters
-    gen = torch.Generator().manual_seed(int(seed))
-    acc = _Accumulator(L + 1)
-    sample_hash = hashlib.sha256()
-    n_examples = 0
-    n_batches = 0
-    t_forward = t_stats = 0.0
-    label_basis = label_hat = None
-    if label_ids is not None:
-        label_basis = semantic_basis(anat, label_ids, cache_dir=basis_cache_dir)
-        label_hat = F.normalize(label_basis, dim=-1)
-    cap = TargetCapture(anat)
-    was_training = model.training
-    total = len(batches) if hasattr(batches, "__len__") else None
-    t_start = time.perf_counter()
 
+def _input_device(model, anat) -> torch.device:
+    if hasattr(anat.model, "get_input_embeddings"):
+        return anat.model.get_input_embeddings().weight.device
+    return next(model.parameters()).device
+
+
+def _label_directions(anat, label_ids, cache_dir) -> torch.Tensor | None:
+    """Unit-length semantic basis vectors of the labels (rows in label order); None for SFT."""
+    if label_ids is None:
+        return None
+    return F.normalize(semantic_basis(anat, label_ids, cache_dir=cache_dir), dim=-1)
+
+
+def _progress_bar(batches, progress: bool):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
-        def tqdm(it, **_):
-            return it
-
-    model.eval()
-    cap.attach()
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(batches, total=total, desc="trace", unit="batch", disable=not progress):
-                bkind = _batch_kind(batch)
-                if kind is None:
-                    kind = bkind
-                elif bkind != kind:
-                    raise SalfError(f"batch looks like {bkind} but the task is {kind}")
-                if kind == "classification" and label_ids is None:
-                    raise SalfError("classification traces need label_token_ids")
-                ids = batch["input_ids"]
-                if ids.dim() != 2:
-                    raise SalfError(f"input_ids must be (batch, seq), got {tuple(ids.shape)}")
-                bi, pi, y, li = _targets(batch, kind, label_ids, max_targets_per_example, gen)
-                ids_cpu = ids.detach().cpu().contiguous()
-                sample_hash.update(str(tuple(ids_cpu.shape)).encode())
-                sample_hash.update(ids_cpu.numpy().tobytes())
-                sample_hash.update(y.numpy().tobytes())
-                n_examples += ids.shape[0]
-                n_batches += 1
-                if y.numel() == 0:
-                    continue
-
-                mask = batch.get("attention_mask")
-                kwargs = {"input_ids": ids.to(device), "use_cache": False}
-                if mask is not None:
-                    kwargs["attention_mask"] = mask.to(device)
-                    if accepts_pos and position_ids_from_mask:
-                        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)
-                cap.index = (bi.to(device), pi.to(device))
-                t0 = time.perf_counter()
-                try:
-                    model(**kwargs)
-                except _StopForward:
-                    pass
-                t1 = time.perf_counter()
-                t_forward += t1 - t0
-                slices = cap.take()
-                _accumulate(anat, slices, y, li, kind, label_ids, label_hat, acc, tau, logit_lens,
-                            basis_cache_dir)
-                del slices
-                t_stats += time.perf_counter() - t1
-    finally:
-        cap.detach()
-        cap.index = None
-        model.train(was_training)
-    if capture_callback is not None:
-        capture_callback(cap)
-    if acc.n == 0:
-        raise SalfError("no target positions in the analysis sample (empty batches, or SFT labels "
-                        "all -100?)")
-
-    spaces = _finalize(acc, kind, L, logit_lens)
-    elapsed = time.perf_counter() - t_start
-    info = _jsonable(model_info) if model_info is not None else {
-        "name_or_path": getattr(getattr(model, "config", None), "name_or_path", None),
-        "class": type(model).__name__}
-    data = dict(_jsonable(data_info) or {}) if data_info is not None else {}
-    data.update(sample_hash=sample_hash.hexdigest(), n_examples=n_examples, n_targets=acc.n)
-    shape_info = _model_shapes(model, anat)
-    if shapes:
-        shape_info.update(_jsonable(shapes))
-    return Trace(
-        model=info, data=data, task=kind, num_layers=L, spaces=spaces, shapes=shape_info,
-        timing={"seconds": round(elapsed, 4), "forward_seconds": round(t_forward, 4),
-                "stats_seconds": round(t_stats, 4), "batches": n_batches, "examples": n_examples,
-                "targets": acc.n, "max_retained_bytes": cap.max_retained_bytes},
-        settings={"tau": tau, "label_token_ids": label_ids,
-                  "max_targets_per_example": max_targets_per_example, "seed": seed,
-                  "logit_lens": bool(logit_lens), "position_ids_from_mask": bool(position_ids_from_mask),
-                  "unembedding_fingerprint": weight_fingerprint(anat.unembedding)[:32]},
-        extra=_jsonable(extra) if extra else {},
-    )
+        return batches
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc="trace", unit="batch", disable=not progress)
 
 
-def _accumulate(anat, slices, y, li, kind, label_ids, label_hat, acc, tau, logit_lens, cache_dir):
-    n = y.numel()
-    dev = slices[0].device
-    y_dev = y.to(dev)
-    if kind == "classification":
-        li_dev = li.to(dev)
-        lab_hat = label_hat.to(dev)
-        b_hat = lab_hat[li_dev]
-        acc.labels.append(li.numpy())
-    else:
+class _TraceRun:
+    """One trace in progress: the hooks, the running sums, the sample hash and the timers."""
+
+    def __init__(self, model, anat, kind, label_ids, *, tau, logit_lens, max_targets, seed,
+                 position_ids_from_mask, basis_cache_dir):
+        self.model, self.anat = model, anat
+        self.kind, self.label_ids = kind, label_ids
+        self.tau, self.logit_lens, self.max_targets, self.seed = tau, logit_lens, max_targets, seed
+        self.position_ids_from_mask = position_ids_from_mask
+        self.basis_cache_dir = basis_cache_dir
+        self.device = _input_device(model, anat)
+        self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.label_hat = _label_directions(anat, label_ids, basis_cache_dir)
+        self.sums = _Accumulator(anat.num_layers + 1)
+        self.capture = TargetCapture(anat)
+        self.sample_hash = hashlib.sha256()
+        self.n_examples = self.n_batches = 0
+        self.t_forward = self.t_stats = 0.0
+
+    def run(self, batches, progress: bool) -> None:
+        """Every batch in eval mode under inference_mode; hooks removed and mode restored after."""
+        was_training = self.model.training
+        self.model.eval()
+        self.capture.attach()
+        try:
+            with torch.inference_mode():
+                for batch in _progress_bar(batches, progress):
+                    self.add_batch(batch)
+        finally:
+            self.capture.detach()
+            self.capture.index = None
+            self.model.train(was_training)
+
+    def add_batch(self, batch: dict) -> None:
+        self._settle_kind(batch)
+        ids = batch["input_ids"]
+        if ids.dim() != 2:
+            raise SalfError(f"input_ids must be (batch, seq), got {tuple(ids.shape)}")
+        bi, pi, y, li = _targets(batch, self.kind, self.label_ids, self.max_targets, self.gen)
+        self._record_sample(ids, y)
+        if y.numel() == 0:
+            return
+        t0 = time.perf_counter()
+        self._forward(batch, bi, pi)
+        t1 = time.perf_counter()
+        self.t_forward += t1 - t0
+        self._add_statistics(self.capture.take(), y, li)
+        self.t_stats += time.perf_counter() - t1
+
+    def _settle_kind(self, batch: dict) -> None:
+        """The task kind from the first batch when not given; every batch must agree with it."""
+        bkind = _batch_kind(batch)
+        if self.kind is None:
+            self.kind = bkind
+        elif bkind != self.kind:
+            raise SalfError(f"batch looks like {bkind} but the task is {self.kind}")
+        if self.kind == "classification" and self.label_ids is None:
+            raise SalfError("classification traces need label_token_ids")
+
+    def _record_sample(self, ids: torch.Tensor, y: torch.Tensor) -> None:
+        """Hash the input ids and targets (the trace's `sample_hash`) and count the batch."""
+        ids_cpu = ids.detach().cpu().contiguous()
+        self.sample_hash.update(str(tuple(ids_cpu.shape)).encode())
+        self.sample_hash.update(ids_cpu.numpy().tobytes())
+        self.sample_hash.update(y.numpy().tobytes())
+        self.n_examples += ids.shape[0]
+        self.n_batches += 1
+
+    def _forward(self, batch: dict, bi: torch.Tensor, pi: torch.Tensor) -> None:
+        """One forward pass up to the last decoder layer; the hooks keep the target rows."""
+        mask = batch.get("attention_mask")
+        kwargs = {"input_ids": batch["input_ids"].to(self.device), "use_cache": False}
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(self.device)
+            if self.accepts_position_ids and self.position_ids_from_mask:
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0).to(self.device)
+        self.capture.index = (bi.to(self.device), pi.to(self.device))
+        try:
+            self.model(**kwargs)
+        except _StopForward:
+            pass
+
+    def _add_statistics(self, slices: list[torch.Tensor], y: torch.Tensor, li) -> None:
+        """Add every space's statistics of one batch's target rows to the sums (module doc)."""
+        acc, n = self.sums, y.numel()
+        dev = slices[0].device
+        y_dev = y.to(dev)
+        li_dev = li.to(dev) if li is not None else None
+        lab_hat = self.label_hat.to(dev) if self.kind == "classification" else None
+        b_hat = self._target_directions(y, li_dev, lab_hat, dev)
+        if self.kind == "classification":
+            acc.labels.append(li.numpy())
+        for l, s in enumerate(slices):
+            t, tf = _normed_space(self.anat, s, l)
+            t_hat = F.normalize(tf, dim=-1)
+            dev_l = 1.0 - (t_hat * b_hat).sum(-1)
+            acc.dev[l] += float(dev_l.sum())
+            acc.dev_sq[l] += float((dev_l.double() ** 2).sum())
+            if self.kind == "classification":
+                C = t_hat @ lab_hat.T                              # (n, K) cosines
+                acc.ce[l] += float(F.cross_entropy(C / self.tau, li_dev, reduction="sum"))
+                acc.correct[l] += int((C.argmax(-1) == li_dev).sum())
+                acc.scores[l].append(C.cpu().numpy())
+            if self.logit_lens:
+                self._add_logit_lens(l, t, y_dev, li_dev)
+        acc.n += n
+
+    def _target_directions(self, y, li_dev, lab_hat, dev) -> torch.Tensor:
+        """b̂_y for every target row: the label's direction, or (SFT) the target token's."""
+        if self.kind == "classification":
+            return lab_hat[li_dev]
         uniq, inverse = torch.unique(y, return_inverse=True)
-        b_hat = F.normalize(semantic_basis(anat, uniq, cache_dir=cache_dir), dim=-1).to(dev)[inverse.to(dev)]
-    head_dtype = anat.unembedding.dtype
-    for l, s in enumerate(slices):
-        if not bool(torch.isfinite(s).all()):
-            raise SalfError(f"hidden states contain NaN/inf at layer {l} (a broken checkpoint?)")
-        t = anat.normalize(s)
-        tf = t.float()
-        if not bool(torch.isfinite(tf).all()):
-            raise SalfError(f"hidden states contain NaN/inf at layer {l} after the final norm "
-                            "(a broken checkpoint?)")
-        t_hat = F.normalize(tf, dim=-1)
-        dev_l = 1.0 - (t_hat * b_hat).sum(-1)
-        acc.dev[l] += float(dev_l.sum())
-        acc.dev_sq[l] += float((dev_l.double() ** 2).sum())
-        if kind == "classification":
-            C = t_hat @ lab_hat.T                              # (n, K) cosines
-            acc.ce[l] += float(F.cross_entropy(C / tau, li_dev, reduction="sum"))
-            acc.correct[l] += int((C.argmax(-1) == li_dev).sum())
-            acc.scores[l].append(C.cpu().numpy())
-        if logit_lens:
-            for a in range(0, n, _LOGIT_CHUNK):
-                z = anat.logits_from_normed(t[a:a + _LOGIT_CHUNK].to(head_dtype)).float()
-                acc.ll_ce[l] += float(F.cross_entropy(z, y_dev[a:a + _LOGIT_CHUNK], reduction="sum"))
-                if kind == "classification":
-                    zl = z[:, label_ids]
-                    acc.ll_correct[l] += int((zl.argmax(-1) == li_dev[a:a + _LOGIT_CHUNK]).sum())
-    acc.n += n
+        basis = semantic_basis(self.anat, uniq, cache_dir=self.basis_cache_dir)
+        return F.normalize(basis, dim=-1).to(dev)[inverse.to(dev)]
+
+    def _add_logit_lens(self, l: int, t: torch.Tensor, y_dev, li_dev) -> None:
+        """Full-vocabulary CE (and label-restricted accuracy) of the head applied to t_l, in chunks."""
+        acc, head_dtype = self.sums, self.anat.unembedding.dtype
+        for a in range(0, y_dev.numel(), _LOGIT_CHUNK):
+            z = self.anat.logits_from_normed(t[a:a + _LOGIT_CHUNK].to(head_dtype)).float()
+            acc.ll_ce[l] += float(F.cross_entropy(z, y_dev[a:a + _LOGIT_CHUNK], reduction="sum"))
+            if self.kind == "classification":
+                zl = z[:, self.label_ids]
+                acc.ll_correct[l] += int((zl.argmax(-1) == li_dev[a:a + _LOGIT_CHUNK]).sum())
+
+    def timing(self, elapsed: float) -> dict:
+        return {"seconds": round(elapsed, 4), "forward_seconds": round(self.t_forward, 4),
+                "stats_seconds": round(self.t_stats, 4), "batches": self.n_batches,
+                "examples": self.n_examples, "targets": self.sums.n,
+                "max_retained_bytes": self.capture.max_retained_bytes}
+
+    def settings(self) -> dict:
+        return {"tau": self.tau, "label_token_ids": self.label_ids,
+                "max_targets_per_example": self.max_targets, "seed": self.seed,
+                "logit_lens": bool(self.logit_lens),
+                "position_ids_from_mask": bool(self.position_ids_from_mask),
+                "unembedding_fingerprint": weight_fingerprint(self.anat.unembedding)[:32]}
 
 
-def _finalize(acc, kind, L, logit_lens) -> list[dict]:
+def _normed_space(anat, s: torch.Tensor, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_l = N(h^l), t_l in float32); SalfError if either holds NaN/inf (a broken checkpoint)."""
+    if not bool(torch.isfinite(s).all()):
+        raise SalfError(f"hidden states contain NaN/inf at layer {l} (a broken checkpoint?)")
+    t = anat.normalize(s)
+    tf = t.float()
+    if not bool(torch.isfinite(tf).all()):
+        raise SalfError(f"hidden states contain NaN/inf at layer {l} after the final norm "
+                        "(a broken checkpoint?)")
+    return t, tf
+
+
+def _spaces_from_sums(acc, kind, L, logit_lens) -> list[dict]:
+    """The per-space records of the trace (SPACE_KEYS) from the running sums."""
     n = acc.n
     labels = np.concatenate(acc.labels) if acc.labels else None
     spaces = []
@@ -547,3 +594,21 @@ def _finalize(acc, kind, L, logit_lens) -> list[dict]:
                 s["logit_lens_acc"] = acc.ll_correct[l] / n
         spaces.append(s)
     return spaces
+
+
+def _build_trace(run: _TraceRun, spaces: list[dict], elapsed: float, *, model_info, data_info,
+                 shapes, extra) -> Trace:
+    """The Trace: the spaces, the caller's metadata and what the run measured about itself."""
+    model = run.model
+    info = _jsonable(model_info) if model_info is not None else {
+        "name_or_path": getattr(getattr(model, "config", None), "name_or_path", None),
+        "class": type(model).__name__}
+    data = dict(_jsonable(data_info) or {}) if data_info is not None else {}
+    data.update(sample_hash=run.sample_hash.hexdigest(), n_examples=run.n_examples,
+                n_targets=run.sums.n)
+    shape_info = _model_shapes(model, run.anat)
+    if shapes:
+        shape_info.update(_jsonable(shapes))
+    return Trace(model=info, data=data, task=run.kind, num_layers=run.anat.num_layers,
+                 spaces=spaces, shapes=shape_info, timing=run.timing(elapsed),
+                 settings=run.settings(), extra=_jsonable(extra) if extra else {})
