@@ -100,25 +100,18 @@ def _fit_fixed_alpha(x: np.ndarray, D: np.ndarray, alpha: float, e_max: float):
     return best
 
 
-def fit_depth_law(trace) -> dict:
-    """Fit D(l) ≈ E + A·(l+1)^(-α) over spaces l = 0..L.
-
-    α in ALPHA_BOUNDS (log grid + golden-section refinement), E in [0, max D],
-    A >= 0 (a law that decreases with depth). Returns {alpha, E, A, r2, ok,
-    reason}; ok=False when the trace is flat, too short, or R² < R2_MIN. All
-    numbers are finite; r2 is 0.0 where it is undefined (flat trace).
-    """
-    D = deviations(trace)
-    x = np.arange(len(D), dtype=np.float64) + 1.0
-    e_max = float(max(D.max(), 0.0))
-    sst = float(((D - D.mean()) ** 2).sum())
-    lo, hi = ALPHA_BOUNDS
-    if sst <= _FLAT_EPS * max(1.0, float(np.abs(D).max())) ** 2:
-        return {"alpha": lo, "E": float(D.mean()), "A": 0.0, "r2": 0.0, "ok": False,
-                "reason": "flat trace: the deviation does not vary over depth, α is not identifiable",
-                "n_points": len(D)}
+def fit_power_law(x, y, bounds: tuple[float, float] = ALPHA_BOUNDS) -> dict:
+    """Least-squares fit of y ≈ E + A·x^(-α): α in `bounds` (log grid + golden-section
+    refinement), E in [0, max y], A >= 0. Returns {alpha, E, A, r2, sse}; r2 is 0.0 for
+    constant y. Shared by the depth law (x = space + 1) and the step law of dynamic freezing
+    (x = training progress)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    e_max = float(max(y.max(), 0.0))
+    sst = float(((y - y.mean()) ** 2).sum())
+    lo, hi = bounds
     grid = np.geomspace(lo, hi, _GRID_POINTS)
-    sses = [_fit_fixed_alpha(x, D, a, e_max)[0] for a in grid]
+    sses = [_fit_fixed_alpha(x, y, a, e_max)[0] for a in grid]
     i = int(np.argmin(sses))
     # golden-section refinement on log α between the grid neighbours
     a_lo, a_hi = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
@@ -126,7 +119,7 @@ def fit_depth_law(trace) -> dict:
     c, d = a_hi - g * (a_hi - a_lo), a_lo + g * (a_hi - a_lo)
 
     def sse_at(la):
-        return _fit_fixed_alpha(x, D, math.exp(la), e_max)[0]
+        return _fit_fixed_alpha(x, y, math.exp(la), e_max)[0]
 
     fc, fd = sse_at(c), sse_at(d)
     for _ in range(40):
@@ -140,9 +133,26 @@ def fit_depth_law(trace) -> dict:
             fd = sse_at(d)
     cand = [(sses[i], float(grid[i])), (fc, math.exp(c)), (fd, math.exp(d))]
     _, alpha = min(cand)
-    sse, E, A = _fit_fixed_alpha(x, D, alpha, e_max)
-    r2 = float(1.0 - sse / sst)
-    out = {"alpha": float(alpha), "E": float(E), "A": float(A), "r2": r2, "n_points": len(D)}
+    sse, E, A = _fit_fixed_alpha(x, y, alpha, e_max)
+    r2 = float(1.0 - sse / sst) if sst > 0 else 0.0
+    return {"alpha": float(alpha), "E": float(E), "A": float(A), "r2": r2, "sse": float(sse)}
+
+
+def fit_depth_law(trace) -> dict:
+    """Fit D(l) ≈ E + A·(l+1)^(-α) over spaces l = 0..L (`fit_power_law`).
+
+    Returns {alpha, E, A, r2, ok, reason}; ok=False when the trace is flat, too short, or
+    R² < R2_MIN. All numbers are finite; r2 is 0.0 where it is undefined (flat trace).
+    """
+    D = deviations(trace)
+    sst = float(((D - D.mean()) ** 2).sum())
+    if sst <= _FLAT_EPS * max(1.0, float(np.abs(D).max())) ** 2:
+        return {"alpha": ALPHA_BOUNDS[0], "E": float(D.mean()), "A": 0.0, "r2": 0.0, "ok": False,
+                "reason": "flat trace: the deviation does not vary over depth, α is not identifiable",
+                "n_points": len(D)}
+    fit = fit_power_law(np.arange(len(D), dtype=np.float64) + 1.0, D)
+    r2, A = fit["r2"], fit["A"]
+    out = {k: fit[k] for k in ("alpha", "E", "A", "r2")} | {"n_points": len(D)}
     if len(D) < MIN_FIT_POINTS:
         out.update(ok=False, reason=f"only {len(D)} latent spaces: too few for a 3-parameter law "
                                     f"(need {MIN_FIT_POINTS})")

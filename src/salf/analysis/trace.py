@@ -25,6 +25,8 @@ Statistics per space l (t = N(h^l), b_v the semantic basis, cos = cosine):
 - logit_lens_ce   mean full-vocabulary CE of logits_from_normed(t) vs y (if logit_lens)
 - logit_lens_acc  argmax of those logits restricted to the label ids == label
                   (classification, if logit_lens)
+  logit_lens="last" computes both at the output space L only: the model's own loss at the
+  targets (what a dynamic-freezing probe reads), at the cost of one head call.
 """
 
 from __future__ import annotations
@@ -525,7 +527,7 @@ class _TraceRun:
                 acc.ce[l] += float(F.cross_entropy(C / self.tau, li_dev, reduction="sum"))
                 acc.correct[l] += int((C.argmax(-1) == li_dev).sum())
                 acc.scores[l].append(C.cpu().numpy())
-            if self.logit_lens:
+            if _lens_at(self.logit_lens, l, len(slices) - 1):
                 self._add_logit_lens(l, t, y_dev, li_dev)
         acc.n += n
 
@@ -556,7 +558,7 @@ class _TraceRun:
     def settings(self) -> dict:
         return {"tau": self.tau, "label_token_ids": self.label_ids,
                 "max_targets_per_example": self.max_targets, "seed": self.seed,
-                "logit_lens": bool(self.logit_lens),
+                "logit_lens": self.logit_lens if self.logit_lens == "last" else bool(self.logit_lens),
                 "position_ids_from_mask": bool(self.position_ids_from_mask),
                 "unembedding_fingerprint": weight_fingerprint(self.anat.unembedding)[:32]}
 
@@ -573,6 +575,11 @@ def _normed_space(anat, s: torch.Tensor, l: int) -> tuple[torch.Tensor, torch.Te
     return t, tf
 
 
+def _lens_at(logit_lens, space: int, last: int) -> bool:
+    """Whether the logit lens is computed at `space`: every space, or ("last") the output only."""
+    return bool(logit_lens) and (logit_lens != "last" or space == last)
+
+
 def _spaces_from_sums(acc, kind, L, logit_lens) -> list[dict]:
     """The per-space records of the trace (SPACE_KEYS) from the running sums."""
     n = acc.n
@@ -584,13 +591,13 @@ def _spaces_from_sums(acc, kind, L, logit_lens) -> list[dict]:
         s = {"space": l, "deviation": mean,
              "deviation_se": math.sqrt(var / max(1, n - 1)) if n > 1 else None,
              "label_ce": None, "lens_acc": None, "margin_auc": None,
-             "logit_lens_ce": acc.ll_ce[l] / n if logit_lens else None,
+             "logit_lens_ce": acc.ll_ce[l] / n if _lens_at(logit_lens, l, L) else None,
              "logit_lens_acc": None, "n_targets": n}
         if kind == "classification":
             s["label_ce"] = acc.ce[l] / n
             s["lens_acc"] = acc.correct[l] / n
             s["margin_auc"] = _margin_auc(np.concatenate(acc.scores[l]), labels)
-            if logit_lens:
+            if _lens_at(logit_lens, l, L):
                 s["logit_lens_acc"] = acc.ll_correct[l] / n
         spaces.append(s)
     return spaces
