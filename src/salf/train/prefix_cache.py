@@ -12,6 +12,11 @@ single pass over the data the prefix runs once per example either way, so the
 cache saves nothing there; it pays off with epochs > 1. (`build` fills it for
 all examples up front, for benchmarks and repeated runs on the same data.)
 
+When the cut moves deeper during training (dynamic freezing), `move_to(eof)` drops the
+cached rows and they are rebuilt lazily at the new boundary, each on its next step: a row
+costs one more run of the (now longer) frozen prefix after each move. A cut at 0 (nothing
+frozen yet) caches nothing until it moves.
+
 Differences from running the prefix: the prefix runs in eval mode (no dropout
 in frozen layers; Llama-family models have none anyway), and in the dtype of the
 cache. Evaluation and anything called without `current` set run the real
@@ -35,8 +40,8 @@ class _Stop(Exception):
 
 class PrefixCache:
     def __init__(self, model: nn.Module, eof: int, dtype: torch.dtype | None = None):
-        if eof < 1:
-            raise SalfError("the prefix cache needs a cut with at least one frozen layer (eof >= 1)")
+        if eof < 0:
+            raise SalfError(f"the prefix cache needs a cut eof >= 0, got {eof}")
         self.model = model
         self.anat = anatomy(unwrap(model))
         self.eof = eof
@@ -46,6 +51,7 @@ class PrefixCache:
         self.current_mask: torch.Tensor | None = None
         self._returns_tuple: bool | None = None
         self._originals: dict[int, object] = {}
+        self._attached = False
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +88,7 @@ class PrefixCache:
     def ensure(self, batch: dict, indices) -> int:
         """Cache the examples of `batch` not cached yet; returns how many were added."""
         indices = [int(i) for i in indices]
-        if all(i in self.states for i in indices):
+        if self.eof == 0 or all(i in self.states for i in indices):
             return 0
         missing = [i for i in indices if i not in self.states]
         self._run_prefix(batch, indices)
@@ -115,12 +121,24 @@ class PrefixCache:
             original = layer.forward
             self._originals[i] = original
             layer.forward = self._make_forward(original, replay=i == self.eof - 1)
+        self._attached = True
         return self
 
     def detach(self) -> None:
         for i, original in self._originals.items():
             del self.anat.layers[i].forward  # back to the class's forward
         self._originals.clear()
+        self._attached = False
+
+    def move_to(self, eof: int) -> "PrefixCache":
+        """Follow a cut that moved deeper: the cached rows are dropped and rebuilt lazily."""
+        if eof < self.eof:
+            raise SalfError(f"the prefix cache follows the cut deeper only ({self.eof} -> {eof})")
+        attached = self._attached
+        self.detach()
+        self.eof = eof
+        self.states.clear()
+        return self.attach() if attached else self
 
     def _make_forward(self, original, replay: bool):
         cache = self

@@ -1,0 +1,223 @@
+"""`DynamicFreezeCallback`: checks the run at intervals and moves the cut deeper when its
+policy says so (docs/method.md, "Dynamic freezing"; docs/training.md, "Dynamic freezing").
+
+Works in `salf train --dynamic` and in anyone's own `Trainer`:
+
+    model = apply_plan(model, plan)                          # the starting cut
+    probe = Probe(make_batches(task, tok, probe_rows, 8, 96), "classification", label_ids)
+    trainer = Trainer(model=model, ..., callbacks=[DynamicFreezeCallback(DynamicSettings(), probe)])
+
+At each check step it measures what the policy needs (`salf.dynamic.policies.NEEDS`: the
+probe's deviation per space and task loss, or the gradient norms accumulated since the last
+check), asks the policy for the cut, and moves it with `salf.train.freeze.move_cut` (which
+drops the newly frozen parameters from the optimizer). It hashes every newly frozen tensor
+when it freezes, so the audit can prove it never changed again, and it records the schedule
+`[[step, eof], ...]`. Its whole state is JSON (`state_dict` / `load_state_dict`): a
+checkpoint carries it, and `restore_cut` re-applies the cut to a fresh model before the
+Trainer builds its optimizer, so a resumed run continues the same schedule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import SalfError
+from ..io import atomic_write_json
+from ..models.anatomy import anatomy, unwrap
+from ..train.audit import tensor_digest
+from ..train.freeze import freeze_state, move_cut, optimizer_state_bytes
+from .policies import Check, Decision, DynamicSettings, RunShape, decide
+
+STATE_FILE = "salf_dynamic.json"   # inside each checkpoint folder
+LOG_FILE = "dynamic.json"          # in the run folder: settings, checks, decisions, schedule
+
+
+def check_steps(total_steps: int, checks: int) -> list[int]:
+    """Evenly spaced check steps strictly inside the run (a check at the last step could
+    change nothing): every max(1, T // checks) steps."""
+    every = max(1, total_steps // checks)
+    return list(range(every, total_steps, every))
+
+
+def _lr_multipliers(lr_scheduler, total_steps: int) -> list[float] | None:
+    """λ(s) of a LambdaLR schedule (every transformers schedule is one) for steps 0..T-1."""
+    inner = getattr(lr_scheduler, "scheduler", lr_scheduler)   # accelerate wraps it
+    lambdas = getattr(inner, "lr_lambdas", None)
+    if not lambdas:
+        return None
+    return [float(lambdas[0](s)) for s in range(total_steps)]
+
+
+class DynamicFreezeCallback(TrainerCallback):
+    def __init__(self, settings: DynamicSettings | None = None, probe=None, *,
+                 out_dir: str | Path | None = None, prefix_cache=None, log=None):
+        self.settings = settings or DynamicSettings()
+        if "probe" in self.settings.needs and probe is None:
+            raise SalfError(f"dynamic policy {self.settings.policy!r} reads a probe set: pass probe=Probe(...)")
+        self.probe = probe
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.prefix_cache = prefix_cache
+        self.log = log or _write_line
+        self.history: list[Check] = []
+        self.decisions: list[dict] = []
+        self.schedule: list[list[int]] = []
+        self.frozen_at: dict[str, dict] = {}     # tensor name -> {"step", "digest"}
+        self.probe_reads = 0
+        self.probe_seconds = 0.0
+        self.probe_targets = 0
+        self._grad_sums: list[float] | None = None
+        self._steps: list[int] = []
+        self._multipliers: list[float] | None = None
+        self._run: RunShape | None = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"settings": self.settings.to_dict(), "history": [c.to_dict() for c in self.history],
+                "decisions": self.decisions, "schedule": self.schedule, "frozen_at": self.frozen_at,
+                "probe_reads": self.probe_reads, "probe_seconds": self.probe_seconds,
+                "probe_targets": self.probe_targets, "grad_sums": self._grad_sums}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = DynamicSettings.from_dict(state["settings"])
+        if saved != self.settings:
+            raise SalfError("--resume: the checkpoint's dynamic settings differ from this run's "
+                            f"({saved.to_dict()} vs {self.settings.to_dict()})")
+        self.history = [Check(**c) for c in state["history"]]
+        self.decisions = list(state["decisions"])
+        self.schedule = [list(x) for x in state["schedule"]]
+        self.frozen_at = dict(state["frozen_at"])
+        self.probe_reads = int(state["probe_reads"])
+        self.probe_seconds = float(state["probe_seconds"])
+        self.probe_targets = int(state.get("probe_targets", 0))
+        self._grad_sums = state.get("grad_sums")
+
+    def restore_cut(self, model) -> None:
+        """Re-apply the schedule's last cut to a freshly planned model (before its optimizer
+        exists, so the optimizer is built over exactly the parameters that still train)."""
+        if self.schedule and self.schedule[-1][1] > freeze_state(model).eof:
+            move_cut(model, int(self.schedule[-1][1]))
+            if self.prefix_cache is not None:
+                self.prefix_cache.move_to(int(self.schedule[-1][1]))
+
+    @property
+    def current_eof(self) -> int:
+        return int(self.schedule[-1][1])
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        total = int(state.max_steps)
+        fs = freeze_state(model)
+        if fs is None:
+            raise SalfError("DynamicFreezeCallback needs a model with a plan applied "
+                            "(salf.train.apply_plan) before the Trainer is built")
+        L = anatomy(unwrap(model)).num_layers
+        max_eof = L - 1 if self.settings.max_eof is None else min(self.settings.max_eof, L - 1)
+        self._multipliers = (_lr_multipliers(lr_scheduler, total)
+                             if self.settings.clock == "lr-area" else None) or [1.0] * total
+        self._run = RunShape(num_layers=L, total_steps=total,
+                             total_progress=sum(self._multipliers), max_eof=max_eof)
+        self._steps = check_steps(total, self.settings.checks)
+        if not self.schedule:
+            self.schedule = [[0, fs.eof]]
+        if not self.history and "probe" in self.settings.needs:
+            self.history.append(self._measure(model, 0))
+            self._write_log()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if "grad_norms" not in self.settings.needs or model is None:
+            return
+        layers = anatomy(unwrap(model)).layers
+        sums = self._grad_sums or [0.0] * len(layers)
+        for i, layer in enumerate(layers):
+            sums[i] += float(sum(p.grad.detach().abs().sum() for p in layer.parameters()
+                                 if p.grad is not None))
+        self._grad_sums = sums
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = int(state.global_step)
+        if step not in self._steps or any(c.step == step for c in self.history):
+            return
+        check = self._measure(model, step)
+        self.history.append(check)
+        decision = decide(self.settings, self.history, self._run)
+        moved = self._move(model, optimizer, step, decision) if decision.eof > check.eof else None
+        self.decisions.append({"step": step, "from": check.eof, "to": decision.eof,
+                               "reason": decision.reason, "details": decision.details, "move": moved})
+        self.log(self._summary_line(check, decision))
+        self._write_log()
+
+    # ------------------------------------------------------------------ measuring and moving
+    def _measure(self, model, step: int) -> Check:
+        check = Check(step=step, eof=self.current_eof if self.schedule else freeze_state(model).eof,
+                      progress=sum(self._multipliers[:step]))
+        if "probe" in self.settings.needs:
+            read = self.probe.read(model)
+            check.deviation, check.loss = read["deviation"], read["loss"]
+            self.probe_reads += 1
+            self.probe_seconds += read["seconds"]
+            self.probe_targets = read["targets"]
+        if "grad_norms" in self.settings.needs:
+            check.grad_norms, self._grad_sums = self._grad_sums, None
+        return check
+
+    def _move(self, model, optimizer, step: int, decision: Decision) -> dict:
+        before = _memory(optimizer)
+        report = move_cut(model, decision.eof, optimizer=optimizer)
+        params = dict(model.named_parameters())
+        for name in report["tensors"]:
+            self.frozen_at[name] = {"step": step, "digest": tensor_digest(params[name])}
+        if self.prefix_cache is not None:
+            self.prefix_cache.move_to(decision.eof)
+        self.schedule.append([step, decision.eof])
+        after = _memory(optimizer)
+        return {"tensors": len(report["tensors"]), "params": report["params"],
+                "optimizer_state_bytes_freed": report["optimizer_state_bytes_freed"],
+                "memory_before": before, "memory_after": after}
+
+    def audit(self, model) -> dict:
+        """Every tensor frozen during the run is bit-identical to what it was when it froze."""
+        params = dict(model.named_parameters())
+        changed = [n for n, rec in self.frozen_at.items() if tensor_digest(params[n]) != rec["digest"]]
+        return {"ok": not changed, "frozen_during_run": len(self.frozen_at), "changed": changed,
+                "frozen_at": {n: rec["step"] for n, rec in self.frozen_at.items()}}
+
+    # ------------------------------------------------------------------ reporting
+    def report(self) -> dict:
+        return {"settings": self.settings.to_dict(), "schedule": self.schedule,
+                "checks": [c.to_dict() for c in self.history], "decisions": self.decisions,
+                "probe": {"reads": self.probe_reads, "seconds": self.probe_seconds,
+                          "rows": getattr(self.probe, "rows", None),
+                          "tokens": getattr(self.probe, "tokens", None),
+                          "targets": self.probe_targets}}
+
+    def _write_log(self) -> None:
+        if self.out_dir is not None:
+            atomic_write_json(self.out_dir / LOG_FILE, self.report())
+
+    def _summary_line(self, check: Check, decision: Decision) -> str:
+        loss = "" if check.loss is None else f"probe loss {check.loss:.4f}, "
+        move = (f"cut {check.eof} -> {decision.eof}" if decision.eof > check.eof
+                else f"cut stays {check.eof}")
+        return f"step {check.step}: {loss}{move} ({decision.reason})"
+
+
+def _memory(optimizer) -> dict:
+    out = {"optimizer_state_bytes": optimizer_state_bytes(optimizer) if optimizer is not None else 0}
+    if torch.cuda.is_available():
+        out["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated())
+    try:
+        import psutil
+
+        out["rss_bytes"] = int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _write_line(text: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"salf: {text}")

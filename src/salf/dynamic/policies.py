@@ -1,0 +1,283 @@
+"""When and how deep to move the cut: pure decision functions over the history of checks.
+
+A dynamic run checks at steps t_1 < t_2 < ... (docs/method.md, "Dynamic freezing"). Each
+check is a `Check`: the step, the cut in force, the training progress, and what the policy
+asked to measure (the probe's deviation per space and task loss; per-layer gradient norms).
+A policy maps the history to a `Decision` — the cut to hold from now on, never shallower
+than the current one — and says why. Nothing here touches a model, so every rule is
+testable on made-up histories; `salf.dynamic.callback` measures and moves.
+
+Policies (all share the deepest allowed cut `max_eof`):
+  salf        semantic plasticity + the step scaling law (both must agree)
+  autofreeze  per-layer gradient-norm change rate under the median (Liu et al. 2021)
+  linear      from `start` of the budget, freeze linearly up to max_eof (Composer)
+  freezeout   layer i frozen at T·(t0 + (1-t0)·i/(L-1))³ (Brock et al. 2017)
+  static      never moves (the static pick, with the checks logged)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from ..analysis.gains import fit_power_law
+from ..errors import SalfError
+
+POLICIES = ("salf", "autofreeze", "linear", "freezeout", "static")
+CLOCKS = ("lr-area", "steps")
+# what each policy needs measured at a check (the probe costs a forward pass; gradient
+# norms are read from the gradients training computes anyway)
+NEEDS = {"salf": {"probe"}, "autofreeze": {"grad_norms"}, "linear": set(), "freezeout": set(),
+         "static": {"probe"}}
+
+
+@dataclass
+class DynamicSettings:
+    """How a dynamic run decides; every threshold is a flag of `salf train --dynamic`.
+
+    tau       semantic plasticity: a space l above the cut counts as settled when its
+              deviation moved at most tau x as much as the output space's over the last
+              interval (docs/method.md, signal (a)).
+    epsilon   step scaling law: the run is past its knee when the law's predicted remaining
+              improvement is at most epsilon x the improvement since the first check (b).
+    clock     the law's time axis: "lr-area" (sum of learning rates so far, the schedule's
+              own progress) or "steps".
+    checks    checks per run (evenly spaced; a step-0 check adds the pretrained baseline
+              where the policy probes).
+    probe_rows  rows of the fixed probe set (held out of training).
+    min_points  probe checks after step 0 needed before the law is fitted.
+    max_eof   the deepest cut any policy may reach (None = L - 1: one layer keeps training).
+    start     linear: fraction of the run before the first freeze; freezeout: t0.
+    percentile  autofreeze: the rate percentile a layer must reach to keep training.
+    """
+
+    policy: str = "salf"
+    tau: float = 0.1
+    epsilon: float = 0.2
+    clock: str = "lr-area"
+    checks: int = 10
+    probe_rows: int = 32
+    min_points: int = 3
+    max_eof: int | None = None
+    start: float | None = None
+    percentile: float = 50.0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "DynamicSettings":
+        if self.policy not in POLICIES:
+            raise SalfError(f"unknown dynamic policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if self.clock not in CLOCKS:
+            raise SalfError(f"dynamic clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
+        for name, lo, hi in (("tau", 0.0, math.inf), ("epsilon", 0.0, math.inf),
+                             ("percentile", 0.0, 100.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not lo <= value <= hi or math.isnan(value):
+                raise SalfError(f"dynamic {name} must be a number in [{lo}, {hi}], got {value!r}")
+        for name, lo in (("checks", 1), ("probe_rows", 1), ("min_points", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise SalfError(f"dynamic {name} must be an integer >= {lo}, got {value!r}")
+        if self.start is not None and not 0.0 <= self.start < 1.0:
+            raise SalfError(f"dynamic start must be a fraction in [0, 1), got {self.start!r}")
+        if self.max_eof is not None and (not isinstance(self.max_eof, int) or self.max_eof < 0):
+            raise SalfError(f"dynamic max_eof must be a non-negative integer, got {self.max_eof!r}")
+        return self
+
+    @property
+    def needs(self) -> set[str]:
+        return NEEDS[self.policy]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DynamicSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SalfError(f"unknown dynamic setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class Check:
+    """One check: where the run was and what was measured (None = not measured)."""
+
+    step: int
+    eof: int                             # the cut in force while the interval ran
+    progress: float                      # training progress on the settings' clock
+    deviation: list[float] | None = None  # D_l on the probe set, l = 0..L
+    loss: float | None = None            # the probe's task loss
+    grad_norms: list[float] | None = None  # L1 norm of each layer's gradients over the interval
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Decision:
+    eof: int                             # the cut from now on (>= the current one)
+    reason: str
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunShape:
+    """What a policy knows about the run besides the checks."""
+
+    num_layers: int
+    total_steps: int
+    total_progress: float                # the clock's value at the last step
+    max_eof: int
+
+    def progress_share(self, check: Check) -> float:
+        return check.step / self.total_steps if self.total_steps else 1.0
+
+
+def decide(settings: DynamicSettings, history: list[Check], run: RunShape) -> Decision:
+    """The cut to hold after the last check of `history` (never shallower than it)."""
+    if not history:
+        raise SalfError("a dynamic decision needs at least one check")
+    rule = {"salf": _decide_salf, "autofreeze": _decide_autofreeze, "linear": _decide_linear,
+            "freezeout": _decide_freezeout, "static": _decide_static}[settings.policy]
+    decision = rule(settings, history, run)
+    current = history[-1].eof
+    if decision.eof < current:      # a rule bug must never unfreeze
+        raise SalfError(f"dynamic policy {settings.policy} asked to move the cut back "
+                        f"({current} -> {decision.eof})")
+    decision.eof = min(decision.eof, max(run.max_eof, current))
+    return decision
+
+
+# --------------------------------------------------------------------------- salf
+
+
+def step_law(history: list[Check], run: RunShape, settings: DynamicSettings) -> dict:
+    """Signal (b): fit ℓ(x) = E + A·x^(-β) to the probe losses after step 0 and compare the
+    predicted remaining improvement ℓ̂(x_now) - ℓ̂(x_T) with the improvement so far
+    ℓ(t_1) - ℓ(t_now). Returns the fit, both numbers, their ratio and `past_knee`."""
+    points = [(c.progress, c.loss) for c in history if c.step > 0 and c.loss is not None]
+    out: dict = {"points": len(points), "past_knee": False}
+    if len(points) < settings.min_points:
+        out["reason"] = f"{len(points)} probe checks after step 0, the law needs {settings.min_points}"
+        return out
+    xs, ys = zip(*points)
+    if min(xs) <= 0:
+        out["reason"] = "no training progress recorded yet"
+        return out
+    fit = fit_power_law(xs, ys)
+    law = lambda x: fit["E"] + fit["A"] * x ** (-fit["alpha"])  # noqa: E731
+    remaining = max(0.0, law(xs[-1]) - law(run.total_progress))
+    so_far = ys[0] - ys[-1]
+    ratio = remaining / so_far if so_far > 0 else math.inf
+    out.update(fit={k: fit[k] for k in ("E", "A", "alpha", "r2")}, remaining=remaining,
+               so_far=so_far, ratio=ratio, past_knee=so_far > 0 and ratio <= settings.epsilon)
+    out["reason"] = (f"predicted remaining improvement {remaining:.4f} is {ratio:.2f}x the "
+                     f"{so_far:.4f} so far (R² {fit['r2']:.2f}; past the knee at <= "
+                     f"{settings.epsilon:g})" if so_far > 0 else
+                     f"the probe loss has not improved since step {history[0].step}")
+    return out
+
+
+def settled_depth(history: list[Check], tau: float, max_eof: int) -> dict:
+    """Signal (a): the deepest k' such that every space l in (eof, k'] moved at most tau x as
+    much as the output space over the last interval. Spaces at or below the cut are frozen
+    and do not move at all."""
+    now, before = history[-1], _previous_probe(history)
+    k = now.eof
+    if before is None or now.deviation is None:
+        return {"eof": k, "reason": "one probe check so far: no interval to compare"}
+    moved = [abs(a - b) for a, b in zip(now.deviation, before.deviation)]
+    out_moved = moved[-1]
+    shares = [m / out_moved if out_moved > 0 else (0.0 if m == 0 else math.inf) for m in moved]
+    depth = k
+    while depth < max_eof and shares[depth + 1] <= tau:
+        depth += 1
+    stopper = depth + 1 if depth < max_eof else None
+    why = (f"space {stopper} moved {shares[stopper]:.2f}x the output's {out_moved:.4f}"
+           if stopper is not None else f"every space up to the deepest cut {max_eof} settled")
+    return {"eof": depth, "shares": shares, "output_moved": out_moved, "reason": why}
+
+
+def _previous_probe(history: list[Check]) -> Check | None:
+    probes = [c for c in history[:-1] if c.deviation is not None]
+    return probes[-1] if probes else None
+
+
+def _decide_salf(settings, history, run) -> Decision:
+    k = history[-1].eof
+    law = step_law(history, run, settings)
+    depth = settled_depth(history, settings.tau, run.max_eof)
+    details = {"step_law": law, "plasticity": depth}
+    if not law["past_knee"]:
+        return Decision(k, f"hold: {law['reason']}", details)
+    if depth["eof"] <= k:
+        return Decision(k, f"hold: past the knee, but {depth['reason']}", details)
+    return Decision(depth["eof"], f"move: {law['reason']}; {depth['reason']}", details)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _decide_static(settings, history, run) -> Decision:
+    return Decision(history[-1].eof, "static: the cut never moves")
+
+
+def _decide_linear(settings, history, run) -> Decision:
+    """Composer's LayerFreezing: nothing moves before `start` (default 0.5) of the run; then
+    the cut grows linearly to max_eof at the last step."""
+    start = 0.5 if settings.start is None else settings.start
+    now, share = history[-1], run.progress_share(history[-1])
+    k0 = history[0].eof
+    if share <= start:
+        return Decision(now.eof, f"linear: {share:.0%} of the run, freezing starts at {start:.0%}")
+    target = k0 + math.floor((share - start) / (1 - start) * (run.max_eof - k0))
+    return Decision(max(now.eof, target), f"linear: {share:.0%} of the run -> eof {target}")
+
+
+def _decide_freezeout(settings, history, run) -> Decision:
+    """FreezeOut's cubic schedule: decoder layer i (1-based) leaves training at
+    T·(t0 + (1 - t0)·(i-1)/(L-1))³ (t0 = 0.8 by default: the first at 51% of the run)."""
+    t0 = 0.8 if settings.start is None else settings.start
+    L, share = run.num_layers, run.progress_share(history[-1])
+    frozen = 0
+    for i in range(1, run.max_eof + 1):
+        frac = (t0 + (1 - t0) * (i - 1) / max(L - 1, 1)) ** 3
+        if share >= frac:
+            frozen = i
+    return Decision(max(history[-1].eof, frozen), f"freezeout: {share:.0%} of the run -> eof {frozen}")
+
+
+def _decide_autofreeze(settings, history, run) -> Decision:
+    """AutoFreeze: rate r_l = |G_prev - G_now| / G_prev of each trainable layer's gradient
+    norm over the last two intervals; the new cut is below the first layer at or above the
+    rate percentile of the trainable layers."""
+    now = history[-1]
+    prev = next((c for c in reversed(history[:-1]) if c.grad_norms is not None), None)
+    if prev is None or now.grad_norms is None:
+        return Decision(now.eof, "autofreeze: needs gradient norms over two intervals")
+    k = now.eof
+    active = range(k, run.num_layers)
+    rates = {i: abs(prev.grad_norms[i] - now.grad_norms[i]) / prev.grad_norms[i]
+             for i in active if prev.grad_norms[i] > 0}
+    if not rates:
+        return Decision(k, "autofreeze: no gradient on the trainable layers")
+    threshold = _percentile(list(rates.values()), settings.percentile)
+    depth = k
+    while depth < run.max_eof and rates.get(depth, math.inf) < threshold:
+        depth += 1
+    return Decision(depth, f"autofreeze: rate threshold {threshold:.3f} (p{settings.percentile:g}); "
+                           f"layers {k + 1}..{depth} under it", {"rates": rates, "threshold": threshold})
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if q == 50.0:
+        return statistics.median(values)
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
