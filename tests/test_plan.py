@@ -8,7 +8,7 @@ import pytest
 
 from salf import __version__
 from salf.errors import SalfError
-from salf.plan import SCHEMA, FreezePlan
+from salf.plan import HEADS, SCHEMA, FreezePlan, check_cut, check_head
 
 TIED = {"spec": "smollm2-135m", "name_or_path": "/cache/smollm2", "revision": None,
         "weights_hash": "abc123def4567890", "num_layers": 30, "model_type": "llama", "tied": True}
@@ -78,6 +78,32 @@ def test_full_and_manual():
 def test_invalid_plans_raise(kw, match):
     with pytest.raises(SalfError, match=match):
         _plan(**kw)
+
+
+@pytest.mark.parametrize("args,kw,match", [
+    ((31, 30), {}, r"\[0, 30\]"),
+    ((30, 30), {}, "nothing"),
+    ((3, 30, "half"), {}, "head must be one of frozen, trainable, untied-copy"),
+    ((3, 30, "trainable", True), {}, "untied-copy"),
+    ((3, 30), dict(train_embeddings=True), "full fine-tuning"),
+    ((3, 30), dict(layers=[4, 5]), "lowest trainable layer"),
+    ((3, 30), dict(layers=[3, 30]), "layers must be"),
+])
+def test_check_cut_is_the_plans_rules(args, kw, match):
+    with pytest.raises(SalfError, match=f"^salf-test: .*{match}"):
+        check_cut(*args, context="salf-test", **kw)
+    with pytest.raises(SalfError, match=f"^freeze plan: .*{match}"):   # the same rules, in the plan
+        FreezePlan(*args[:2], *args[2:3], model={"tied": args[3]} if len(args) > 3 else {}, **kw)
+
+
+def test_check_cut_accepts_consistent_cuts():
+    check_cut(30, 30, "untied-copy", tied=True)
+    check_cut(30, 30, "trainable", tied=False)
+    check_cut(3, 30, "trainable")                       # tied unknown: checked later
+    check_cut(0, 30, "trainable", tied=True, train_embeddings=True)   # full fine-tuning
+    check_cut(3, 30, layers=[3, 7])
+    for head in HEADS:
+        check_head(head, tied=False)
 
 
 def test_head_options_at_the_top():

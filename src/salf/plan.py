@@ -8,7 +8,8 @@ parameters, no backward below the cut). Full fine-tuning — everything
 trainable, embeddings included — is the plan `FreezePlan.full(L)`.
 
 JSON keys are stable (docs/internals.md, "Plan"); `from_json` rejects a file
-that is not a plan with a one-line `SalfError`.
+that is not a plan with a one-line `SalfError`. `check_cut` and `check_head`
+are the consistency rules themselves, for callers that hold no FreezePlan.
 """
 
 from __future__ import annotations
@@ -45,6 +46,53 @@ def _info_dict(model_info) -> dict:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_head(head, tied: bool | None = None, context: str = "freeze plan") -> None:
+    """Raise SalfError (one line, starting with `context`) unless `head` is one of HEADS and
+    possible for the model: `tied` says whether its head is tied to the input embedding
+    (None: unknown, not checked)."""
+    if head not in HEADS:
+        raise SalfError(f"{context}: head must be one of {', '.join(HEADS)}, got {head!r}")
+    if tied and head == "trainable":
+        raise SalfError(f"{context}: head 'trainable' is impossible with tied embeddings (training "
+                        "the tied matrix needs backward down to the input); use head 'untied-copy' "
+                        "(a trainable copy, V x d extra parameters) or 'frozen'")
+
+
+def check_cut(eof, num_layers, head="frozen", tied: bool | None = None, train_embeddings=False,
+              layers=None, context: str = "freeze plan") -> None:
+    """Raise SalfError (one line, starting with `context`) unless the cut is consistent.
+
+    The rules every plan obeys (module docstring): eof in [0, num_layers], a head from
+    HEADS that the model allows (`tied`: None = unknown), something to train, full
+    fine-tuning only as eof 0 with a trainable head, and an optional non-contiguous
+    trainable set `layers` (0-based) whose lowest layer is the cut.
+    """
+    L, k = num_layers, eof
+    if not _is_int(L) or L < 1:
+        raise SalfError(f"{context}: num_layers must be a positive integer, got {L!r}")
+    if not _is_int(k) or not 0 <= k <= L:
+        raise SalfError(f"{context}: eof must be an integer in [0, {L}] (layers frozen), got {k!r}")
+    if not isinstance(train_embeddings, bool):
+        raise SalfError(f"{context}: train_embeddings must be true or false, got {train_embeddings!r}")
+    # full fine-tuning trains the tied matrix through the embedding: any head is possible
+    check_head(head, None if train_embeddings else tied, context)
+    if layers is not None:
+        if not isinstance(layers, list) or not layers or not all(_is_int(i) and k <= i < L for i in layers):
+            raise SalfError(f"{context}: layers must be a non-empty list of layer indices in "
+                            f"[eof={k}, {L - 1}], got {layers!r}")
+        if min(layers) != k:
+            raise SalfError(f"{context}: the lowest trainable layer ({min(layers)}) must "
+                            f"equal eof ({k}); backward stops there")
+    if train_embeddings:
+        if k != 0 or head != "trainable":
+            raise SalfError(f"{context}: train_embeddings=true means full fine-tuning "
+                            f"(eof 0, head trainable), got eof {k} and head {head!r}; "
+                            "use FreezePlan.full() or set train_embeddings=false")
+    elif k == L and head == "frozen":
+        raise SalfError(f"{context}: eof {k} freezes all {L} layers and the head, so nothing "
+                        "would train; choose eof < num_layers or head 'untied-copy'/'trainable'")
 
 
 @dataclass
@@ -84,46 +132,17 @@ class FreezePlan:
         return self.train_embeddings
 
     def validate(self, tied: bool | None = None) -> "FreezePlan":
-        """Raise SalfError (one line) if the plan is inconsistent; returns self."""
-        L, k = self.num_layers, self.eof
-        if not _is_int(L) or L < 1:
-            raise SalfError(f"freeze plan: num_layers must be a positive integer, got {L!r}")
-        if not _is_int(k) or not 0 <= k <= L:
-            raise SalfError(f"freeze plan: eof must be an integer in [0, {L}] (layers frozen), got {k!r}")
-        if self.head not in HEADS:
-            raise SalfError(f"freeze plan: head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if not isinstance(self.train_embeddings, bool):
-            raise SalfError(f"freeze plan: train_embeddings must be true or false, got "
-                            f"{self.train_embeddings!r}")
+        """Raise SalfError (one line) if the plan is inconsistent (`check_cut`); returns self."""
         for name in ("policy_params", "model", "data", "predicted"):
             if not isinstance(getattr(self, name), dict):
                 raise SalfError(f"freeze plan: {name} must be an object, got "
                                 f"{type(getattr(self, name)).__name__}")
-        if self.layers is not None:
-            if (not isinstance(self.layers, list) or not self.layers
-                    or not all(_is_int(i) and k <= i < L for i in self.layers)):
-                raise SalfError(f"freeze plan: layers must be a non-empty list of layer indices in "
-                                f"[eof={k}, {L - 1}], got {self.layers!r}")
-            if min(self.layers) != k:
-                raise SalfError(f"freeze plan: the lowest trainable layer ({min(self.layers)}) must "
-                                f"equal eof ({k}); backward stops there")
-        model_layers = (self.model or {}).get("num_layers")
-        if model_layers is not None and model_layers != L:
-            raise SalfError(f"freeze plan: num_layers {L} disagrees with model.num_layers {model_layers}")
-        if self.train_embeddings:
-            if k != 0 or self.head != "trainable":
-                raise SalfError("freeze plan: train_embeddings=true means full fine-tuning "
-                                f"(eof 0, head trainable), got eof {k} and head {self.head!r}; "
-                                "use FreezePlan.full() or set train_embeddings=false")
-            return self
-        if k == L and self.head == "frozen":
-            raise SalfError(f"freeze plan: eof {k} freezes all {L} layers and the head, so nothing "
-                            "would train; choose eof < num_layers or head 'untied-copy'/'trainable'")
-        tied = self.tied if tied is None else tied
-        if tied and self.head == "trainable":
-            raise SalfError("freeze plan: head 'trainable' is impossible with tied embeddings (training "
-                            "the tied matrix needs backward down to the input); use head 'untied-copy' "
-                            "(a trainable copy, V x d extra parameters) or 'frozen'")
+        check_cut(self.eof, self.num_layers, self.head, self.tied if tied is None else tied,
+                  self.train_embeddings, self.layers)
+        model_layers = self.model.get("num_layers")
+        if model_layers is not None and model_layers != self.num_layers:
+            raise SalfError(f"freeze plan: num_layers {self.num_layers} disagrees with model.num_layers "
+                            f"{model_layers}")
         return self
 
     # -- constructors -----------------------------------------------------------------
