@@ -308,6 +308,26 @@ def test_settings_are_checked():
         get_machine("tpu")
 
 
+def test_step_settings_are_checked_once():
+    from salf.cost import StepSettings
+    from salf.plan import HEADS
+
+    shape = _smollm2_shape()
+    s = StepSettings.check(shape, 128, 8, loss_positions=16, lora_rank=4, lora_targets=["q_proj", "v_proj"],
+                           machine="cpu")
+    assert (s.tokens, s.loss_tokens, s.machine) == (8 * 128, 8 * 16, MACHINES["cpu"])
+    assert [name for name, _, _ in s.lora_targets] == ["q_proj", "v_proj"]
+    with pytest.raises(AttributeError):          # frozen: every cut of a curve sees the same settings
+        s.head = "untied-copy"
+    with pytest.raises(SalfError, match="no LoRA target"):
+        cost_curve(shape, 128, 8, lora_rank=4, lora_targets=["wq"], machine="cpu")
+    # the head options are the plan's: every one is costed, anything else is refused by its list
+    untied = ModelShape.from_dict(dict(shape.to_dict(), tied=False, total_params=0))
+    assert [cost_curve(untied, 128, 8, head=h, machine="cpu")[30]["valid"] for h in HEADS] == [False, True, True]
+    with pytest.raises(SalfError, match=f"cost model: head must be one of {', '.join(HEADS)}"):
+        cost_curve(untied, 128, 8, head="half", machine="cpu")
+
+
 def test_table_and_plan_prediction_are_json_ready():
     shape = _smollm2_shape()
     table = cost_table(shape, 128, 8, loss_positions="last", machine="cpu")

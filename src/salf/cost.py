@@ -24,15 +24,23 @@ down in docs/cost-model.md; the short version:
   measured on transformers' Llama) + the logits/loss workspace.
 * step time = matmul FLOPs / matmul throughput + streamed bytes / bandwidth
   + page-faulted bytes / page-fault bandwidth, with a `Machine` profile.
+
+The code follows the same split: `StepSettings.check` checks a step's settings
+once, `_cut` says what one cut trains, one short function computes each part
+(`_matmul_flops`, `_trainable_params`, `_other_flops`, `_bytes_moved`,
+`_page_faulted_bytes`, `_peak_memory`, `_step_time`) and `_cost` gathers them
+into one entry.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .errors import SalfError
+from .plan import check_head
 
 # ---------------------------------------------------------------------------------------
 # Constants (each one is explained in docs/cost-model.md)
@@ -353,13 +361,62 @@ def measure_machine(name: str = "measured", repeats: int = 3) -> Machine:
 
 
 # ---------------------------------------------------------------------------------------
-# The cost of one configuration
+# The settings of one training step
 
-_HEADS = ("frozen", "trainable", "untied-copy")
+@dataclass(frozen=True)
+class StepSettings:
+    """One training step's settings, checked once against a model shape (`StepSettings.check`).
+
+    `lora_targets` holds the targeted linear maps of one layer, (name, in, out),
+    resolved against the shape (empty without LoRA).
+    """
+
+    seq_len: int
+    batch_size: int
+    loss_positions: str | int
+    optimizer: str
+    dtype_bytes: int
+    head: str
+    lora_rank: int | None
+    lora_targets: tuple[tuple[str, int, int], ...]
+    gradient_checkpointing: bool
+    attention: str
+    machine: Machine
+
+    @classmethod
+    def check(cls, shape: ModelShape, seq_len: int, batch_size: int, loss_positions="all",
+              optimizer: str = "adamw", dtype_bytes: int = 4, head: str = "frozen",
+              lora_rank: int | None = None, gradient_checkpointing: bool = False, *,
+              lora_targets=None, attention: str = "sdpa", machine="auto") -> "StepSettings":
+        """The settings of `cost_curve` (same arguments), or a one-line SalfError."""
+        _check_step(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
+                    lora_rank, attention)
+        m = get_machine(machine)
+        targets = _lora_targets(shape, lora_targets) if lora_rank is not None else ()
+        return cls(seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head, lora_rank,
+                   targets, gradient_checkpointing, attention, m)
+
+    @property
+    def tokens(self) -> int:
+        """N = B·T."""
+        return self.batch_size * self.seq_len
+
+    @property
+    def loss_tokens(self) -> int:
+        """N_h: the positions the loss (and the head) sees."""
+        if self.loss_positions == "all":
+            return self.tokens
+        per_sequence = 1 if self.loss_positions == "last" else min(self.loss_positions, self.seq_len)
+        return self.batch_size * per_sequence
+
+    @property
+    def optimizer_impl(self) -> str:
+        impl = self.machine.optimizer_impl
+        return impl if impl in OPTIMIZER_WORDS else "fused"
 
 
-def _check_settings(shape: ModelShape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes,
-                    head, lora_rank, attention):
+def _check_step(shape: ModelShape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes,
+                head, lora_rank, attention) -> None:
     if not (isinstance(seq_len, int) and seq_len > 0 and isinstance(batch_size, int) and batch_size > 0):
         raise SalfError(f"cost model: seq_len and batch_size must be positive integers, got "
                         f"{seq_len!r} and {batch_size!r}")
@@ -371,11 +428,7 @@ def _check_settings(shape: ModelShape, seq_len, batch_size, loss_positions, opti
                         f"{', '.join(OPTIMIZER_STATES)}")
     if dtype_bytes not in (1, 2, 4, 8):
         raise SalfError(f"cost model: dtype_bytes must be 1, 2, 4 or 8, got {dtype_bytes!r}")
-    if head not in _HEADS:
-        raise SalfError(f"cost model: head must be one of {', '.join(_HEADS)}, got {head!r}")
-    if head == "trainable" and shape.tied:
-        raise SalfError("cost model: head='trainable' is impossible with tied embeddings (it would need "
-                        "backward down to the input); use head='untied-copy' or 'frozen'")
+    check_head(head, shape.tied, context="cost model")
     if lora_rank is not None and not (isinstance(lora_rank, int) and lora_rank > 0):
         raise SalfError(f"cost model: lora_rank must be a positive integer, got {lora_rank!r}")
     if attention not in ("sdpa", "eager", "causal"):
@@ -387,214 +440,298 @@ def _is_input_projection(name: str) -> bool:
     return any(h == last or last.startswith(h) for h in _INPUT_PROJ_HINTS)
 
 
-def _lora_targets(shape: ModelShape, targets) -> list[list]:
+def _lora_targets(shape: ModelShape, targets) -> tuple[tuple[str, int, int], ...]:
     if targets in (None, "all-linear"):
-        return list(shape.linear_shapes)
-    wanted = set(targets)
-    chosen = [s for s in shape.linear_shapes if s[0].split(".")[-1] in wanted or s[0] in wanted]
-    if not chosen:
-        raise SalfError(f"cost model: no LoRA target among {sorted(wanted)} in this model's layers "
-                        f"({', '.join(s[0] for s in shape.linear_shapes)})")
-    return chosen
+        chosen = shape.linear_shapes
+    else:
+        wanted = set(targets)
+        chosen = [s for s in shape.linear_shapes if s[0].split(".")[-1] in wanted or s[0] in wanted]
+        if not chosen:
+            raise SalfError(f"cost model: no LoRA target among {sorted(wanted)} in this model's layers "
+                            f"({', '.join(s[0] for s in shape.linear_shapes)})")
+    return tuple((name, i, o) for name, i, o in chosen)
 
 
-def _cost(shape: ModelShape, k: int | None, *, T: int, B: int, loss_positions, optimizer: str, b: int,
-          head: str, lora_rank: int | None, lora_targets, checkpointing: bool, attention: str,
-          machine: Machine, layers=None) -> dict:
-    """Absolute costs of one step. k=None is full fine-tuning (everything trainable).
+# ---------------------------------------------------------------------------------------
+# What one step trains
 
-    layers: a set of trainable layers with min(layers) = k (Spectrum's kind of plan): the
-    others above k stay frozen, but the gradient still passes through them to layer k, so
-    they cost an input-gradient backward (no weight gradient, no optimizer state).
-    """
+@dataclass(frozen=True)
+class _Cut:
+    """The trained part of the model in one step: full fine-tuning, a cut k, or a layer set."""
+
+    full: bool
+    eof: int                        # the lowest layer the backward reaches (0 for full FT)
+    num_layers: int
+    trainable_layers: Sequence[int]
+    lora: bool
+    head_trains: bool               # the head's weight, or an untied copy of it
+    head_copy: bool                 # an untied copy adds V x d parameters
+    norm_trains: bool
+
+    @property
+    def traversed(self) -> range:
+        """The layers the backward pass goes through."""
+        return range(self.eof, self.num_layers)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.trainable_layers)
+
+    @property
+    def n_back(self) -> int:
+        return self.num_layers - self.eof
+
+    @property
+    def below_head_trains(self) -> bool:
+        """Whether the head's input-gradient is needed."""
+        return self.n_train > 0 or self.norm_trains
+
+
+def _cut(shape: ModelShape, s: StepSettings, k: int | None, layers=None) -> _Cut:
+    """k=None is full fine-tuning. layers: a trainable set with min(layers) = k (Spectrum's
+    kind of plan); the others above k stay frozen but pass the gradient down to layer k."""
     full = k is None
-    L, d, V = shape.num_layers, shape.hidden_size, shape.vocab_size
-    kk = 0 if full else k
-    traversed = range(kk, L)                 # layers the backward pass goes through
-    trainable_layers = traversed if full or layers is None else sorted(layers)
-    n_train = len(trainable_layers)
-    n_back = L - kk
-    lora = lora_rank is not None and not full
-    N = B * T
-    Nh = N if loss_positions == "all" else B * (1 if loss_positions == "last" else min(loss_positions, T))
-    head_w_trains = full or head in ("trainable", "untied-copy")
-    head_copy = (not full) and head == "untied-copy" and shape.tied
-    # the final norm sits above every cut: it trains in every plan (not under LoRA, where PEFT
-    # freezes it), so the head's input-gradient is needed whenever the norm or a layer trains
-    norm_trains = not lora
-    anything_below_head_trains = n_train > 0 or norm_trains
+    eof = 0 if full else k
+    lora = s.lora_rank is not None and not full
+    return _Cut(full=full, eof=eof, num_layers=shape.num_layers,
+                trainable_layers=(range(eof, shape.num_layers) if full or layers is None
+                                  else sorted(layers)),
+                lora=lora, head_trains=full or s.head != "frozen",
+                head_copy=not full and s.head == "untied-copy" and shape.tied,
+                # the final norm sits above every cut: it trains in every plan except under
+                # LoRA, where PEFT freezes it
+                norm_trains=not lora)
 
-    # --- matmul FLOPs ------------------------------------------------------------------
-    attn_fwd = 4 * N * T * shape.q_dim * (0.5 if attention == "causal" else 1.0)
-    layer_fwd = [2 * P * N + attn_fwd for P in shape.layer_matmul_params]
-    fwd_layers = sum(layer_fwd)
-    bwd_layers = 0.0
-    lora_params = 0
-    targets = _lora_targets(shape, lora_targets) if lora else []
-    inproj = sum(i * o for name, i, o in shape.linear_shapes if _is_input_projection(name))
-    if lora:
-        r = lora_rank
-        per_layer_lora = r * sum(i + o for _, i, o in targets)
-        lora_params = per_layer_lora * n_train
-        fwd_layers += 2 * per_layer_lora * N * n_train
-        for idx in traversed:
-            P = shape.layer_matmul_params[idx]
-            # base weights frozen: input-gradient only (2PN); LoRA A and B: weight- and input-grads
-            bwd = 2 * P * N + 2 * attn_fwd + (4 * per_layer_lora * N if idx in trainable_layers else 0)
-            if idx == kk:
-                # the lowest LoRA layer's input (a frozen norm of frozen h^k) needs no gradient:
-                # its input projections skip the input-gradient, base and LoRA-A alike
-                bwd -= 2 * N * (inproj + r * sum(i for n, i, _ in targets if _is_input_projection(n)))
-            bwd_layers += bwd
+
+# ---------------------------------------------------------------------------------------
+# The parts of a step's cost (docs/cost-model.md §1-3)
+
+def _attention_flops(shape: ModelShape, s: StepSettings) -> float:
+    """A = 4·N·T·d_q: QKᵀ and AV of one layer (flash kernels skip half under "causal")."""
+    return 4 * s.tokens * s.seq_len * shape.q_dim * (0.5 if s.attention == "causal" else 1.0)
+
+
+def _lora_params_per_layer(s: StepSettings) -> int:
+    return s.lora_rank * sum(i + o for _, i, o in s.lora_targets)
+
+
+def _matmul_flops(shape: ModelShape, s: StepSettings, cut: _Cut) -> tuple[float, float]:
+    """Forward and backward matmul FLOPs (backward includes checkpointing's recompute)."""
+    attn = _attention_flops(shape, s)
+    layer_fwd = [2 * P * s.tokens + attn for P in shape.layer_matmul_params]
+    head = 2 * shape.hidden_size * shape.vocab_size * s.loss_tokens
+    forward = sum(layer_fwd)
+    if cut.lora:
+        forward += 2 * _lora_params_per_layer(s) * s.tokens * cut.n_train
+        layers_backward = _lora_backward_flops(shape, s, cut, attn)
     else:
         # a trained layer: input- and weight-gradients (2x its forward); a frozen one the
         # gradient passes through: input-gradients only (its matmuls once, attention twice)
-        bwd_layers = sum(2 * layer_fwd[idx] if idx in trainable_layers else layer_fwd[idx] + attn_fwd
-                         for idx in traversed)
-    recompute = 0.0
-    if checkpointing:
-        # torch's non-reentrant checkpoint stops recomputing once the last saved tensor is back:
-        # the layer's final projection (MLP down/out, whose output nobody saves) is skipped
-        last = shape.linear_shapes[-1] if shape.linear_shapes else None
-        skip = 2 * N * last[1] * last[2] if last else 0
-        recompute = sum(layer_fwd[idx] - skip for idx in traversed)
-        if lora:
-            last_targeted = last is not None and any(t[0] == last[0] for t in targets)
-            per = 2 * lora_rank * N * (sum(i + o for _, i, o in targets) - (last[2] if last_targeted else 0))
-            recompute += per * n_train
-    head_unit = 2 * d * V * Nh
-    head_fwd = head_unit
-    head_bwd = (head_unit if anything_below_head_trains else 0) + (head_unit if head_w_trains else 0)
-    matmul_fwd = fwd_layers + head_fwd
-    matmul_bwd = bwd_layers + head_bwd + recompute
-    matmul = matmul_fwd + matmul_bwd
+        layers_backward = sum(2 * layer_fwd[idx] if idx in cut.trainable_layers else layer_fwd[idx] + attn
+                              for idx in cut.traversed)
+    head_backward = (head if cut.below_head_trains else 0) + (head if cut.head_trains else 0)
+    backward = layers_backward + head_backward + _recompute_flops(shape, s, cut, layer_fwd)
+    return forward + head, backward
 
-    # --- trainable parameters ----------------------------------------------------------
-    if full:
-        trainable = shape.total_params
-    elif lora:
-        trainable = lora_params + (shape.unembedding_params if head_w_trains else 0)
-    else:
-        trainable = (sum(shape.layer_params[idx] for idx in trainable_layers)
-                     + (shape.final_norm_params if norm_trains else 0)
-                     + (shape.head_params if head_w_trains else 0))
-    total = shape.total_params + (shape.unembedding_params if head_copy else 0) + lora_params
-    emb_trains = full
 
-    # --- non-matmul FLOPs --------------------------------------------------------------
-    opt_flops = OPTIMIZER_FLOPS_PER_PARAM[optimizer] * trainable
-    emb_flops = N * d if emb_trains else 0                  # scatter-add of the token gradients
-    ce_flops = CE_FLOPS_PER_LOGIT * V * Nh
-    other_flops = opt_flops + emb_flops + ce_flops
+def _lora_backward_flops(shape: ModelShape, s: StepSettings, cut: _Cut, attn: float) -> float:
+    """Base weights frozen: input-gradients only (2PN); LoRA A and B: weight- and input-grads."""
+    N, per_layer = s.tokens, _lora_params_per_layer(s)
+    inproj = sum(i * o for name, i, o in shape.linear_shapes if _is_input_projection(name))
+    inproj_lora = s.lora_rank * sum(i for name, i, _ in s.lora_targets if _is_input_projection(name))
+    backward = 0.0
+    for idx in cut.traversed:
+        P = shape.layer_matmul_params[idx]
+        bwd = 2 * P * N + 2 * attn + (4 * per_layer * N if idx in cut.trainable_layers else 0)
+        if idx == cut.eof:
+            # the lowest LoRA layer's input (a frozen norm of frozen h^k) needs no gradient:
+            # its input projections skip the input-gradient, base and LoRA-A alike
+            bwd -= 2 * N * (inproj + inproj_lora)
+        backward += bwd
+    return backward
 
-    # --- memory traffic (bytes streamed) -----------------------------------------------
-    ff_ew = EW_PER_FF_GATED if shape.gated_mlp else EW_PER_FF_PLAIN
-    ew_layer = N * (EW_PER_D * d + EW_PER_KV * shape.kv_dim + ff_ew * shape.intermediate_size) * b
-    lora_ew = N * sum(i + 4 * o for _, i, o in targets) * b if lora else 0
-    # forward of every layer (+ LoRA branches), backward of trainable ones (2x), recompute (1x)
-    ew_bytes = (L * ew_layer + n_train * lora_ew + 2 * (n_back * ew_layer + n_train * lora_ew)
-                + (n_back * ew_layer + n_train * lora_ew if checkpointing else 0))
-    if attention == "eager":        # softmax over H·T·T scores: r/w forward, r/r/w backward
-        probs = N * T * shape.num_heads * 4
-        ew_bytes += L * 2 * probs + n_back * 3 * probs
-    ce_bytes = V * Nh * (CE_BYTES_PER_LOGIT_FP32 + (CE_BYTES_PER_LOGIT_EXTRA_LOWP if b < 4 else 0))
-    impl = machine.optimizer_impl if machine.optimizer_impl in OPTIMIZER_WORDS else "fused"
-    opt_bytes = OPTIMIZER_WORDS[impl][optimizer] * trainable * b
-    emb_bytes = 0
-    if emb_trains:   # dense V x d gradient: zero-fill; tied: summing the head's and the embedding's
-        emb_bytes = shape.embedding_params * b + (3 * shape.unembedding_params * b if shape.tied else 0)
-    traffic = ew_bytes + ce_bytes + opt_bytes + emb_bytes
 
-    # --- freshly allocated large tensors (CPU page faults) ------------------------------
+def _recompute_flops(shape: ModelShape, s: StepSettings, cut: _Cut, layer_fwd: list[float]) -> float:
+    """Gradient checkpointing: one more forward of every layer the backward goes through."""
+    if not s.gradient_checkpointing:
+        return 0.0
+    # torch's non-reentrant checkpoint stops recomputing once the last saved tensor is back:
+    # the layer's final projection (MLP down/out, whose output nobody saves) is skipped
+    last = shape.linear_shapes[-1] if shape.linear_shapes else None
+    skip = 2 * s.tokens * last[1] * last[2] if last else 0
+    recompute = sum(layer_fwd[idx] - skip for idx in cut.traversed)
+    if cut.lora:
+        last_targeted = last is not None and any(t[0] == last[0] for t in s.lora_targets)
+        width = sum(i + o for _, i, o in s.lora_targets) - (last[2] if last_targeted else 0)
+        recompute += 2 * s.lora_rank * s.tokens * width * cut.n_train
+    return recompute
+
+
+def _lora_params(s: StepSettings, cut: _Cut) -> int:
+    return _lora_params_per_layer(s) * cut.n_train if cut.lora else 0
+
+
+def _trainable_params(shape: ModelShape, s: StepSettings, cut: _Cut) -> int:
+    if cut.full:
+        return shape.total_params
+    if cut.lora:
+        return _lora_params(s, cut) + (shape.unembedding_params if cut.head_trains else 0)
+    return (sum(shape.layer_params[idx] for idx in cut.trainable_layers)
+            + (shape.final_norm_params if cut.norm_trains else 0)
+            + (shape.head_params if cut.head_trains else 0))
+
+
+def _total_params(shape: ModelShape, s: StepSettings, cut: _Cut) -> int:
+    return shape.total_params + (shape.unembedding_params if cut.head_copy else 0) + _lora_params(s, cut)
+
+
+def _other_flops(shape: ModelShape, s: StepSettings, cut: _Cut, trainable: int) -> tuple[int, int]:
+    """Non-matmul FLOPs: (the optimizer's, all of them: optimizer, embedding gradient, loss)."""
+    optimizer = OPTIMIZER_FLOPS_PER_PARAM[s.optimizer] * trainable
+    embedding = s.tokens * shape.hidden_size if cut.full else 0     # scatter-add of the token gradients
+    loss = CE_FLOPS_PER_LOGIT * shape.vocab_size * s.loss_tokens
+    return optimizer, optimizer + embedding + loss
+
+
+def _elementwise_bytes(shape: ModelShape, s: StepSettings, cut: _Cut) -> int:
+    """Bytes the layers' elementwise work streams: forward of every layer (+ LoRA branches),
+    backward of the layers the gradient goes through (2x), recompute (1x)."""
+    N, b, L = s.tokens, s.dtype_bytes, shape.num_layers
+    ff_words = EW_PER_FF_GATED if shape.gated_mlp else EW_PER_FF_PLAIN
+    layer = N * (EW_PER_D * shape.hidden_size + EW_PER_KV * shape.kv_dim
+                 + ff_words * shape.intermediate_size) * b
+    lora = N * sum(i + 4 * o for _, i, o in s.lora_targets) * b if cut.lora else 0
+    n_back, n_train = cut.n_back, cut.n_train
+    streamed = (L * layer + n_train * lora + 2 * (n_back * layer + n_train * lora)
+                + (n_back * layer + n_train * lora if s.gradient_checkpointing else 0))
+    if s.attention == "eager":        # softmax over H·T·T scores: r/w forward, r/r/w backward
+        probs = N * s.seq_len * shape.num_heads * 4
+        streamed += L * 2 * probs + n_back * 3 * probs
+    return streamed
+
+
+def _bytes_moved(shape: ModelShape, s: StepSettings, cut: _Cut, trainable: int) -> int:
+    """Bytes streamed through DRAM/HBM: layers, loss, optimizer update, embedding gradient."""
+    b = s.dtype_bytes
+    loss = shape.vocab_size * s.loss_tokens * (CE_BYTES_PER_LOGIT_FP32
+                                               + (CE_BYTES_PER_LOGIT_EXTRA_LOWP if b < 4 else 0))
+    optimizer = OPTIMIZER_WORDS[s.optimizer_impl][s.optimizer] * trainable * b
+    embedding = 0
+    if cut.full:     # dense V x d gradient: zero-fill; tied: summing the head's and the embedding's
+        embedding = shape.embedding_params * b + (3 * shape.unembedding_params * b if shape.tied else 0)
+    return _elementwise_bytes(shape, s, cut) + loss + optimizer + embedding
+
+
+def _page_faulted_bytes(shape: ModelShape, s: StepSettings, cut: _Cut) -> int:
+    """Bytes of large tensors allocated afresh every step: on a CPU each pays its page faults."""
+    if not s.machine.page_fault_bytes_per_s:
+        return 0
+    b = s.dtype_bytes
+    temps = OPTIMIZER_TEMPORARIES.get(s.optimizer_impl, {}).get(s.optimizer, 0)
+
+    def big(nbytes):
+        return nbytes if nbytes >= s.machine.large_alloc_bytes else 0
+
+    vd = shape.unembedding_params * b
     fresh = 0
-    thr = machine.large_alloc_bytes
-    temps = OPTIMIZER_TEMPORARIES.get(impl, {}).get(optimizer, 0)
-    if machine.page_fault_bytes_per_s:
-        def big(nbytes):
-            return nbytes if nbytes >= thr else 0
-        vd = shape.unembedding_params * b
-        if emb_trains and shape.tied:
-            fresh += big(vd) * (3 + temps)       # embedding grad (zeros), head grad, their sum, temps
-        elif emb_trains:                         # untied: each matrix its own gradient + temps
-            fresh += (big(shape.embedding_params * b) + big(vd)) * (1 + temps)
-        elif head_w_trains:
-            fresh += big(vd) * (1 + temps)       # head grad + optimizer temporaries
-        if not lora:
-            for _, i, o in shape.linear_shapes:
-                fresh += n_train * big(i * o * b) * (1 + temps)
-        ff_bytes = N * shape.intermediate_size * b
-        fresh += n_back * (4 if shape.gated_mlp else 2) * big(ff_bytes)
-        fresh += 4 * big(Nh * V * 4) if anything_below_head_trains or head_w_trains else 0
+    if cut.full and shape.tied:
+        fresh += big(vd) * (3 + temps)       # embedding grad (zeros), head grad, their sum, temps
+    elif cut.full:                           # untied: each matrix its own gradient + temps
+        fresh += (big(shape.embedding_params * b) + big(vd)) * (1 + temps)
+    elif cut.head_trains:
+        fresh += big(vd) * (1 + temps)       # head grad + optimizer temporaries
+    if not cut.lora:
+        for _, i, o in shape.linear_shapes:
+            fresh += cut.n_train * big(i * o * b) * (1 + temps)
+    ff_bytes = s.tokens * shape.intermediate_size * b
+    fresh += cut.n_back * (4 if shape.gated_mlp else 2) * big(ff_bytes)
+    fresh += 4 * big(s.loss_tokens * shape.vocab_size * 4) if cut.below_head_trains or cut.head_trains else 0
+    return fresh
 
-    # --- peak memory -------------------------------------------------------------------
-    n_states = OPTIMIZER_STATES[optimizer]
-    act_tok = activation_bytes_per_token(shape, T, b, "eager" if attention == "eager" else "sdpa")
-    if lora:
-        act_tok += lora_rank * len(targets) * b
-    # every layer the backward goes through keeps its activations (a frozen one too: its
-    # norms, activation functions and attention need them for the input-gradient)
-    if checkpointing:
-        activations = n_back * N * d * b + (N * act_tok if n_back else 0)
-    else:
-        activations = n_back * N * act_tok
-    workspace = N * (4 * d + 3 * shape.intermediate_size) * b    # one layer's live intermediates
-    logits = Nh * V * (b + 4 * LOGITS_WORKSPACE_FP32_COPIES)
-    mem = {
+
+def _activation_bytes(shape: ModelShape, s: StepSettings, cut: _Cut) -> float:
+    """Activations saved for backward. Every layer the backward goes through keeps them (a
+    frozen one too: its norms, activation functions and attention need them for the
+    input-gradient)."""
+    N, b = s.tokens, s.dtype_bytes
+    per_token = activation_bytes_per_token(shape, s.seq_len, b, "eager" if s.attention == "eager" else "sdpa")
+    if cut.lora:
+        per_token += s.lora_rank * len(s.lora_targets) * b
+    if s.gradient_checkpointing:
+        return cut.n_back * N * shape.hidden_size * b + (N * per_token if cut.n_back else 0)
+    return cut.n_back * N * per_token
+
+
+def _peak_memory(shape: ModelShape, s: StepSettings, cut: _Cut, trainable: int,
+                 total: int) -> tuple[float, dict, str]:
+    """(peak bytes, its breakdown, the phase it happens in).
+
+    Peak: at the start of backward (all saved activations, the logits workspace, no parameter
+    gradients yet: zero_grad(set_to_none=True)) or after it (all gradients, no activations);
+    in between, each layer's activations are freed as its (smaller) gradients appear.
+    """
+    b = s.dtype_bytes
+    activations = _activation_bytes(shape, s, cut)
+    workspace = s.tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size) * b   # one layer's
+    logits = s.loss_tokens * shape.vocab_size * (b + 4 * LOGITS_WORKSPACE_FP32_COPIES)
+    breakdown = {
         "weights": total * b,
         "grads": trainable * b,
-        "optimizer": n_states * trainable * b,
+        "optimizer": OPTIMIZER_STATES[s.optimizer] * trainable * b,
         "activations": activations,
         "logits": logits,
         "workspace": workspace,
     }
-    # Peak: at the start of backward (all saved activations, the logits workspace, no parameter
-    # gradients yet: zero_grad(set_to_none=True)) or after it (all gradients, no activations);
-    # in between, each layer's activations are freed as its (smaller) gradients appear.
-    static = mem["weights"] + mem["optimizer"] + workspace
-    head_grad = (shape.unembedding_params * b) if head_w_trains else 0
+    static = breakdown["weights"] + breakdown["optimizer"] + workspace
+    head_grad = (shape.unembedding_params * b) if cut.head_trains else 0
     at_backward_start = static + activations + logits + head_grad
-    after_backward = static + mem["grads"]
-    memory = max(at_backward_start, after_backward)
-    peak_phase = "backward-start" if at_backward_start >= after_backward else "after-backward"
+    after_backward = static + breakdown["grads"]
+    phase = "backward-start" if at_backward_start >= after_backward else "after-backward"
+    return max(at_backward_start, after_backward), breakdown, phase
 
-    flops = matmul + other_flops
-    t = (matmul / machine.matmul_flops_per_s + traffic / machine.bytes_per_s
-         + (fresh / machine.page_fault_bytes_per_s if machine.page_fault_bytes_per_s else 0.0))
-    valid = full or n_train > 0 or head_w_trains
+
+def _step_time(machine: Machine, matmul: float, streamed: float, page_faulted: float) -> float:
+    return (matmul / machine.matmul_flops_per_s + streamed / machine.bytes_per_s
+            + (page_faulted / machine.page_fault_bytes_per_s if machine.page_fault_bytes_per_s else 0.0))
+
+
+def _cost(shape: ModelShape, s: StepSettings, k: int | None, layers=None) -> dict:
+    """Absolute costs of one step (`_cut` says what k and layers mean)."""
+    cut = _cut(shape, s, k, layers)
+    matmul_fwd, matmul_bwd = _matmul_flops(shape, s, cut)
+    matmul = matmul_fwd + matmul_bwd
+    trainable = _trainable_params(shape, s, cut)
+    total = _total_params(shape, s, cut)
+    optimizer_flops, other_flops = _other_flops(shape, s, cut, trainable)
+    streamed = _bytes_moved(shape, s, cut, trainable)
+    page_faulted = _page_faulted_bytes(shape, s, cut)
+    memory, breakdown, peak_phase = _peak_memory(shape, s, cut, trainable, total)
     return {
-        "cut": "full" if full else kk,
-        "eof": kk,
-        "full": full,
-        "valid": valid,
-        "trainable_layers": L if full else n_train,
+        "cut": "full" if cut.full else cut.eof,
+        "eof": cut.eof,
+        "full": cut.full,
+        "valid": cut.full or cut.n_train > 0 or cut.head_trains,
+        "trainable_layers": shape.num_layers if cut.full else cut.n_train,
         "trainable_params": int(trainable),
         "frozen_params": int(total - trainable),
         "total_params": int(total),
-        "flops_abs": float(flops),
+        "flops_abs": float(matmul + other_flops),
         "matmul_flops": float(matmul),
         "matmul_flops_forward": float(matmul_fwd),
         "matmul_flops_backward": float(matmul_bwd),
-        "optimizer_flops": float(opt_flops),
+        "optimizer_flops": float(optimizer_flops),
         "other_flops": float(other_flops),
-        "bytes_moved": float(traffic),
-        "bytes_page_faulted": float(fresh),
+        "bytes_moved": float(streamed),
+        "bytes_page_faulted": float(page_faulted),
         "memory_bytes": float(memory),
-        "memory_breakdown": {k_: float(v) for k_, v in mem.items()},
+        "memory_breakdown": {name: float(v) for name, v in breakdown.items()},
         "memory_peak_phase": peak_phase,
-        "step_time_s": float(t),
+        "step_time_s": float(_step_time(s.machine, matmul, streamed, page_faulted)),
     }
 
 
-def _step_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
-                   lora_rank, gradient_checkpointing, lora_targets, attention, machine):
-    """Checked settings of one training step: (machine, keyword arguments of _cost)."""
-    _check_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head, lora_rank,
-                    attention)
-    m = get_machine(machine)
-    return m, dict(T=seq_len, B=batch_size, loss_positions=loss_positions, optimizer=optimizer,
-                   b=dtype_bytes, head=head, lora_rank=lora_rank, lora_targets=lora_targets,
-                   checkpointing=gradient_checkpointing, attention=attention, machine=m)
-
+# ---------------------------------------------------------------------------------------
+# Public API
 
 def cost_curve(shape: ModelShape, seq_len: int, batch_size: int, loss_positions="all",
                optimizer: str = "adamw", dtype_bytes: int = 4, head: str = "frozen",
@@ -616,25 +753,26 @@ def cost_curve(shape: ModelShape, seq_len: int, batch_size: int, loss_positions=
     "causal" (half of them: flash kernels skip masked blocks), "eager" (full, plus
     the probabilities saved and streamed).
     """
-    m, kw = _step_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
-                           lora_rank, gradient_checkpointing, lora_targets, attention, machine)
-    full = _cost(shape, None, **kw)
-    entries = [_cost(shape, k, **kw) for k in range(shape.num_layers + 1)]
+    s = StepSettings.check(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
+                           lora_rank, gradient_checkpointing, lora_targets=lora_targets,
+                           attention=attention, machine=machine)
+    full = _cost(shape, s, None)
+    entries = [_cost(shape, s, k) for k in range(shape.num_layers + 1)]
     if include_full:
         entries.append(full)
     for e in entries:
-        _add_ratios(e, full, m.name, lora_rank, head)
+        _add_ratios(e, full, s)
     return entries
 
 
-def _add_ratios(e: dict, full: dict, machine: str, lora_rank, head: str) -> None:
+def _add_ratios(e: dict, full: dict, s: StepSettings) -> None:
     e["flops_ratio"] = e["flops"] = e["flops_abs"] / full["flops_abs"]
     e["matmul_flops_ratio"] = e["matmul_flops"] / full["matmul_flops"]
     e["memory_ratio"] = e["memory"] = e["memory_bytes"] / full["memory_bytes"]
     e["step_time_ratio"] = predicted_step_time_ratio(e, full)
-    e["machine"] = machine
-    e["lora_rank"] = lora_rank
-    e["head"] = "trainable" if e["full"] else head
+    e["machine"] = s.machine.name
+    e["lora_rank"] = s.lora_rank
+    e["head"] = "trainable" if e["full"] else s.head
 
 
 def layer_set_cost(shape: ModelShape, layers, seq_len: int, batch_size: int,
@@ -649,10 +787,11 @@ def layer_set_cost(shape: ModelShape, layers, seq_len: int, batch_size: int,
     if not layers or not all(0 <= i < shape.num_layers for i in layers):
         raise SalfError(f"cost model: layers must be a non-empty set of indices in "
                         f"[0, {shape.num_layers - 1}], got {layers}")
-    m, kw = _step_settings(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
-                           lora_rank, gradient_checkpointing, lora_targets, attention, machine)
-    entry = _cost(shape, layers[0], layers=layers, **kw)
-    _add_ratios(entry, _cost(shape, None, **kw), m.name, lora_rank, head)
+    s = StepSettings.check(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
+                           lora_rank, gradient_checkpointing, lora_targets=lora_targets,
+                           attention=attention, machine=machine)
+    entry = _cost(shape, s, layers[0], layers=layers)
+    _add_ratios(entry, _cost(shape, s, None), s)
     entry["layers"] = layers
     return entry
 
