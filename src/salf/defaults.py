@@ -1,9 +1,8 @@
 """Defaults shared by the library and the CLI (kept import-light: `salf --help` reads them).
 
 DEFAULT_POLICY is the cut policy `salf analyze` / `salf finetune` use unless told
-otherwise. It was "max-gain" until 2026-11-28; the sweep (bench/RESULTS.md §4,
-docs/method.md "Sweep verdict") found max-gain's deep picks unsafe on every dataset
-measured and max-gain-e0's picks safe, so the default changed. "max-gain" stays selectable.
+otherwise: max-gain-e0, the only rule the sweep measured that never broke quality
+(docs/method.md "Sweep verdict", bench/RESULTS.md §4). "max-gain" stays selectable.
 """
 
 DEFAULT_POLICY = "max-gain-e0"

@@ -54,7 +54,7 @@ def axolotl_yaml(plan: FreezePlan, layers_path: str | None = None) -> str:
                 _layers_path(plan, layers_path))
     if norm:
         lines.append(f"- ^{norm}\\..*")
-    if plan.head in ("trainable", "untied-copy"):
+    if plan.head != "frozen":
         head = HEAD_NAMES.get((plan.model or {}).get("model_type"), "lm_head")
         lines.append(f"- ^{head}\\.weight$")
         if plan.head == "untied-copy":

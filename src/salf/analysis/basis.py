@@ -1,4 +1,5 @@
-"""Semantic basis (METHOD.md §2): b_v = W⁺ e_v, the minimum-norm latent whose logits are e_v.
+"""Semantic basis (docs/method.md, formula map §2): b_v = W⁺ e_v, the minimum-norm latent whose
+logits are e_v.
 
 With the unembedding W (V x d) of full column rank, W⁺ = (WᵀW)⁻¹ Wᵀ, so
 b_v = G⁻¹ W_vᵀ with the Gram matrix G = WᵀW (d x d). Everything here is

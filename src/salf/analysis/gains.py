@@ -1,4 +1,4 @@
-"""Gains, scaling-law benefit estimates and cut policies (METHOD.md §5, §7).
+"""Gains, scaling-law benefit estimates and cut policies (docs/method.md, formula map §5, §7).
 
 Every function takes a `Trace`, a trace dict (`Trace.to_dict()` / JSON) or a
 plain sequence of deviations D_0..D_L, and returns plain floats/ints/dicts

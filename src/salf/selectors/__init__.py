@@ -1,4 +1,4 @@
-"""Baseline layer selectors: simpler rules to compare SALF's cut against (METHOD.md §8).
+"""Baseline layer selectors: simpler rules to compare SALF's cut against (docs/selectors.md).
 
 Every selector is `fn(context: SelectorContext, **params) -> Selection`; look them
 up by name in `SELECTORS` or call `run_selector(name, context, **params)`.

@@ -46,10 +46,6 @@ class Selection:
         trainable = set(self.trainable_layers)
         return [i for i in range(self.num_layers) if i not in trainable]
 
-    @property
-    def is_prefix_cut(self) -> bool:
-        return self.eof is not None
-
     def to_dict(self) -> dict:
         return asdict(self)
 
