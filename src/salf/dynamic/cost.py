@@ -25,17 +25,19 @@ def cut_per_step(schedule: list[list[int]], total_steps: int) -> list[int]:
     return cuts
 
 
-def probe_forward_flops(shape, rows: int, seq_len: int, targets_per_row: int) -> float:
+def probe_forward_flops(shape, rows: int, seq_len: int, targets_per_row: int,
+                        attention: str = "sdpa") -> float:
     """Matmul FLOPs of one probe read: every layer's forward over rows x seq_len tokens and the
     head at the target positions (the cost model's forward of a batch of `rows`)."""
-    entry = cost_curve(shape, seq_len, rows, loss_positions=max(1, int(targets_per_row)))[0]
+    entry = cost_curve(shape, seq_len, rows, loss_positions=max(1, int(targets_per_row)),
+                       attention=attention)[0]
     return float(entry["matmul_flops_forward"])
 
 
 def schedule_cost(shape, schedule: list[list[int]], total_steps: int, *, seq_len: int,
                   batch_size: int, loss_positions="all", head: str = "frozen",
                   lora_rank: int | None = None, gradient_checkpointing: bool = False,
-                  probe_flops: float = 0.0) -> dict:
+                  attention: str = "sdpa", probe_flops: float = 0.0) -> dict:
     """Integrated cost of a schedule, relative to full fine-tuning for as many steps.
 
     `flops_ratio` counts every FLOP the cost model does (matmuls, optimizer, embedding
@@ -44,7 +46,7 @@ def schedule_cost(shape, schedule: list[list[int]], total_steps: int, *, seq_len
     """
     curve = cost_curve(shape, seq_len, batch_size, loss_positions=loss_positions, head=head,
                        lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
-                       include_full=True)
+                       attention=attention, include_full=True)
     full = curve[-1]
     cuts = cut_per_step(schedule, total_steps)
     train_flops = sum(curve[k]["flops_abs"] for k in cuts)
