@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis import Trace, choose_cut, fit_depth_law, inference_gains, trace
+from .analysis import Trace, choose_cut, fit_depth_law, trace
 from .cost import ModelShape, cost_table, plan_prediction
 from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .data import collate, encode, load_dataset_spec, pad_token_id, sample_hash
@@ -20,7 +20,7 @@ from .io import atomic_write_json
 from .models import anatomy, load_model, verify_anatomy
 from .plan import FreezePlan
 from .report.markdown import write_analysis_report
-from .report.plots import plot_trace
+from .report.plots import write_trace_plot
 
 
 @dataclass
@@ -140,22 +140,8 @@ def replan(trace_path: str | Path, policy: str, head: str = "frozen",
 
 def write_outputs(out: Path, tr: Trace, plan: FreezePlan, choice: dict, cost: dict) -> None:
     """trace.png and report.md for one analysis."""
-    dev = tr.deviations
-    curve = choice["curve"]
     fit = fit_depth_law(tr)
-    fitted = None
-    if fit.get("ok"):
-        fitted = [fit["E"] + fit["A"] * (l + 1) ** (-fit["alpha"]) for l in range(len(dev))]
-    second = tr.metric("lens_acc") if tr.task == "classification" else None
-    if second is not None and any(v is None for v in second):
-        second = None
-    cuts = list(range(tr.num_layers))
-    plot_trace(out / "trace.png",
-               title=f"{tr.model.get('spec')} on {tr.data.get('dataset')} — policy {plan.policy}",
-               deviation=dev, gains=inference_gains(tr), fitted=fitted, eof=plan.eof, cuts=cuts,
-               cost=[cost["cuts"][k]["flops_ratio"] for k in cuts],
-               benefit=list(curve["benefit"])[:len(cuts)],
-               second=second, second_name="lens accuracy (label set)" if second else None)
+    write_trace_plot(out / "trace.png", tr, plan, choice, cost, fit)
     write_analysis_report(out / "report.md", tr, plan, choice, cost, fit)
 
 
