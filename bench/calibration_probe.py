@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from salf.cost import ModelShape, cost_curve
 from salf.data import load_dataset_spec
 from salf.models import anatomy, load_model
-from salf.pipeline import run_training
+from salf.finetune import run_training
 from salf.plan import FreezePlan
 
 OUT = Path(__file__).parent / "results" / "calibration-probe"

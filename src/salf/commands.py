@@ -128,7 +128,7 @@ def cmd_plan(parser, args) -> int:
 
     result = replan(args.trace, args.policy, head=args.head, out=args.out)
     print_plan(result)
-    console.print(f"wrote {result.out_dir}")
+    console.print(f"wrote {result.plan_path}")
     return 0
 
 
@@ -182,10 +182,14 @@ def _train_kwargs(args) -> dict:
 
 
 def _lora(args):
-    from .pipeline import lora_settings
+    """The LoraSettings of --lora and its options, or None without --lora."""
+    if not args.lora:
+        return None
+    from .train import LoraSettings
 
-    return lora_settings(args.lora, args.lora_r, args.lora_alpha, args.lora_dropout,
-                         args.lora_targets)
+    targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
+    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        target_modules=targets)
 
 
 def _default_save_steps(args) -> int | None:
@@ -199,7 +203,7 @@ def _default_save_steps(args) -> int | None:
 def cmd_train(parser, args) -> int:
     from .data import load_dataset_spec
     from .models import anatomy, load_model
-    from .pipeline import resolve_plan, run_training
+    from .finetune import resolve_plan, run_training
 
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model, _, info = loaded
@@ -238,12 +242,12 @@ def print_train_summary(metrics: dict, out) -> None:
 
 def cmd_evaluate(parser, args) -> int:
     from .data import load_dataset_spec
-    from .pipeline import load_for_eval, test_rows
+    from .finetune import first_rows, load_for_eval
     from .train import evaluate
 
     model, tok, meta = load_for_eval(args.model, trust_remote_code=args.trust_remote_code)
     ds = load_dataset_spec(args.dataset, **data_kwargs(args))
-    rows = test_rows(ds, args.split, args.samples)
+    rows = first_rows(ds, args.split, args.samples)
     metrics = evaluate(model, tok, ds.task, rows, batch_size=args.batch_size,
                        max_length=args.max_length, progress=True)
     metrics.update(model=args.model, dataset=ds.name, split=args.split)
@@ -256,7 +260,7 @@ def cmd_evaluate(parser, args) -> int:
 
 
 def cmd_finetune(parser, args) -> int:
-    from .pipeline import finetune
+    from .finetune import finetune
 
     kwargs = _train_kwargs(args)
     kwargs["save_steps"] = _default_save_steps(args)

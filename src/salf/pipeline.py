@@ -1,22 +1,24 @@
-"""The analyze -> plan steps as library calls (the CLI and `finetune`/`sweep` compose these).
+"""Analyze and replan as library calls: trace a model, predict the cost of every cut, pick one.
 
 `analyze` loads a model and data, traces the latent spaces, predicts the cost of
 every cut, picks one with a policy and writes trace.json, plan.json, report.md
 and trace.png. `replan` does the planning part again from a saved trace.
+Training on a plan (and the whole `finetune` job) lives in `salf.finetune`.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .analysis import Trace, choose_cut, fit_depth_law, trace
 from .cost import ModelShape, cost_table, plan_prediction
-from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .data import collate, encode, load_dataset_spec, pad_token_id, sample_hash
+from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .errors import SalfError
-from .io import atomic_write_json
+from .io import ensure_out_dir, ensure_parent_dir
 from .models import anatomy, load_model, verify_anatomy
 from .plan import FreezePlan
 from .report.markdown import write_analysis_report
@@ -25,11 +27,14 @@ from .report.plots import write_trace_plot
 
 @dataclass
 class Analysis:
+    """What `analyze` and `replan` return."""
+
     trace: Trace
     plan: FreezePlan
-    choice: dict
-    cost: dict
-    out_dir: Path | None
+    choice: dict                   # choose_cut's answer: the policy's reasoning and benefit curve
+    cost: dict                     # the cost table the plan was priced with
+    out_dir: Path | None = None    # the folder `analyze` wrote its outputs to
+    plan_path: Path | None = None  # the plan file written (OUT/plan.json, or replan's `out`)
 
 
 def sample_rows(rows: list[dict], n: int | None, seed: int, what: str) -> list[dict]:
@@ -51,6 +56,7 @@ def make_batches(task, tokenizer, rows, batch_size: int, max_length: int) -> lis
     return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
 
 
+# ------------------------------------------------------------------------- analyze
 def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = None,
             samples: int = DEFAULT_ANALYSIS_SAMPLES, split: str = "train",
             policy: str = DEFAULT_POLICY,
@@ -69,19 +75,14 @@ def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = 
     if split not in ds.splits:
         raise SalfError(f"dataset {ds.name} has no split {split!r} (has: {', '.join(ds.splits)})")
     rows = sample_rows(ds.splits[split], samples, seed, f"analysis sample of {ds.name}/{split}")
-    anat = anatomy(model)
     kind = ds.task.kind
-    label_ids = ds.task.label_token_ids(tokenizer) if kind == "classification" else None
-    batches = make_batches(ds.task, tokenizer, rows, batch_size, max_length)
-    first = encode(ds.task, tokenizer, rows[:1], max_length)
-    if first:
-        import torch
-
-        verify_anatomy(anat, torch.tensor([first[0]["input_ids"]]))
+    anat = anatomy(model)
+    _verify_on_first_row(anat, ds.task, tokenizer, rows, max_length)
     shape = ModelShape.from_model(model)
     data_info = dict(ds.provenance, dataset=ds.name, split=split, samples=len(rows),
                      sample_hash=sample_hash(rows), max_length=max_length)
-    tr = trace(model, anat, batches, kind, label_token_ids=label_ids,
+    tr = trace(model, anat, make_batches(ds.task, tokenizer, rows, batch_size, max_length), kind,
+               label_token_ids=ds.task.label_token_ids(tokenizer) if kind == "classification" else None,
                max_targets_per_example=max_targets, logit_lens=logit_lens, progress=progress,
                seed=seed, model_info=info.to_dict(), data_info=data_info, shapes=shape.to_dict())
     cost = cost_table(shape, train_max_length, train_batch_size,
@@ -90,17 +91,31 @@ def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = 
     tr.extra["task"] = ds.task.to_dict()
     result = _plan_from_trace(tr, policy, head, cost)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tr.to_json(out / "trace.json")
-        result.plan.trace_file = "trace.json"
-        result.plan.to_json(out / "plan.json")
-        write_outputs(out, tr, result.plan, result.choice, cost)
-        result.out_dir = out
+        _write_analysis(Path(out_dir), result)
     return result
 
 
+def _verify_on_first_row(anat, task, tokenizer, rows, max_length: int) -> None:
+    """Check once, on a real input, that the resolved model parts recompute its logits."""
+    first = encode(task, tokenizer, rows[:1], max_length)
+    if first:
+        import torch
+
+        verify_anatomy(anat, torch.tensor([first[0]["input_ids"]]))
+
+
+def _write_analysis(out: Path, result: Analysis) -> None:
+    """OUT/trace.json, plan.json, trace.png and report.md."""
+    ensure_out_dir(out)
+    result.trace.to_json(out / "trace.json")
+    result.plan.trace_file = "trace.json"
+    result.plan.to_json(out / "plan.json")
+    write_outputs(out, result.trace, result.plan, result.choice, result.cost)
+    result.out_dir, result.plan_path = out, out / "plan.json"
+
+
 def _plan_from_trace(tr: Trace, policy: str, head: str, cost: dict) -> Analysis:
+    """Choose a cut of `tr` with `policy`, priced by the cost table `cost`."""
     flops = [c["flops_ratio"] for c in cost["cuts"]]
     choice = choose_cut(tr, policy, cost=flops)
     k = choice["eof"]
@@ -109,33 +124,7 @@ def _plan_from_trace(tr: Trace, policy: str, head: str, cost: dict) -> Analysis:
     plan = FreezePlan(eof=k, num_layers=tr.num_layers, head=head, policy=choice["policy"],
                       policy_params=choice["params"], reason=choice["reason"], model=dict(tr.model),
                       data=dict(tr.data), predicted=predicted)
-    return Analysis(trace=tr, plan=plan, choice=choice, cost=cost, out_dir=None)
-
-
-def replan(trace_path: str | Path, policy: str, head: str = "frozen",
-           out: str | Path | None = None) -> Analysis:
-    """Choose a cut from a saved trace.json without the model; writes the plan to `out`."""
-    trace_path = Path(trace_path)
-    if not trace_path.exists():
-        raise SalfError(f"trace file {trace_path} does not exist")
-    tr = Trace.from_json(trace_path)
-    cost = tr.extra.get("cost")
-    if cost is None:
-        raise SalfError(f"{trace_path} has no cost table (written by an older salf?); rerun analyze")
-    settings = dict(cost["settings"])
-    if settings.get("head") != head:
-        shape = ModelShape.from_dict(cost["shape"])
-        settings.pop("machine", None)
-        seq, bs = settings.pop("seq_len"), settings.pop("batch_size")
-        settings["head"] = head
-        cost = cost_table(shape, seq, bs, **settings)
-    result = _plan_from_trace(tr, policy, head, cost)
-    result.plan.trace_file = str(trace_path)
-    if out is None:
-        out = trace_path.parent / f"plan-{result.plan.policy.replace('=', '')}.json"
-    result.plan.to_json(out)
-    result.out_dir = Path(out)
-    return result
+    return Analysis(trace=tr, plan=plan, choice=choice, cost=cost)
 
 
 def write_outputs(out: Path, tr: Trace, plan: FreezePlan, choice: dict, cost: dict) -> None:
@@ -145,125 +134,65 @@ def write_outputs(out: Path, tr: Trace, plan: FreezePlan, choice: dict, cost: di
     write_analysis_report(out / "report.md", tr, plan, choice, cost, fit)
 
 
-# ------------------------------------------------------------------------- training
-def resolve_plan(info, num_layers: int, *, plan_path=None, freeze_below=None, full=False,
-                 head: str | None = None, tied: bool = False, allow_different_weights=False):
-    """The FreezePlan a training run uses: from a file, a manual cut, or full fine-tuning."""
-    model_dict = dict(info.to_dict(), tied=tied)
-    if full:
-        return FreezePlan.full(num_layers, model=model_dict)
-    if freeze_below is not None:
-        if not 0 <= freeze_below < num_layers:
-            raise SalfError(f"--freeze-below {freeze_below} is outside 0..{num_layers - 1} for a "
-                            f"{num_layers}-layer model")
-        return FreezePlan.manual(freeze_below, num_layers, head=head or "frozen", model=model_dict)
-    plan = FreezePlan.from_json(plan_path)
-    plan.check_model(info, num_layers, allow_different_weights=allow_different_weights)
-    if head is not None:
-        plan.head = head
-    return plan
+# ------------------------------------------------------------------------- replan
+def replan(trace_path: str | Path, policy: str, head: str = "frozen",
+           out: str | Path | None = None) -> Analysis:
+    """Choose a cut from a saved trace.json without the model; writes the plan to `out`
+    (default: plan-POLICY.json beside the trace)."""
+    trace_path = Path(trace_path)
+    if not trace_path.exists():
+        raise SalfError(f"trace file {trace_path} does not exist")
+    tr = Trace.from_json(trace_path)
+    cost = _saved_cost_table(tr, trace_path)
+    if cost["settings"].get("head") != head:
+        cost = _cost_table_with_head(cost, head, trace_path)
+    result = _plan_from_trace(tr, policy, head, cost)
+    result.plan.trace_file = str(trace_path)
+    if out is None:
+        out = trace_path.parent / f"plan-{result.plan.policy.replace('=', '')}.json"
+    result.plan_path = ensure_parent_dir(out)
+    result.plan.to_json(result.plan_path)
+    return result
 
 
-def lora_settings(args_lora: bool, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-                  targets: str | None = None):
-    if not args_lora:
-        return None
-    from .train import LoraSettings
+def _saved_cost_table(tr: Trace, trace_path: Path) -> dict:
+    """The cost table `analyze` stored in the trace (extra.cost), checked: one SalfError
+    naming the file when it is missing or malformed."""
+    cost = tr.extra.get("cost")
+    if cost is None:
+        raise SalfError(f"{trace_path} has no cost table (written by an older salf?); rerun analyze")
 
-    return LoraSettings(r=r, alpha=alpha, dropout=dropout,
-                        target_modules=[t.strip() for t in targets.split(",")] if targets else None)
+    def malformed(what: str) -> SalfError:
+        return SalfError(f"{trace_path}: extra.cost {what}; rerun `salf analyze`")
 
-
-def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
-                 train_samples=None, eval_samples=500, seed=0, progress=True, **train_kwargs) -> dict:
-    """Fine-tune `model_spec` on `ds` with `plan`; returns metrics (also OUT/metrics.json)."""
-    from .train import train
-
-    model, tokenizer, info = loaded or load_model(model_spec)
-    train_rows = sample_rows(ds.splits["train"], train_samples, seed, f"{ds.name}/train")
-    # the first N validation rows (not a random sample): `salf evaluate --split validation
-    # --samples N` then reproduces the eval recorded in metrics.json exactly
-    eval_rows = (test_rows(ds, "validation", eval_samples)
-                 if eval_samples and ds.splits.get("validation") else [])
-    return train(model, tokenizer, ds.task, train_rows, eval_rows, plan, out_dir, lora=lora,
-                 seed=seed, progress=progress, base_spec=model_spec, **train_kwargs)
+    if not isinstance(cost, dict):
+        raise malformed("is not an object")
+    settings = cost.get("settings")
+    if not isinstance(settings, dict) or not settings:
+        raise malformed("has no settings")
+    cuts = cost.get("cuts")
+    n = tr.num_layers + 1
+    if not (isinstance(cuts, list) and len(cuts) == n and all(_has_flops_ratio(c) for c in cuts)):
+        raise malformed(f"needs 'cuts': {n} entries (eof 0..{n - 1}) with a finite flops_ratio")
+    return cost
 
 
-def test_rows(ds, split: str = "test", samples: int | None = None) -> list[dict]:
-    """The first `samples` rows of a split (the split order is already seeded and fixed)."""
-    if split not in ds.splits:
-        raise SalfError(f"dataset {ds.name} has no split {split!r} (has: {', '.join(ds.splits)})")
-    rows = ds.splits[split]
-    if not rows:
-        raise SalfError(f"dataset {ds.name}: split {split!r} is empty")
-    if samples is not None and samples <= 0:
-        raise SalfError(f"--samples must be positive, got {samples}")
-    return rows[:samples] if samples else list(rows)
+def _has_flops_ratio(entry) -> bool:
+    v = entry.get("flops_ratio") if isinstance(entry, dict) else None
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def load_for_eval(spec: str, trust_remote_code: bool = False):
-    """(model, tokenizer, meta) for a trained folder from `salf train` or any model spec."""
-    from .train.evaluate import META_FILE, load_trained, read_meta
-
-    if Path(spec).is_dir() and (Path(spec) / META_FILE).exists():
-        model, tok = load_trained(spec)
-        if tok is None:
-            raise SalfError(f"{spec} has no tokenizer files")
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        return model, tok, read_meta(spec)
-    model, tok, info = load_model(spec, trust_remote_code=trust_remote_code)
-    return model, tok, {"base": spec}
-
-
-def finetune(model_spec: str, dataset_spec: str, out_dir, *,
-             samples: int = DEFAULT_ANALYSIS_SAMPLES,
-             policy: str = DEFAULT_POLICY, head: str = "frozen", max_targets: int = 16,
-             logit_lens: bool = False, test_samples: int = 1000, lora=None,
-             data_kwargs: dict | None = None, trust_remote_code: bool = False,
-             progress: bool = True, seed: int = 0, batch_size: int = 16, max_length: int = 96,
-             train_samples=None, eval_samples=500, **train_kwargs) -> dict:
-    """The whole job: analyze -> plan -> evaluate zero-shot -> train -> evaluate; summary.json."""
-    import time
-
-    from .train import evaluate
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
-    model, tokenizer, info = loaded
-    ds = load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
-    result = analyze(model_spec, dataset_spec, out_dir=out / "analysis", samples=samples,
-                     policy=policy, head=head, max_targets=max_targets, logit_lens=logit_lens,
-                     seed=seed, train_batch_size=batch_size * train_kwargs.get("grad_accum", 1),
-                     train_max_length=max_length, loaded=loaded, dataset=ds, progress=progress)
-    analysis_s = time.perf_counter() - t0
-    rows = test_rows(ds, "test", test_samples)
-    before = evaluate(model, tokenizer, ds.task, rows, batch_size=32, max_length=max_length,
-                      progress=progress)
-    plan = result.plan
-    plan.model["tied"] = anatomy(model).tied
-    metrics = run_training(model_spec, ds, plan, out / "train", loaded=loaded, lora=lora,
-                           train_samples=train_samples, eval_samples=eval_samples, seed=seed,
-                           progress=progress, batch_size=batch_size, max_length=max_length,
-                           **train_kwargs)
-    trained = model if lora is None else None
-    if trained is None:  # the PEFT wrapper is not returned by train(); reload the adapter
-        trained, _, _ = load_for_eval(str(out / "train" / "final"))
-    after = evaluate(trained, tokenizer, ds.task, rows, batch_size=32, max_length=max_length,
-                     progress=progress)
-    summary = {
-        "model": info.to_dict(), "dataset": ds.name, "task": ds.task.kind, "test_rows": len(rows),
-        "plan": plan.to_dict(), "lora": lora.to_dict() if lora else None,
-        "zero_shot": before, "fine_tuned": after,
-        "predicted": plan.predicted,
-        "measured": {"step_time_s": metrics["timing"].get("median_step_s"),
-                     "peak_memory": metrics.get("memory"), "steps": metrics["train"]["steps"],
-                     "trainable_params": metrics["params"].get("trainable"),
-                     "total_params": metrics["params"].get("total")},
-        "analysis_s": analysis_s, "total_s": time.perf_counter() - t0,
-        "outputs": {"analysis": str(out / "analysis"), "model": str(out / "train" / "final")},
-    }
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+def _cost_table_with_head(cost: dict, head: str, trace_path: Path) -> dict:
+    """The cost table again with the trace's settings (its machine too) but `head`."""
+    settings = dict(cost["settings"], head=head)
+    try:
+        shape = ModelShape.from_dict(cost.get("shape"))
+        seq_len, batch_size = settings.pop("seq_len"), settings.pop("batch_size")
+        return cost_table(shape, seq_len, batch_size, **settings)
+    except KeyError as e:
+        raise SalfError(f"{trace_path}: extra.cost.settings has no {e.args[0]}; rerun `salf analyze`") \
+            from None
+    except (TypeError, ValueError) as e:  # a setting this salf does not understand
+        raise SalfError(f"{trace_path}: extra.cost.settings cannot be used: {e}") from None
+    except SalfError as e:
+        raise SalfError(f"{trace_path}: {e}") from None

@@ -96,7 +96,7 @@ def run_cell(spec: dict) -> dict:
     from .cost import ModelShape
     from .data import load_dataset_spec
     from .models import anatomy, load_model
-    from .pipeline import run_training, test_rows
+    from .finetune import first_rows, run_training
     from .plan import FreezePlan
     from .train import evaluate
 
@@ -122,7 +122,7 @@ def run_cell(spec: dict) -> dict:
                            max_steps=spec["steps"], batch_size=spec["batch_size"],
                            max_length=spec["max_length"], lr=spec["lr"])
     train_s = time.perf_counter() - t0
-    rows = test_rows(ds, "test", spec["test_samples"])
+    rows = first_rows(ds, "test", spec["test_samples"])
     quality = evaluate(model, tok, ds.task, rows, batch_size=32, max_length=spec["max_length"])
     shutil.rmtree(work, ignore_errors=True)  # cells keep numbers, not 0.5 GB model copies
     kind = ds.task.kind
@@ -411,10 +411,10 @@ def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
     n = None
     if no_rows:
         from .data import load_dataset_spec
-        from .pipeline import test_rows
+        from .finetune import first_rows
 
         ds = load_dataset_spec(cfg.dataset, **cfg.data_kwargs)
-        n = len(test_rows(ds, "test", cfg.test_samples))
+        n = len(first_rows(ds, "test", cfg.test_samples))
     if old_sets:
         from .analysis import Trace
         from .cost import ModelShape

@@ -1,0 +1,137 @@
+"""Training on a plan, as library calls: which plan a run uses, one training run, the whole job.
+
+`resolve_plan` turns the CLI's choices (a plan file, a manual cut, full fine-tuning)
+into a FreezePlan; `run_training` fine-tunes with it; `load_for_eval` and `first_rows`
+are what evaluation reads; `finetune` is analyze -> plan -> evaluate zero-shot ->
+train -> evaluate, with summary.json. The analysis side lives in `salf.pipeline`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .data import load_dataset_spec
+from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
+from .errors import SalfError
+from .io import atomic_write_json, ensure_out_dir
+from .models import anatomy, load_model
+from .pipeline import analyze, sample_rows
+from .plan import FreezePlan
+
+
+def resolve_plan(info, num_layers: int, *, plan_path=None, freeze_below=None, full=False,
+                 head: str | None = None, tied: bool = False, allow_different_weights=False):
+    """The FreezePlan a training run uses: from a file, a manual cut, or full fine-tuning."""
+    model_dict = dict(info.to_dict(), tied=tied)
+    if full:
+        return FreezePlan.full(num_layers, model=model_dict)
+    if freeze_below is not None:
+        if not 0 <= freeze_below < num_layers:
+            raise SalfError(f"--freeze-below {freeze_below} is outside 0..{num_layers - 1} for a "
+                            f"{num_layers}-layer model")
+        return FreezePlan.manual(freeze_below, num_layers, head=head or "frozen", model=model_dict)
+    plan = FreezePlan.from_json(plan_path)
+    plan.check_model(info, num_layers, allow_different_weights=allow_different_weights)
+    if head is not None:
+        plan.head = head
+    return plan
+
+
+def first_rows(ds, split: str = "test", samples: int | None = None) -> list[dict]:
+    """The first `samples` rows of a split (the split order is already seeded and fixed)."""
+    if split not in ds.splits:
+        raise SalfError(f"dataset {ds.name} has no split {split!r} (has: {', '.join(ds.splits)})")
+    rows = ds.splits[split]
+    if not rows:
+        raise SalfError(f"dataset {ds.name}: split {split!r} is empty")
+    if samples is not None and samples <= 0:
+        raise SalfError(f"--samples must be positive, got {samples}")
+    return rows[:samples] if samples else list(rows)
+
+
+def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
+                 train_samples=None, eval_samples=500, seed=0, progress=True, **train_kwargs) -> dict:
+    """Fine-tune `model_spec` on `ds` with `plan`; returns metrics (also OUT/metrics.json).
+
+    `lora` is a `salf.train.LoraSettings` or None; `train_kwargs` go to `salf.train.train`.
+    """
+    from .train import train
+
+    model, tokenizer, info = loaded or load_model(model_spec)
+    train_rows = sample_rows(ds.splits["train"], train_samples, seed, f"{ds.name}/train")
+    # the first N validation rows (not a random sample): `salf evaluate --split validation
+    # --samples N` then reproduces the eval recorded in metrics.json exactly
+    eval_rows = (first_rows(ds, "validation", eval_samples)
+                 if eval_samples and ds.splits.get("validation") else [])
+    return train(model, tokenizer, ds.task, train_rows, eval_rows, plan, out_dir, lora=lora,
+                 seed=seed, progress=progress, base_spec=model_spec, **train_kwargs)
+
+
+def load_for_eval(spec: str, trust_remote_code: bool = False):
+    """(model, tokenizer, meta) for a trained folder from `salf train` or any model spec."""
+    from .train.evaluate import META_FILE, load_trained, read_meta
+
+    if Path(spec).is_dir() and (Path(spec) / META_FILE).exists():
+        model, tok = load_trained(spec)
+        if tok is None:
+            raise SalfError(f"{spec} has no tokenizer files")
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return model, tok, read_meta(spec)
+    model, tok, info = load_model(spec, trust_remote_code=trust_remote_code)
+    return model, tok, {"base": spec}
+
+
+def finetune(model_spec: str, dataset_spec: str, out_dir, *,
+             samples: int = DEFAULT_ANALYSIS_SAMPLES,
+             policy: str = DEFAULT_POLICY, head: str = "frozen", max_targets: int = 16,
+             logit_lens: bool = False, test_samples: int = 1000, lora=None,
+             data_kwargs: dict | None = None, trust_remote_code: bool = False,
+             progress: bool = True, seed: int = 0, batch_size: int = 16, max_length: int = 96,
+             train_samples=None, eval_samples=500, **train_kwargs) -> dict:
+    """The whole job: analyze -> plan -> evaluate zero-shot -> train -> evaluate; summary.json."""
+    from .train import evaluate
+
+    out = ensure_out_dir(out_dir)
+    t0 = time.perf_counter()
+    loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
+    model, tokenizer, info = loaded
+    ds = load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
+    result = analyze(model_spec, dataset_spec, out_dir=out / "analysis", samples=samples,
+                     policy=policy, head=head, max_targets=max_targets, logit_lens=logit_lens,
+                     seed=seed, train_batch_size=batch_size * train_kwargs.get("grad_accum", 1),
+                     train_max_length=max_length, loaded=loaded, dataset=ds, progress=progress)
+    analysis_s = time.perf_counter() - t0
+    rows = first_rows(ds, "test", test_samples)
+    before = evaluate(model, tokenizer, ds.task, rows, batch_size=32, max_length=max_length,
+                      progress=progress)
+    plan = result.plan
+    plan.model["tied"] = anatomy(model).tied
+    metrics = run_training(model_spec, ds, plan, out / "train", loaded=loaded, lora=lora,
+                           train_samples=train_samples, eval_samples=eval_samples, seed=seed,
+                           progress=progress, batch_size=batch_size, max_length=max_length,
+                           **train_kwargs)
+    trained = model if lora is None else None
+    if trained is None:  # the PEFT wrapper is not returned by train(); reload the adapter
+        trained, _, _ = load_for_eval(str(out / "train" / "final"))
+    after = evaluate(trained, tokenizer, ds.task, rows, batch_size=32, max_length=max_length,
+                     progress=progress)
+    summary = {
+        "model": info.to_dict(), "dataset": ds.name, "task": ds.task.kind, "test_rows": len(rows),
+        "plan": plan.to_dict(), "lora": lora.to_dict() if lora else None,
+        "zero_shot": before, "fine_tuned": after,
+        "predicted": plan.predicted, "measured": _measured(metrics),
+        "analysis_s": analysis_s, "total_s": time.perf_counter() - t0,
+        "outputs": {"analysis": str(out / "analysis"), "model": str(out / "train" / "final")},
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _measured(metrics: dict) -> dict:
+    """What summary.json reports of the training run, beside the plan's predictions."""
+    return {"step_time_s": metrics["timing"].get("median_step_s"),
+            "peak_memory": metrics.get("memory"), "steps": metrics["train"]["steps"],
+            "trainable_params": metrics["params"].get("trainable"),
+            "total_params": metrics["params"].get("total")}
