@@ -19,7 +19,7 @@ JOBS=${2:-4}
 PY=${PYTHON:-python3}
 FIRST=0,2,4,8,15,22
 GRID=0,2,4,8,11,13,15,18,20,22,24,26,28,29
-SELECTORS=salf,salf-e0,paper,onset,knee,freeze-half,grad-norm,block-influence-cut,spectrum
+SELECTORS=max-gain,max-gain-e0,paper,onset,knee,freeze-half,grad-norm,block-influence-cut,spectrum
 
 # provision once, before three sweeps race for the same cache folders
 "$PY" -m salf models prepare smollm2-135m > /dev/null || exit 1

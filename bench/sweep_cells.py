@@ -18,25 +18,24 @@ import sys
 from pathlib import Path
 
 from salf.errors import SalfError
-from salf.sweep import (SweepConfig, cell_spec, parse_cell_key, refresh_report,
-                        run_cell_subprocess)
+from salf.sweep import (SweepConfig, cell_kind, cell_spec, cell_stem, folder_config,
+                        parse_cell_key, refresh_report, run_cell_subprocess)
 
 
 def named_cell_spec(cfg: SweepConfig, sweep_dir: Path, key: str) -> dict:
-    cut, layers, seed = parse_cell_key(key)
+    item = parse_cell_key(key)
+    stem = cell_stem(item)
     cells_dir = sweep_dir / "cells"
     # a pick's cell keeps the selector name salf sweep gave it: that of the cell at another
     # seed, else that of the pick (a cut outside the grid or a layer set) in sweep.json
-    stem = key.rsplit("-s", 1)[0]
     same = [json.loads(p.read_text()) for p in sorted(cells_dir.glob(f"{stem}-s*.json"))]
     picked = json.loads((sweep_dir / "sweep.json").read_text()).get("pick_details", {}) \
         if (sweep_dir / "sweep.json").exists() else {}
-    by_pick = [n for n, p in picked.items() if p.get("layers") == layers and
-               (layers is not None or (p.get("cut") == cut and cfg.cuts is not None
-                                       and cut not in cfg.cuts))]  # cuts None: every cut
-    selector = ("full" if cut is None and layers is None else
+    on_grid = cell_kind(item) == "cut" and (cfg.cuts is None or item["cut"] in cfg.cuts)
+    by_pick = [] if on_grid else [n for n, p in picked.items() if cell_stem(p) == stem]
+    selector = ("full" if cell_kind(item) == "full" else
                 same[0].get("selector") if same else by_pick[0] if by_pick else None)
-    return cell_spec(cfg, dict(cut=cut, layers=layers, selector=selector, seed=seed), cells_dir)
+    return cell_spec(cfg, dict(item, selector=selector), cells_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.sweep_dir / "config.json").is_file():
         raise SalfError(f"{args.sweep_dir} has no config.json: run `salf sweep --out` there first")
-    state = json.loads((args.sweep_dir / "config.json").read_text())["config"]
-    cfg = SweepConfig(**state)
+    cfg = folder_config(args.sweep_dir)  # an older folder's selectors are renamed first
     cells_dir = args.sweep_dir / "cells"
     specs = [named_cell_spec(cfg, args.sweep_dir, k) for k in args.cells]  # all names checked first
     for spec in specs:

@@ -39,12 +39,26 @@ def test_sweep_verdict_compares_a_baseline_with_the_pick_at_their_own_seeds(benc
     """A one-seed baseline is set against the default's pick through each one's paired
     difference from full fine-tuning, not through means over different seeds."""
     targets = bench_module("sweep_verdict").targets
-    s = {"higher_is_better": True, "oracle": {"noise": 0.01}, "pick_details": {
-        "salf-e0": {"cut": 4, "quality": 0.870, "delta_vs_full": -0.002, "cost": 0.9,
-                    "safe": True, "cost_vs_cheapest_safe": 1.1},
-        # a higher raw mean (0.885 vs 0.870) but measured at a seed where full was strong
-        "spectrum": {"layers": [0, 3], "quality": 0.885, "delta_vs_full": -0.004, "cost": 0.8},
-        "freeze-half": {"cut": 15, "quality": 0.860, "delta_vs_full": +0.015, "cost": 0.67}}}
-    lines = "\n".join(targets(s, "salf-e0"))
-    assert "target MET" in lines and "spectrum" not in lines
+    s = {"higher_is_better": True, "oracle": {"noise": 0.01}, "default_selector": "max-gain-e0",
+         "pick_details": {
+             "max-gain-e0": {"cut": 4, "quality": 0.870, "delta_vs_full": -0.002, "cost": 0.9,
+                             "safe": True, "cost_vs_cheapest_safe": 1.1},
+             # a higher raw mean (0.885 vs 0.870) but measured at a seed where full was strong
+             "spectrum": {"layers": [0, 3], "quality": 0.885, "delta_vs_full": -0.004,
+                          "cost": 0.8},
+             "freeze-half": {"cut": 15, "quality": 0.860, "delta_vs_full": +0.015,
+                             "cost": 0.67}}}
+    lines = "\n".join(targets(s, "max-gain-e0"))
+    assert "- max-gain-e0 (default, eof 4): safe True" in lines and "target MET" in lines
+    assert "spectrum" not in lines
     assert "baseline freeze-half at cost 0.670 <= 0.900 beats it by 0.0170" in lines
+
+
+def test_sweep_verdict_judges_salf_as_the_sweeps_default(tmp_path, bench_module):
+    verdict = bench_module("sweep_verdict")
+    s = {"default_selector": "max-gain-e0"}
+    assert verdict.judged_names("salf, max-gain", s, tmp_path) == ["max-gain-e0", "max-gain"]
+    assert verdict.judged_names("salf,max-gain-e0", s, tmp_path) == ["max-gain-e0"]
+    with pytest.raises(verdict.SalfError, match="--report-only"):
+        verdict.judged_names("salf", {}, tmp_path)       # a sweep.json from an older salf
+    assert verdict.judged_names("paper", {}, tmp_path) == ["paper"]

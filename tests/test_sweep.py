@@ -5,6 +5,7 @@ import json
 import pytest
 
 from salf.cli import main
+from salf.defaults import DEFAULT_POLICY
 
 
 def _csv(tmp_path, n=80):
@@ -35,7 +36,9 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch, bench_modul
         assert len(c["train_loss_curve"]) == 2    # one loss per optimizer step
     costs = {c["cut"]: c["cost"] for c in s["cells"] if c["cut"] is not None}
     assert costs[3] < costs[1] < 1.0
-    assert set(s["picks"]) == {"salf", "paper", "freeze-half"} and s["picks"]["freeze-half"] == 2
+    # `salf` is the default policy, named after it; sweep.json says which row it is
+    assert set(s["picks"]) == {DEFAULT_POLICY, "paper", "freeze-half"}
+    assert s["picks"]["freeze-half"] == 2 and s["default_selector"] == DEFAULT_POLICY
     assert (out / "frontier.png").stat().st_size > 10_000 and (out / "sweep.md").exists()
 
     # resume: a finished cell is never recomputed, a missing one is; the baseline
@@ -45,7 +48,7 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch, bench_modul
     before = kept.stat().st_mtime_ns
     (cells / "cut03-s1.json").unlink()
     saved = json.loads((out / "analysis" / "picks.json").read_text())
-    assert saved["picks"]["freeze-half"]["cut"] == 2 and "salf" not in saved["picks"]
+    assert saved["picks"]["freeze-half"]["cut"] == 2 and DEFAULT_POLICY not in saved["picks"]
 
     def no_selector(*a, **k):
         raise AssertionError("a saved pick was recomputed")
@@ -97,7 +100,8 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch, bench_modul
     assert bench_module("sweep_verdict").main([str(out), "--number", "4", "--judge", "salf"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(out.with_suffix(".json").read_text()) == more
-    assert "### 4.1 tiny-llama on" in printed and "- salf (eof " in printed
+    assert "### 4.1 tiny-llama on" in printed and f"- {DEFAULT_POLICY} (default, eof " in printed
+    assert f"| {DEFAULT_POLICY} (default) |" in printed
 
 
 def test_sweep_refuses_other_settings_in_the_same_folder(tmp_path, capsys):
@@ -121,12 +125,12 @@ def test_loss_sweep_with_one_seed_uses_the_test_row_standard_error():
     cfg = SweepConfig(model="m", dataset="d", out="o", test_samples=100)
     cells = [_cell(None, 2.000, selector="full", loss_se=0.05),
              _cell(2, 2.015), _cell(5, 2.030), _cell(8, 2.500)]
-    s = summarize(cfg, cells, {"salf": {"cut": 5}}, {})
+    s = summarize(cfg, cells, {"max-gain": {"cut": 5}}, {})
     assert s["metric"] == "loss" and s["oracle"]["noise"] == 0.05
     safe = {p["cut"]: p["safe"] for p in s["cuts"]}
     # within the SE and within 1%: safe; within the SE but 1.5% worse: not; far worse: not
     assert safe == {2: True, 5: False, 8: False}
-    assert s["oracle"]["cheapest_safe_cut"] == 2 and s["pick_details"]["salf"]["safe"] is False
+    assert s["oracle"]["cheapest_safe_cut"] == 2 and s["pick_details"]["max-gain"]["safe"] is False
     # without an SE (older cells) one seed leaves no noise allowance at all
     s0 = summarize(cfg, [dict(c, loss_se=None) for c in cells], {}, {})
     assert s0["oracle"]["noise"] == 0.0 and not any(p["safe"] for p in s0["cuts"])
@@ -176,7 +180,10 @@ def test_cell_names_round_trip_and_bad_names_are_refused():
     from salf.sweep import cell_key, parse_cell_key
 
     for cut, layers, seed in [(None, None, 2), (4, None, 1), (29, None, 3), (None, [0, 1, 18], 1)]:
-        assert parse_cell_key(cell_key(cut, layers, seed)) == (cut, layers, seed)
+        item = {"cut": cut, "layers": layers, "seed": seed}
+        assert parse_cell_key(cell_key(item)) == item
+    assert [cell_key(dict(cut=4, layers=None, seed=1)), cell_key(dict(cut=None, layers=[0, 18],
+                                                                      seed=2))] == ["cut04-s1", "set-0_18-s2"]
     for bad in ["cut4", "full", "cut04-s", "set--s1", "set-1_-s1", "cut04-s1.json"]:
         with pytest.raises(SalfError, match="is not full-sN"):
             parse_cell_key(bad)
@@ -271,3 +278,59 @@ def test_sweep_refuses_an_unknown_selector_before_training(tmp_path, capsys):
                "--out", str(out)])
     assert rc == 2 and "unknown selector 'nope'" in capsys.readouterr().err
     assert not list((out / "cells").glob("*.json"))
+    # the names older sweeps gave SALF's policies are refused with the new one
+    rc = main(["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
+               "text", "--label-col", "label", "--selectors", "salf-e0", "--out", str(out)])
+    assert rc == 2 and "'salf-e0' is now 'max-gain-e0'" in capsys.readouterr().err
+
+
+def test_salf_names_the_default_policy_and_the_default_selectors_measure_it():
+    from salf.cli import build_parser
+    from salf.sweep import SweepConfig
+
+    cfg = SweepConfig(model="m", dataset="d", out="o", selectors=["salf", DEFAULT_POLICY, "paper"])
+    assert cfg.selectors == [DEFAULT_POLICY, "paper"] and cfg.default_selector == DEFAULT_POLICY
+    # a folder resolves `salf` with the default it recorded, not with today's
+    assert SweepConfig(model="m", dataset="d", out="o", selectors=["salf"],
+                       default_selector="max-gain").selectors == ["max-gain"]
+    args = build_parser().parse_args(["sweep", "--model", "m", "--dataset", "d", "--out", "o"])
+    assert DEFAULT_POLICY in SweepConfig(model="m", dataset="d", out="o",
+                                         selectors=args.selectors.split(",")).selectors
+
+
+def test_a_folder_from_before_the_policy_names_is_renamed_on_open(tmp_path):
+    """In a folder without config.json's version, `salf` was max-gain and `salf-e0`
+    max-gain-e0: opening it renames them everywhere, and changes no number."""
+    from salf.sweep import FOLDER_VERSION, SweepConfig, refresh_report, summarize
+
+    out = tmp_path / "old"
+    (out / "cells").mkdir(parents=True)
+    cfg = SweepConfig(model="m", dataset="d", out=str(out), cuts=[5], selectors=["paper"])
+    cells = [dict(_cell(None, 2.0, selector="full", loss_se=0.05), key="full-s1"),
+             dict(_cell(2, 2.01, selector="salf-e0"), key="cut02-s1"),
+             dict(_cell(5, 2.3), key="cut05-s1")]
+    for c in cells:
+        (out / "cells" / f"{c['key']}.json").write_text(json.dumps(dict(c, test_rows=100)))
+    picks = {"salf": {"cut": 5, "reason": "r"}, "salf-e0": {"cut": 2, "reason": "r"},
+             "paper": {"cut": 5, "reason": "r"}}
+    old = summarize(cfg, [dict(c, test_rows=100) for c in cells], picks, {})
+    del old["default_selector"]
+    (out / "sweep.json").write_text(json.dumps(old))
+    config = dict(vars(cfg), selectors=["salf", "salf-e0", "paper"])
+    del config["default_selector"]
+    (out / "config.json").write_text(json.dumps({"training": cfg.training_key(), "config": config}))
+
+    new = refresh_report(out)
+    assert list(new["pick_details"]) == ["max-gain", "max-gain-e0", "paper"]
+    assert new["picks"] == {"max-gain": 5, "max-gain-e0": 2, "paper": 5}
+    assert new["default_selector"] == DEFAULT_POLICY
+    renamed = {"salf": "max-gain", "salf-e0": "max-gain-e0"}
+    assert new["pick_details"] == {renamed.get(k, k): v for k, v in old["pick_details"].items()}
+    assert all(new[k] == old[k] for k in ("cuts", "full", "oracle"))   # the same computation
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["version"] == FOLDER_VERSION
+    assert saved["config"]["selectors"] == ["max-gain", "max-gain-e0", "paper"]
+    assert json.loads((out / "cells" / "cut02-s1.json").read_text())["selector"] == "max-gain-e0"
+    assert "**max-gain-e0**" in (out / "sweep.md").read_text()
+    # opened again, the folder is current: nothing is renamed twice
+    assert refresh_report(out)["pick_details"].keys() == new["pick_details"].keys()

@@ -295,7 +295,7 @@ def _add_pipeline_verbs(sub):
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--cuts", default="all", help="'all' or comma-separated eof values")
-    p.add_argument("--selectors", default="salf,paper,onset,freeze-half",
+    p.add_argument("--selectors", default="salf,max-gain,paper,onset,freeze-half",
                    help="comma-separated selectors (see docs/selectors.md)")
     p.add_argument("--seeds", default="1", help="comma-separated seeds (default 1)")
     p.add_argument("--budget-steps", type=int, default=120, help="optimizer steps per cell")

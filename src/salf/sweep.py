@@ -25,13 +25,44 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .defaults import DEFAULT_POLICY
 from .errors import SalfError
 from .io import atomic_write_json, atomic_write_text, read_json
 
-SALF_POLICIES = {"salf": "max-gain", "salf-e0": "max-gain-e0", "paper": "paper", "onset": "onset",
-                 "knee": "knee"}
+# SALF's cut policies, each a selector under its own name (budget=B too); `salf` stands for
+# the default policy (salf.defaults.DEFAULT_POLICY), resolved when a sweep is configured.
+SALF_POLICIES = ("max-gain", "max-gain-e0", "paper", "onset", "knee")
+DEFAULT_ALIAS = "salf"
 PREFIX_SELECTORS = ("freeze-half", "random", "block-influence-cut", "grad-norm")
 SET_SELECTORS = ("spectrum", "block-influence")
+
+# config.json's "version". Folders without one named max-gain "salf" and max-gain-e0
+# "salf-e0"; salf renames them when it opens such a folder (upgrade_folder).
+FOLDER_VERSION = 2
+OLD_SELECTOR_NAMES = {"salf": "max-gain", "salf-e0": "max-gain-e0"}
+
+
+def is_salf_policy(name: str) -> bool:
+    return name in SALF_POLICIES or name.startswith("budget=")
+
+
+def resolve_selectors(names: list[str], default: str) -> list[str]:
+    """The selectors a sweep runs, in order: `salf` becomes the default policy `default`,
+    repeats are dropped, unknown names are refused."""
+    known = [*SALF_POLICIES, "budget=B", *PREFIX_SELECTORS, *SET_SELECTORS]
+    resolved: list[str] = []
+    for name in names:
+        name = default if name == DEFAULT_ALIAS else name
+        if name in OLD_SELECTOR_NAMES:
+            raise SalfError(f"sweep selector {name!r} is now {OLD_SELECTOR_NAMES[name]!r} "
+                            f"(selectors are named after their policies; {DEFAULT_ALIAS!r} "
+                            f"is the default policy, {default})")
+        if not (is_salf_policy(name) or name in PREFIX_SELECTORS or name in SET_SELECTORS):
+            raise SalfError(f"unknown selector {name!r} for sweep; choose from {DEFAULT_ALIAS} "
+                            f"(the default policy, {default}), {', '.join(known)}")
+        if name not in resolved:
+            resolved.append(name)
+    return resolved
 
 
 @dataclass
@@ -40,7 +71,9 @@ class SweepConfig:
     dataset: str
     out: str
     cuts: list[int] | None = None            # None = every cut 0..L-1
-    selectors: list[str] = field(default_factory=lambda: ["salf", "paper", "onset", "freeze-half"])
+    selectors: list[str] = field(
+        default_factory=lambda: [DEFAULT_ALIAS, "max-gain", "paper", "onset", "freeze-half"])
+    default_selector: str = DEFAULT_POLICY   # what `salf` meant when the folder was last run
     seeds: list[int] = field(default_factory=lambda: [1])
     steps: int = 120
     batch_size: int = 16
@@ -53,6 +86,9 @@ class SweepConfig:
     timeout_s: int = 3600                    # per cell
     jobs: int = 1                            # cells run at once (not a training setting)
 
+    def __post_init__(self):
+        self.selectors = resolve_selectors(self.selectors, self.default_selector)
+
     def training_key(self) -> dict:
         """Settings every cell must share; a resumed sweep with other settings is refused."""
         return {k: getattr(self, k) for k in ("model", "dataset", "steps", "batch_size",
@@ -61,28 +97,48 @@ class SweepConfig:
 
 
 # ------------------------------------------------------------------ cell = one training run
-def cell_key(cut: int | None, layers: list[int] | None, seed: int) -> str:
-    if cut is None and layers is None:
-        return f"full-s{seed}"
-    if layers is not None:
-        return "set-" + "_".join(map(str, layers)) + f"-s{seed}"
-    return f"cut{cut:02d}-s{seed}"
+# A cell is one training run at one seed; its key is "<stem>-s<seed>", the stem saying
+# what it trains. A new kind of cell adds a line to cell_kind, cell_stem and CELL_KEY.
+CELL_KEY = re.compile(r"(?:full|cut(?P<cut>\d+)|set-(?P<layers>\d+(?:_\d+)*))-s(?P<seed>\d+)")
 
 
-def parse_cell_key(key: str) -> tuple[int | None, list[int] | None, int]:
-    """(cut, layers, seed) of a cell name made by cell_key: "full-s2" -> (None, None, 2),
-    "cut04-s1" -> (4, None, 1), "set-0_1_18-s1" -> (None, [0, 1, 18], 1)."""
-    m = re.fullmatch(r"(?:full|cut(\d+)|set-(\d+(?:_\d+)*))-s(\d+)", key)
+def cell_kind(item: dict) -> str:
+    """What a cell (or a selector's pick) trains: "full" fine-tuning, a "cut" (the prefix
+    up to it frozen) or a layer "set" (only those layers trained)."""
+    if item.get("layers") is not None:
+        return "set"
+    return "full" if item.get("cut") is None else "cut"
+
+
+def cell_stem(item: dict) -> str:
+    """A cell's key without its seed: "full", "cut04", "set-0_1_18"."""
+    kind = cell_kind(item)
+    if kind == "cut":
+        return f"cut{item['cut']:02d}"
+    if kind == "set":
+        return "set-" + "_".join(map(str, item["layers"]))
+    return kind
+
+
+def cell_key(item: dict) -> str:
+    """The name of the cell {"cut", "layers", "seed"} (its file is OUT/cells/<key>.json)."""
+    return f"{cell_stem(item)}-s{item['seed']}"
+
+
+def parse_cell_key(key: str) -> dict:
+    """The cell a key names, as cell_key takes it: "full-s2" -> {"cut": None, "layers": None,
+    "seed": 2}, "cut04-s1" -> cut 4, "set-0_1_18-s1" -> layers [0, 1, 18]."""
+    m = CELL_KEY.fullmatch(key)
     if not m:
         raise SalfError(f"cell name {key!r} is not full-sN, cutKK-sN or set-A_B_..-sN")
-    cut = int(m.group(1)) if m.group(1) is not None else None
-    layers = [int(x) for x in m.group(2).split("_")] if m.group(2) else None
-    return cut, layers, int(m.group(3))
+    return {"cut": int(m["cut"]) if m["cut"] is not None else None,
+            "layers": [int(x) for x in m["layers"].split("_")] if m["layers"] else None,
+            "seed": int(m["seed"])}
 
 
 def cell_spec(cfg: SweepConfig, item: dict, cells_dir: Path) -> dict:
     """Everything one cell's subprocess needs: the item (cut/layers/selector/seed) + settings."""
-    key = cell_key(item["cut"], item["layers"], item["seed"])
+    key = cell_key(item)
     return dict(item, key=key, model=cfg.model, dataset=cfg.dataset,
                 data_kwargs=cfg.data_kwargs, steps=cfg.steps, batch_size=cfg.batch_size,
                 max_length=cfg.max_length, lr=cfg.lr, test_samples=cfg.test_samples,
@@ -178,11 +234,6 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
     from .pipeline import analyze, make_batches, sample_rows
     from .selectors import SelectorContext, run_selector
 
-    for name in cfg.selectors:
-        if not (name in SALF_POLICIES or name.startswith("budget=") or name in PREFIX_SELECTORS
-                or name in SET_SELECTORS):
-            raise SalfError(f"unknown selector {name!r} for sweep; choose from "
-                            f"{', '.join([*SALF_POLICIES, 'budget=B', *PREFIX_SELECTORS, *SET_SELECTORS])}")
     out = Path(cfg.out)
     trace_path = out / "analysis" / "trace.json"
     picks_path = out / "analysis" / "picks.json"
@@ -218,8 +269,8 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
     picks, L = {}, tr.num_layers
     ctx = None
     for name in cfg.selectors:
-        if name in SALF_POLICIES or name.startswith("budget="):
-            choice = choose_cut(tr, SALF_POLICIES.get(name, name), cost=flops)
+        if is_salf_policy(name):
+            choice = choose_cut(tr, name, cost=flops)
             picks[name] = {"cut": choice["eof"], "reason": choice["reason"]}
         elif name in known:
             picks[name] = known[name]
@@ -239,6 +290,41 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
     atomic_write_json(picks_path, {"settings": settings, "picks": {**known, **baseline}})
     timing = {"analysis_s": tr.timing.get("seconds"), "analysis_wall_s": tr.extra.get("analysis_wall_s")}
     return picks, timing
+
+
+# ------------------------------------------------------------------ the folder
+def _renamed(name: str | None) -> str | None:
+    return OLD_SELECTOR_NAMES.get(name, name)
+
+
+def upgrade_folder(out: Path, saved: dict) -> dict:
+    """OUT/config.json's content `saved`, brought to FOLDER_VERSION. In a folder from before
+    it the selectors are renamed (OLD_SELECTOR_NAMES) in the cells, sweep.json and
+    config.json, written last: an upgrade cut short is redone on the next open."""
+    if saved.get("version", 1) >= FOLDER_VERSION:
+        return saved
+    out = Path(out)
+    for cell in load_cells(out / "cells"):
+        if cell.get("selector") in OLD_SELECTOR_NAMES:
+            atomic_write_json(out / "cells" / f"{cell['key']}.json",
+                              dict(cell, selector=_renamed(cell["selector"])))
+    if (out / "sweep.json").exists():
+        s = read_json(out / "sweep.json", "sweep summary")
+        atomic_write_json(out / "sweep.json", dict(
+            s, cells=[dict(c, selector=_renamed(c.get("selector"))) for c in s["cells"]],
+            picks={_renamed(k): v for k, v in s["picks"].items()},
+            pick_details={_renamed(k): v for k, v in s["pick_details"].items()}))
+    config = dict(saved["config"], selectors=[_renamed(n) for n in saved["config"]["selectors"]])
+    upgraded = {"version": FOLDER_VERSION, "training": saved["training"],
+                "config": asdict(SweepConfig(**config))}
+    atomic_write_json(out / "config.json", upgraded)
+    return upgraded
+
+
+def folder_config(out: Path) -> SweepConfig:
+    """The sweep OUT/config.json describes (an older folder is upgraded first)."""
+    out = Path(out)
+    return SweepConfig(**upgrade_folder(out, read_json(out / "config.json", "sweep config"))["config"])
 
 
 # ------------------------------------------------------------------ the sweep
@@ -274,7 +360,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
     if saved and saved.get("training") != cfg.training_key():
         raise SalfError(f"{out} holds a sweep with other training settings "
                         f"({saved.get('training')}); use another --out")
-    folder = merged_config(saved["config"] if saved else None, cfg)
+    folder = merged_config(upgrade_folder(out, saved)["config"] if saved else None, cfg)
     model, _, _ = load_model(cfg.model)
     L = anatomy(model).num_layers
     del model
@@ -284,21 +370,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
         raise SalfError(f"cuts {bad} are outside 0..{L - 1} for this {L}-layer model")
     picks, timing = selector_picks(folder, progress)  # cached: only new selectors cost time
     backfill_cells(cfg, cells_dir)
-    todo: list[dict] = []
-    for seed in cfg.seeds:
-        todo.append(dict(cut=None, layers=None, selector="full", seed=seed))
-        for k in cuts:
-            todo.append(dict(cut=k, layers=None, selector=None, seed=seed))
-        for name in cfg.selectors:
-            p = picks[name]
-            if "cut" in p and p["cut"] not in cuts:
-                todo.append(dict(cut=p["cut"], layers=None, selector=name, seed=seed))
-            elif "layers" in p:
-                todo.append(dict(cut=None, layers=p["layers"], selector=name, seed=seed))
-    wanted = {cell_key(t["cut"], t["layers"], t["seed"]) for t in todo}
+    todo = wanted_cells(cuts, cfg.selectors, picks, cfg.seeds)
+    wanted = {cell_key(t) for t in todo}
     missing: dict[str, dict] = {}  # key -> spec, in todo order (seed by seed)
     for item in todo:
-        key = cell_key(item["cut"], item["layers"], item["seed"])
+        key = cell_key(item)
         if key not in missing and not (cells_dir / f"{key}.json").exists():
             missing[key] = cell_spec(cfg, item, cells_dir)
     if dry_run:
@@ -308,7 +384,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
             log(f"  pick {name}: " + (f"eof {p['cut']}" if "cut" in p else
                                       "layers " + ",".join(map(str, p["layers"]))))
         return None
-    atomic_write_json(cfg_path, {"training": cfg.training_key(), "config": asdict(folder)})
+    atomic_write_json(cfg_path, {"version": FOLDER_VERSION, "training": cfg.training_key(),
+                                 "config": asdict(folder)})
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(wanted), initial=len(wanted) - len(missing), desc="sweep cells",
@@ -332,6 +409,19 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
     summary = report()
     write_sweep_report(out, summary)
     return summary
+
+
+def wanted_cells(cuts: list[int], selectors: list[str], picks: dict,
+                 seeds: list[int]) -> list[dict]:
+    """The cells a run asks for, seed by seed: full fine-tuning, every cut of the grid and
+    each selector's pick the grid lacks (a cut off it; a layer set, which has no cut)."""
+    items = []
+    for seed in seeds:
+        items.append(dict(cut=None, layers=None, selector="full", seed=seed))
+        items += [dict(cut=k, layers=None, selector=None, seed=seed) for k in cuts]
+        items += [dict(cut=picks[n].get("cut"), layers=picks[n].get("layers"), selector=n,
+                       seed=seed) for n in selectors if picks[n].get("cut") not in cuts]
+    return items
 
 
 def cell_environments(jobs: int) -> list[dict]:
@@ -403,8 +493,8 @@ def cell_cost(shape, cut: int, layers: list[int] | None, spec: dict, kind: str) 
 def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
     """Bring cells written by an older salf up to date, from what the folder holds:
     `test_rows` (min(test_samples, size of the test split), the same for every cell) so the
-    binomial noise uses the real count; and the cost of layer-set cells, which until
-    2026-11-28 was charged as the prefix from their lowest layer (every layer trained)."""
+    binomial noise uses the real count; and the cost of layer-set cells, which older
+    versions charged as the prefix from their lowest layer (every layer trained)."""
     cells = {Path(cells_dir) / f"{c['key']}.json": c for c in load_cells(cells_dir)}
     no_rows = [p for p, c in cells.items() if "test_rows" not in c]
     old_sets = [p for p, c in cells.items() if c.get("layers") and "cost_basis" not in c]
@@ -442,9 +532,8 @@ def load_cells(cells_dir: Path) -> list[dict]:
 def refresh_report(out: Path) -> dict:
     """Recompute sweep.json from the cells on disk and redraw sweep.md / frontier.png."""
     out = Path(out)
-    state = read_json(out / "config.json", "sweep config")["config"]
+    cfg = folder_config(out)
     previous = read_json(out / "sweep.json", "sweep summary")
-    cfg = SweepConfig(**state)
     backfill_cells(cfg, out / "cells")
     picks = {name: {k: v for k, v in d.items() if k in ("cut", "layers", "reason")}
              for name, d in previous["pick_details"].items()}
@@ -454,99 +543,155 @@ def refresh_report(out: Path) -> dict:
     return summary
 
 
+# ------------------------------------------------------------------ sweep.json
+SAFE_RULE = ("quality minus full fine-tuning's at the same seeds (paired) within full's noise "
+             "(max of the seed std and the standard error on the test rows: binomial for "
+             "accuracy, ratio-estimator for a mean loss) and >= 99% of full (<= 101% for loss)")
+
+# What a pick's row in pick_details copies from its measurement, in sweep.json's order: a
+# cut's from its frontier point, any other pick's (a layer set's) from its own cells.
+CUT_PICK_FIELDS = ("quality", "spread", "cost", "safe", "seeds", "delta_vs_full")
+OTHER_PICK_FIELDS = ("quality", "spread", "cost", "seeds", "delta_vs_full", "paired_seeds", "safe")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Full fine-tuning as every other cell is judged against it (docs/sweep.md, "safe")."""
+    by_seed: dict[int, float]   # its quality at each seed it ran
+    quality: float              # the mean over those seeds
+    noise: float                # noise_floor
+    higher: bool                # accuracy; False for a loss
+
+
 def _mean_spread(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) -> dict:
-    """sweep.json: full, cells, picks, and the frontier analysis (safe cuts, pick verdicts)."""
-    metric = "loss" if cells and cells[0].get("accuracy") is None else "accuracy"
-    higher = metric != "loss"
-    full_cells = [c for c in cells if c["selector"] == "full"]
-    fq, fs = _mean_spread([c["quality"] for c in full_cells])
-    full = {"quality": fq, "spread": fs, "cost": 1.0, "seeds": len(full_cells),
+def quality_metric(cells: list[dict]) -> str:
+    """What a cell's quality is: "accuracy" (classification) or "loss" (SFT)."""
+    return "loss" if cells and cells[0].get("accuracy") is None else "accuracy"
+
+
+def group_cells(cells: list[dict]) -> dict[str, list[dict]]:
+    """Cells by what they trained (cell_stem), each group in the order given."""
+    groups: dict[str, list[dict]] = {}
+    for c in cells:
+        groups.setdefault(cell_stem(c), []).append(c)
+    return groups
+
+
+def full_row(full_cells: list[dict]) -> dict:
+    q, s = _mean_spread([c["quality"] for c in full_cells])
+    return {"quality": q, "spread": s, "cost": 1.0, "seeds": len(full_cells),
             "loss": _mean_spread([c["loss"] for c in full_cells])[0],
             "step_s": _mean_spread([c["step_s"] for c in full_cells if c["step_s"]])[0],
             "peak_mb": _mean_spread([c["peak_mb"] for c in full_cells if c["peak_mb"]])[0]}
-    by_cut: dict[int, list[dict]] = {}
-    for c in cells:
-        if c.get("cut") is not None and c.get("layers") is None:
-            by_cut.setdefault(c["cut"], []).append(c)
-    points = []
-    for k in sorted(by_cut):
-        q, s = _mean_spread([c["quality"] for c in by_cut[k]])
-        points.append({"cut": k, "cost": by_cut[k][0]["cost"], "quality": q, "spread": s,
-                       "loss": _mean_spread([c["loss"] for c in by_cut[k]])[0],
-                       "step_s": _mean_spread([c["step_s"] for c in by_cut[k] if c["step_s"]])[0],
-                       "seeds": len(by_cut[k])})
-    # noise floor: the seed spread, and at least the standard error of full fine-tuning's
-    # quality on the test rows (what one seed cannot show): binomial for accuracy, the
-    # ratio-estimator SE recorded by evaluate for a mean loss
-    if higher and full_cells and cfg.test_samples:
-        n = full_cells[0].get("test_rows") or cfg.test_samples  # fewer when the split is smaller
-        se = math.sqrt(max(fq * (1 - fq), 0.0) / n)
+
+
+def noise_floor(full_cells: list[dict], full: dict, higher: bool, test_samples: int) -> float:
+    """Full fine-tuning's noise: its seed spread, and at least the standard error of its
+    quality on the test rows (what one seed cannot show): binomial for accuracy, the
+    ratio-estimator SE recorded by evaluate for a mean loss."""
+    if not full_cells:
+        return 0.0
+    if higher and test_samples:
+        n = full_cells[0].get("test_rows") or test_samples  # fewer when the split is smaller
+        se = math.sqrt(max(full["quality"] * (1 - full["quality"]), 0.0) / n)
     else:
         se = _mean_spread([c["loss_se"] for c in full_cells if c.get("loss_se")])[0]
         se = 0.0 if math.isnan(se) else se
-    tol = max(fs, se) if full_cells else 0.0
-    full["noise"] = tol
-    full_by_seed = {c["seed"]: c["quality"] for c in full_cells}
+    return max(full["spread"], se)
 
-    def judge(mine: list[dict]) -> dict:
-        # paired: cells are compared with full fine-tuning at the seeds they share with it
-        # (same data order, same test rows), so one run at fewer seeds than full is not
-        # judged against seeds it never saw
-        paired = [c for c in mine if c["seed"] in full_by_seed]
-        ref = statistics.fmean(full_by_seed[c["seed"]] for c in paired) if paired else fq
-        delta = (statistics.fmean(c["quality"] for c in paired) if paired
-                 else _mean_spread([c["quality"] for c in mine])[0]) - ref
-        if not full_cells:
-            safe = None
-        elif higher:
-            safe = delta >= -tol and ref + delta >= 0.99 * ref
-        else:
-            safe = delta <= tol and ref + delta <= 1.01 * ref
-        return {"delta_vs_full": delta, "paired_seeds": sorted(c["seed"] for c in paired),
-                "safe": safe}
 
-    for p in points:
-        p.update(judge(by_cut[p["cut"]]))
+def measure(group: list[dict]) -> dict:
+    """Mean and spread over the seeds of one training configuration's cells."""
+    q, s = _mean_spread([c["quality"] for c in group])
+    return {"cost": group[0]["cost"], "quality": q, "spread": s,
+            "loss": _mean_spread([c["loss"] for c in group])[0],
+            "step_s": _mean_spread([c["step_s"] for c in group if c["step_s"]])[0],
+            "seeds": len(group)}
+
+
+def judge(mine: list[dict], ref: Reference) -> dict:
+    """The paired verdict on one configuration's cells. They are compared with full
+    fine-tuning at the seeds they share with it (same data order, same test rows), so a
+    run at fewer seeds than full is not judged against seeds it never saw."""
+    paired = [c for c in mine if c["seed"] in ref.by_seed]
+    base = statistics.fmean(ref.by_seed[c["seed"]] for c in paired) if paired else ref.quality
+    delta = (statistics.fmean(c["quality"] for c in paired) if paired
+             else _mean_spread([c["quality"] for c in mine])[0]) - base
+    if not ref.by_seed:
+        safe = None
+    elif ref.higher:
+        safe = delta >= -ref.noise and base + delta >= 0.99 * base
+    else:
+        safe = delta <= ref.noise and base + delta <= 1.01 * base
+    return {"delta_vs_full": delta, "paired_seeds": sorted(c["seed"] for c in paired),
+            "safe": safe}
+
+
+def cut_points(groups: dict[str, list[dict]], ref: Reference) -> list[dict]:
+    """The frontier: every measured cut, in order, with its measurement and verdict."""
+    cuts = sorted((g for g in groups.values() if cell_kind(g[0]) == "cut"),
+                  key=lambda g: g[0]["cut"])
+    return [{"cut": g[0]["cut"], **measure(g), **judge(g, ref)} for g in cuts]
+
+
+def pick_row(pick: dict, groups: dict[str, list[dict]], points: list[dict],
+             cheapest: dict | None, ref: Reference) -> dict:
+    """A selector's pick with what its cells measured (nothing while none has run)."""
+    row = dict(pick)
+    if cell_kind(pick) == "cut":
+        measured = next((p for p in points if p["cut"] == pick["cut"]), None)
+        fields = CUT_PICK_FIELDS
+    else:
+        group = groups.get(cell_stem(pick))
+        measured = {**measure(group), **judge(group, ref)} if group else None
+        fields = OTHER_PICK_FIELDS
+    if measured:
+        row.update({k: measured[k] for k in fields})
+        if cheapest:
+            row["cost_vs_cheapest_safe"] = measured["cost"] / cheapest["cost"]
+    return row
+
+
+def cheapest_safe(points: list[dict]) -> dict | None:
+    """The oracle's cut: the cheapest safe point of the frontier, what a selector should find."""
     safe = [p for p in points if p["safe"]]
-    cheapest_safe = min(safe, key=lambda p: p["cost"]) if safe else None
-    pick_rows = {}
-    for name, p in picks.items():
-        row = dict(p)
-        if "cut" in p and p["cut"] in by_cut:
-            pt = next(x for x in points if x["cut"] == p["cut"])
-            row.update(quality=pt["quality"], spread=pt["spread"], cost=pt["cost"], safe=pt["safe"],
-                       seeds=pt["seeds"], delta_vs_full=pt["delta_vs_full"])
-            if cheapest_safe:
-                row["cost_vs_cheapest_safe"] = pt["cost"] / cheapest_safe["cost"]
-        elif "layers" in p:
-            mine = [c for c in cells if c.get("layers") == p["layers"]]
-            if mine:
-                q, s = _mean_spread([c["quality"] for c in mine])
-                row.update(quality=q, spread=s, cost=mine[0]["cost"], seeds=len(mine),
-                           **judge(mine))
-                if cheapest_safe:
-                    row["cost_vs_cheapest_safe"] = mine[0]["cost"] / cheapest_safe["cost"]
-        pick_rows[name] = row
+    return min(safe, key=lambda p: p["cost"]) if safe else None
+
+
+def oracle(cheapest: dict | None, noise: float) -> dict:
+    return {"cheapest_safe_cut": cheapest["cut"] if cheapest else None,
+            "cheapest_safe_cost": cheapest["cost"] if cheapest else None,
+            "safe_rule": SAFE_RULE, "noise": noise}
+
+
+def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) -> dict:
+    """sweep.json (schema in docs/sweep.md): full fine-tuning, every cell, the frontier of
+    cuts with their paired verdicts, each selector's pick and the oracle's cheapest safe cut."""
+    metric = quality_metric(cells)
+    higher = metric != "loss"
+    groups = group_cells(cells)
+    full_cells = groups.get("full", [])
+    full = full_row(full_cells)
+    full["noise"] = noise_floor(full_cells, full, higher, cfg.test_samples)
+    ref = Reference({c["seed"]: c["quality"] for c in full_cells}, full["quality"],
+                    full["noise"], higher)
+    points = cut_points(groups, ref)
+    cheapest = cheapest_safe(points)
     return {
         "model": cfg.model, "dataset": cfg.dataset, "metric": metric,
         "higher_is_better": higher, "settings": cfg.training_key(),
         "seeds": sorted({c["seed"] for c in cells}) or cfg.seeds,
         "full": full, "cells": cells, "cuts": points,
+        "default_selector": cfg.default_selector,
         "picks": {k: v.get("cut") for k, v in picks.items()},
-        "pick_details": pick_rows,
-        "oracle": {"cheapest_safe_cut": cheapest_safe["cut"] if cheapest_safe else None,
-                   "cheapest_safe_cost": cheapest_safe["cost"] if cheapest_safe else None,
-                   "safe_rule": "quality minus full fine-tuning's at the same seeds (paired) "
-                                "within full's noise (max of the seed std and the standard "
-                                "error on the test rows: binomial for accuracy, ratio-estimator "
-                                "for a mean loss) and >= 99% of full (<= 101% for loss)",
-                   "noise": tol},
+        "pick_details": {name: pick_row(p, groups, points, cheapest, ref)
+                         for name, p in picks.items()},
+        "oracle": oracle(cheapest, full["noise"]),
         "timing": timing,
         "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -586,20 +731,23 @@ def write_sweep_report(out: Path, s: dict) -> None:
              md_table(*cut_table(s)), "",
              f"Oracle's cheapest safe cut: {s['oracle']['cheapest_safe_cut']} "
              f"(rule: {s['oracle']['safe_rule']}).", ""]
+    default = s.get("default_selector")  # absent from sweeps written before it was recorded
     for name, d in s["pick_details"].items():
         where = d.get("cut", d.get("layers"))
+        label = f"**{name}**" + (f" (default, `{DEFAULT_ALIAS}`)" if name == default else "")
         if d.get("quality") is None:
-            lines.append(f"- **{name}**: {where} — not measured yet — {d.get('reason', '')}")
+            lines.append(f"- {label}: {where} — not measured yet — {d.get('reason', '')}")
             continue
         ratio = d.get("cost_vs_cheapest_safe")
-        lines.append(f"- **{name}**: {where} — quality {d['quality']:.4f}, cost {d['cost']:.3f}, "
+        lines.append(f"- {label}: {where} — quality {d['quality']:.4f}, cost {d['cost']:.3f}, "
                      f"safe {d.get('safe')}, cost / cheapest safe "
                      f"{'–' if ratio is None else f'{ratio:.2f}'} — {d.get('reason', '')}")
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
     if s["cuts"] and s["full"]["seeds"]:
         plot_frontier(out / "frontier.png", title=f"{s['model']} on {s['dataset']}",
                       metric=s["metric"], full=s["full"], cut_points=s["cuts"],
-                      picks={k: v for k, v in s["pick_details"].items() if "quality" in v})
+                      picks={k: v for k, v in s["pick_details"].items() if "quality" in v},
+                      default=default)
 
 
 def _cell_main(spec_path: str) -> int:

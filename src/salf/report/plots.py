@@ -185,10 +185,11 @@ def _label_points(ax, xs, ys, first: int) -> None:
 
 
 def plot_frontier(path: Path, *, title: str, metric: str, full: dict, cut_points: list[dict],
-                  picks: dict[str, dict]) -> Path:
+                  picks: dict[str, dict], default: str | None = None) -> Path:
     """Quality vs measured cost: every cut (mean ± spread), full FT, each selector's pick.
 
-    cut_points: [{"cut", "cost", "quality", "spread"}]; picks: name -> {"cut", "cost", "quality"}.
+    cut_points: [{"cut", "cost", "quality", "spread"}]; picks: name -> {"cut" or "layers",
+    "cost", "quality"}; default: the pick the legend marks as the default policy's.
     The frontier is the upper (accuracy) or lower (loss) envelope going from cheap to expensive.
     """
     higher_better = metric != "loss"
@@ -217,9 +218,11 @@ def plot_frontier(path: Path, *, title: str, metric: str, full: dict, cut_points
     for i, (name, p) in enumerate(sorted(picks.items())):
         if p.get("cost") is None or p.get("quality") is None:
             continue
+        where = (f"eof={p['cut']}" if p.get("cut") is not None else
+                 f"{len(p.get('layers') or [])} layers")
         ax.scatter([p["cost"]], [p["quality"]], marker=markers[i % len(markers)], s=70, zorder=5,
-                   label=f"{name} (eof={p['cut']})" if p.get("cut") is not None else
-                   f"{name} ({len(p.get('layers') or [])} layers)", edgecolor="k", linewidth=0.5)
+                   label=f"{name} ({'default, ' if name == default else ''}{where})",
+                   edgecolor="k", linewidth=0.5)
     ax.set_xlabel("training FLOPs relative to full fine-tuning")
     ax.set_ylabel(metric + (" (higher is better)" if higher_better else " (lower is better)"))
     ax.set_title(title, fontsize=10)
