@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import SalfError
 from ..models.anatomy import Anatomy, anatomy, unwrap  # noqa: F401 (unwrap re-exported)
-from ..plan import HEADS
+from ..plan import check_cut
 
 log = logging.getLogger(__name__)
 
@@ -277,28 +277,21 @@ def _checked_state(plan, anat: Anatomy, lora: LoraSettings | None,
     eof, num_layers, head, train_embeddings = _plan_fields(plan)
     if num_layers is not None and int(num_layers) != L:
         raise SalfError(f"plan is for a {num_layers}-layer model but this model has {L} layers")
-    if not 0 <= eof <= L:
-        raise SalfError(f"plan eof={eof} is outside 0..{L}")
-    if head not in HEADS:
-        raise SalfError(f"plan head {head!r} is not one of {', '.join(HEADS)}")
-    if train_embeddings and (eof != 0 or lora is not None):
+    layers = getattr(plan, "layers", None)
+    # the plan's own rules (salf.plan.check_cut), here against the model's real head
+    check_cut(eof, L, head, tied=anat.tied, train_embeddings=train_embeddings,
+              layers=list(layers) if layers is not None else None, context="plan")
+    if train_embeddings and lora is not None:
         raise SalfError("train_embeddings means full fine-tuning (eof 0, no LoRA); for LoRA on every "
                         "layer use eof 0 without train_embeddings")
-    if head == "trainable" and anat.tied and not train_embeddings:
-        raise SalfError("head 'trainable' needs an untied LM head, but this model ties it to the input "
-                        "embedding (training it would update the frozen embedding); use 'untied-copy' or "
-                        "'frozen'")
     if lora is not None and eof >= L:
         raise SalfError(f"LoRA needs at least one trainable layer, but eof={eof} freezes all {L}")
     # Optional non-contiguous set above the cut (plan.layers, e.g. Spectrum's pick): the
     # unlisted layers stay frozen but gradients still flow through them down to the cut.
-    layers = sorted(getattr(plan, "layers", None) or range(eof, L))
-    if layers and layers[0] != eof and not train_embeddings:
-        raise SalfError(f"plan.layers must start at the cut (eof={eof}), got {layers}")
     return FreezeState(plan=plan, eof=eof, num_layers=L, head=head, lora=lora,
                        gradient_checkpointing=gradient_checkpointing, cut_module=None,
-                       full=train_embeddings, layer_set=getattr(plan, "layers", None) is not None,
-                       trainable_layers=list(layers))
+                       full=train_embeddings, layer_set=layers is not None,
+                       trainable_layers=sorted(layers) if layers is not None else list(range(eof, L)))
 
 
 def _set_requires_grad(model: nn.Module, anat: Anatomy, state: FreezeState) -> None:
@@ -397,10 +390,10 @@ def move_cut(model: nn.Module, new_eof: int, optimizer=None) -> dict:
     if not isinstance(new_eof, int) or isinstance(new_eof, bool) or not old <= new_eof <= L:
         raise SalfError(f"the cut can only move deeper: from eof {old} to an integer in {old}..{L}, "
                         f"got {new_eof!r}")
-    head_trains = state.head in ("trainable", "untied-copy")
-    if new_eof == L and (state.lora is not None or not head_trains):
-        raise SalfError(f"eof {L} would freeze every layer and nothing would train; the deepest cut "
-                        f"is {L - 1}")
+    check_cut(new_eof, L, state.head, context="cannot move the cut")
+    if new_eof == L and state.lora is not None:
+        raise SalfError(f"cannot move the cut: LoRA needs a trainable layer, so nothing would train "
+                        f"at eof {L}; the deepest cut is {L - 1}")
     anat = anatomy(base)
     newly = {id(p): p for layer in list(anat.layers)[old:new_eof] for p in layer.parameters()
              if p.requires_grad}
