@@ -26,7 +26,7 @@ from salf.models import anatomy, load_model
 from salf.pipeline import make_batches, sample_rows
 from salf.plan import FreezePlan
 from salf.train import LoraSettings, apply_plan
-from salf.train.loop import peak_rss_bytes
+from salf.train.metrics import peak_rss_bytes
 from salf.train.prefix_cache import PrefixCache
 
 

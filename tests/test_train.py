@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from salf.data import ClassificationTask, SFTTask
 from salf.errors import SalfError
@@ -21,7 +23,7 @@ from salf.models.anatomy import anatomy
 from salf.models.tiny import tiny_model, tiny_tokenizer
 from salf.train import (LoraSettings, apply_plan, compare, evaluate, load_trained, snapshot, train,
                         write_audit)
-from salf.train.loop import last_checkpoint
+from salf.train.checkpoints import last_checkpoint
 
 TASK = ClassificationTask("Review: {text} Sentiment:", {"pos": " positive", "neg": " negative"})
 
@@ -170,7 +172,7 @@ _SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from transformers import TrainerCallback
     import test_train as T
-    from salf.train.loop import SalfTrainer
+    from salf.train.trainer import SalfTrainer
 
     out, mode = sys.argv[1], sys.argv[2]
 
@@ -259,7 +261,7 @@ def test_crash_during_checkpoint_leaves_no_partial_checkpoint(tmp_path, referenc
     assert ckpts == ["checkpoint-2", "tmp-checkpoint-4"]          # the half-written one is staged only
     assert last_checkpoint(out / "checkpoints").endswith("checkpoint-2")
 
-    with pytest.raises(SalfError, match="resume=True"):
+    with pytest.raises(SalfError, match="--resume"):
         run_resumable(out)                                          # no silent overwrite
     resumed = run_resumable(out, resume=True)
     assert resumed["resumed_from_step"] == 2
@@ -344,3 +346,257 @@ def test_prefix_cache_trains_the_same_model(tmp_path, family):
     assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
     for name, p in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], p, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- console output, logs
+
+def test_training_prints_a_bar_and_logs_every_step(tmp_path, capfd):
+    metrics = train(tiny_model("llama"), tiny_tokenizer(), TASK, rows(), rows(4), make_plan(2), tmp_path,
+                    max_steps=4, lr=1e-2, eval_steps=2, save_steps=1, report_to="csv",
+                    **{**COMMON, "progress": True})
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "train: 100%" in err and "s/step" in err and "loss" in err
+    assert "step 2: eval" in err and "step 4: eval" in err
+    assert "Writing model shards" not in err
+    assert "{'loss'" not in err and "train_runtime" not in err        # no raw Trainer dicts
+
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["step_s"] > 0 and r["tokens"] > 0 and r["learning_rate"] > 0 for r in steps)
+    assert [r["loss"] for r in steps] == [p["loss"] for p in metrics["train"]["loss_curve"]]
+    assert [r["step"] for r in log if "eval_loss" in r] == [2, 4]
+    csv_lines = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,epoch,loss,learning_rate,grad_norm,step_s,tokens" and len(csv_lines) == 5
+    # save_total_limit defaults to 2: four checkpoints written, the two newest kept
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_rotation_keeps_the_newest_and_the_resumed_checkpoint(tmp_path):
+    from salf.train.checkpoints import rotate
+
+    for name in ("checkpoint-1", "checkpoint-2", "checkpoint-10", "checkpoint-5", "tmp-checkpoint-11",
+                 "damaged-checkpoint-3"):
+        (tmp_path / name).mkdir()
+    deleted = rotate(tmp_path, 2, protect=tmp_path / "checkpoint-2")
+    assert sorted(p.name for p in deleted) == ["checkpoint-1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-10", "checkpoint-2", "checkpoint-5", "damaged-checkpoint-3", "tmp-checkpoint-11"]
+    assert rotate(tmp_path, None) == []
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+
+CKPT_RUN = dict(max_steps=4, lr=1e-2, save_steps=2, **COMMON)
+
+
+def _ckpt_run(out, resume=False, callbacks=None):
+    return train(tiny_model("llama"), tiny_tokenizer(), TASK, rows(), rows(4), make_plan(2), out,
+                 resume=resume, callbacks=callbacks, **CKPT_RUN)
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A finished run (tied tiny Llama) with checkpoint-2 and checkpoint-4."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    _ckpt_run(out)
+    return out
+
+
+def _copy_without_final(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "final")
+    (dst / "metrics.json").unlink()
+    return dst
+
+
+def test_resuming_a_tied_model_does_not_warn_about_its_head(tmp_path, checkpointed, capfd, recwarn):
+    import logging
+    import shutil
+
+    out = _copy_without_final(checkpointed, tmp_path / "run")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append           # transformers logs to its own stderr handler
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        metrics = _ckpt_run(out, resume=True)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert metrics["resumed_from_step"] == 2 and metrics["train"]["steps"] == 4
+    messages = ([capfd.readouterr().err] + [str(w.message) for w in recwarn]
+                + [r.getMessage() for r in records])
+    assert not [m for m in messages if "lm_head" in m or "missing keys" in m], messages
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {
+    "truncated weights": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors is damaged"),
+    "broken trainer_state.json": (lambda c: (c / "trainer_state.json").write_text('{"global_step": 4, '),
+                                  "trainer_state.json is not valid JSON"),
+    "corrupt optimizer.pt": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt cannot be loaded"),
+    "missing weights": (lambda c: (c / "model.safetensors").unlink(), "no model weights"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_skips_a_damaged_checkpoint_and_keeps_it(tmp_path, checkpointed, capfd, damage):
+    out = _copy_without_final(checkpointed, tmp_path / "run")
+    spoil, reason = DAMAGE[damage]
+    spoil(out / "checkpoints" / "checkpoint-4")
+    metrics = _ckpt_run(out, resume=True)
+    assert metrics["resumed_from_step"] == 2 and metrics["train"]["steps"] == 4
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "damaged" in line]
+    assert len(warnings) == 1 and "checkpoint-4" in warnings[0] and reason in warnings[0], warnings
+    assert "resuming from checkpoint-2" in warnings[0]
+    # the damaged checkpoint is kept (set aside), the one resumed from too, a new checkpoint-4 written
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["checkpoint-2", "checkpoint-4", "damaged-checkpoint-4"]
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(tmp_path, checkpointed):
+    out = _copy_without_final(checkpointed, tmp_path / "run")
+    for name in ("checkpoint-2", "checkpoint-4"):
+        (out / "checkpoints" / name / "rng_state.pth").unlink()
+    with pytest.raises(SalfError, match=r"--resume: no checkpoint .*checkpoint-4 \(rng_state.pth is missing\)"
+                                        r".*checkpoint-2 \(rng_state.pth is missing\)"):
+        _ckpt_run(out, resume=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_resume_with_a_corrupt_run_json_is_one_clear_error(tmp_path, checkpointed):
+    out = _copy_without_final(checkpointed, tmp_path / "run")
+    (out / "run.json").write_text('{"plan": ')
+    with pytest.raises(SalfError, match=r"^--resume: .*run\.json: not valid JSON"):
+        _ckpt_run(out, resume=True)
+    assert (out / "run.json").read_text() == '{"plan": '           # left for the user to repair
+
+
+def test_resume_with_other_settings_names_them(tmp_path, checkpointed):
+    out = _copy_without_final(checkpointed, tmp_path / "run")
+    with pytest.raises(SalfError, match=r"--resume: .*other settings: lr 0\.01 \(now 0\.02\)"):
+        train(tiny_model("llama"), tiny_tokenizer(), TASK, rows(), rows(4), make_plan(2), out,
+              resume=True, **{**CKPT_RUN, "lr": 2e-2})
+
+
+def test_cli_resume_from_a_damaged_run_is_one_line(tmp_path, capsys):
+    from test_cli import _csv
+
+    from salf.cli import main
+
+    argv = ["train", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col", "review",
+            "--label-col", "label", "--freeze-below", "2", "--max-steps", "2", "--save-steps", "1",
+            "--batch-size", "4", "--eval-samples", "4", "--out", str(tmp_path / "t")]
+    assert main(argv) == 0
+    for ckpt in (tmp_path / "t" / "checkpoints").iterdir():
+        _truncate(ckpt / "optimizer.pt")
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("salf: error: --resume: no checkpoint"), err
+    assert "optimizer.pt cannot be loaded" in err[0]
+
+
+# ---------------------------------------------------------------------------- callbacks' state
+
+class CountingCallback(TrainerCallback):
+    """A stateful callback as salf.train.extensions describes it."""
+
+    salf_key = "counter"
+
+    def __init__(self, every=1):
+        self.every, self.steps, self.loaded = every, 0, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.loaded = dict(state)
+        self.steps = state["steps"]
+
+    def run_settings(self):
+        return {"every": self.every}
+
+    def metrics_section(self):
+        return {"steps": self.steps}
+
+
+def test_callback_state_is_checkpointed_and_restored(tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    first = _ckpt_run(out, callbacks=[CountingCallback()])
+    assert first["counter"] == {"steps": 4}
+    assert json.loads((out / "checkpoints" / "checkpoint-2" / "salf_state.json").read_text()) == {
+        "counter": {"steps": 2}}
+    assert json.loads((out / "run.json").read_text())["callbacks"] == {"counter": {"every": 1}}
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    with pytest.raises(SalfError, match=r"callbacks \{\"counter\": \{\"every\": 1\}\} \(now"):
+        _ckpt_run(out, resume=True, callbacks=[CountingCallback(every=2)])
+    again = CountingCallback()
+    resumed = _ckpt_run(out, resume=True, callbacks=[again])
+    assert again.loaded == {"steps": 2} and resumed["counter"] == {"steps": 4}
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+
+class SigintAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_the_step_and_resume_matches_uninterrupted_run(tmp_path, reference):
+    ref_metrics, ref_out = reference
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_resumable(out, callbacks=[SigintAt(3)])          # save_steps=2: step 3 is off-schedule
+    assert last_checkpoint(out / "checkpoints").endswith("checkpoint-3")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # handler restored
+
+    resumed = run_resumable(out, resume=True)
+    assert resumed["resumed_from_step"] == 3
+    assert _comparable(resumed) == _comparable(ref_metrics)
+    a, b = _weights(ref_out / "final"), _weights(out / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_ctrl_c_stops_cleanly_with_a_resumable_checkpoint(tmp_path):
+    from test_cli import _csv
+
+    from salf.train.checkpoints import checkpoint_problem
+
+    out = tmp_path / "t"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "salf", "train", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)),
+         "--text-col", "review", "--label-col", "label", "--freeze-below", "2", "--max-steps", "5000",
+         "--save-steps", "2", "--batch-size", "4", "--eval-samples", "4", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while last_checkpoint(out / "checkpoints") is None:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "salf: interrupted" in err, err[-2000:]
+    assert "stopping after this step" in err           # the first Ctrl-C only asked to stop
+    newest = last_checkpoint(out / "checkpoints")
+    assert checkpoint_problem(newest) is None
+    assert not (out / "final").exists()

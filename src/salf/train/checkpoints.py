@@ -1,0 +1,229 @@
+"""Trainer checkpoints: written atomically, checked before a resume, rotated, never lost.
+
+    staged_checkpoint(run_dir, name)   the Trainer writes into tmp-<name>/<name>; renamed on success
+    last_checkpoint(folder)            the newest complete checkpoint-N (staging never counts)
+    checkpoint_problem(path)           why a checkpoint cannot be resumed from, or None
+    resume_point(folder)               the newest good checkpoint; damaged newer ones set aside
+    rotate(folder, keep, protect)      delete all but the `keep` newest complete checkpoints
+
+See docs/training.md ("Checkpoints and resume").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..errors import SalfError
+from ..io import atomic_write_json, publish_dir
+from . import extensions
+from .progress import say
+
+STATE_FILE = "salf_state.json"      # the callbacks' states (see salf.train.extensions)
+_CHECKPOINT = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
+_STAGING = re.compile(r"^tmp-" + PREFIX_CHECKPOINT_DIR + r"-\d+$")
+_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "adapter_model.bin")
+_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def step_of(checkpoint: str | os.PathLike) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
+def complete_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """checkpoint-N folders, oldest first (staging folders and set-aside ones never match)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)]
+    return sorted(found, key=step_of)
+
+
+def last_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint (staging folders are never complete)."""
+    found = complete_checkpoints(folder)
+    return str(found[-1]) if found else None
+
+
+def clean_staging(folder: str | os.PathLike) -> None:
+    """Remove half-written checkpoints a crash left behind (they were never published)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if _STAGING.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_checkpoint(run_dir: str, name: str, callbacks):
+    """Yield a staging folder; the Trainer writes `name` inside it, the callbacks' states
+    join it, and only then is it renamed to run_dir/name (a crash leaves no partial one)."""
+    staging = os.path.join(run_dir, f"tmp-{name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    yield staging
+    written = os.path.join(staging, name)
+    save_callback_states(written, callbacks)
+    publish_dir(written, os.path.join(run_dir, name))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def rotate(folder: str | os.PathLike, keep: int | None, protect: str | os.PathLike | None = None) -> list[Path]:
+    """Delete complete checkpoints beyond the `keep` newest, never `protect` (the one this
+    run resumed from: it stays until a later resume has a newer good one). Returns the deleted."""
+    if keep is None:
+        return []
+    protect = Path(protect).resolve() if protect else None
+    old = complete_checkpoints(folder)[:-keep]
+    deleted = [p for p in old if p.resolve() != protect]
+    for p in deleted:
+        shutil.rmtree(p)
+    return deleted
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):   # parses the header, checks it covers the file exactly
+            return None
+    except Exception as exc:   # noqa: BLE001 - any failure means: not loadable
+        return f"{path.name} is damaged ({_short(exc)})"
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():   # the numpy types the Trainer allows in rng_state.pth
+            torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        return None
+    except Exception as exc:   # noqa: BLE001
+        return f"{path.name} cannot be loaded ({_short(exc)})"
+
+
+def _weights_problem(ckpt: Path) -> str | None:
+    present = [ckpt / name for name in _WEIGHTS if (ckpt / name).is_file()]
+    if not present:
+        return "no model weights"
+    weights = present[0]
+    if weights.name.endswith(".index.json"):
+        return _index_problem(weights)
+    if weights.suffix == ".safetensors":
+        return _safetensors_problem(weights)
+    return _torch_file_problem(weights)
+
+
+def _index_problem(index: Path) -> str | None:
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        return f"{index.name} is damaged ({_short(exc)})"
+    for shard in shards:
+        if not (index.parent / shard).is_file():
+            return f"shard {shard} is missing"
+        problem = _safetensors_problem(index.parent / shard)
+        if problem:
+            return problem
+    return None
+
+
+def _json_problem(path: Path, required: tuple[str, ...]) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{path.name} is not valid JSON ({_short(exc)})"
+    missing = [k for k in required if not isinstance(data, dict) or k not in data]
+    return f"{path.name} lacks {', '.join(missing)}" if missing else None
+
+
+def checkpoint_problem(ckpt: str | os.PathLike, state_keys: tuple[str, ...] = ()) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None. Checks what a crash or a full disk
+    damages: weights loadable (safetensors header and size), trainer_state.json, optimizer,
+    scheduler and RNG files loadable, and the callbacks' states present. There are no
+    checksums: a flipped byte inside tensor data is not caught."""
+    ckpt = Path(ckpt)
+    checks = [lambda: _weights_problem(ckpt),
+              lambda: _json_problem(ckpt / "trainer_state.json", ("global_step", "log_history"))]
+    for name in _TORCH_FILES:
+        checks.append(lambda name=name: (f"{name} is missing" if not (ckpt / name).is_file()
+                                         else _torch_file_problem(ckpt / name)))
+    if state_keys:
+        checks.append(lambda: _json_problem(ckpt / STATE_FILE, state_keys))
+    for check in checks:
+        problem = check()
+        if problem:
+            return problem
+    return None
+
+
+def _set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never deleted),
+    so that neither resume nor rotation nor a new checkpoint of the same step touches it."""
+    target = ckpt.with_name(f"damaged-{ckpt.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"damaged-{ckpt.name}-{n}")
+    os.replace(ckpt, target)
+    return target
+
+
+def resume_point(folder: str | os.PathLike, state_keys: tuple[str, ...] = ()) -> str | None:
+    """The newest checkpoint that passes `checkpoint_problem`, or None if there is none at all.
+
+    Damaged newer ones are named in one line each and set aside (damaged-checkpoint-N);
+    if every checkpoint is damaged, one SalfError names them and nothing is renamed."""
+    damaged = []
+    for ckpt in reversed(complete_checkpoints(folder)):
+        problem = checkpoint_problem(ckpt, state_keys)
+        if problem is None:
+            for bad, why in damaged:
+                kept = _set_aside(bad)
+                say(f"salf: warning: --resume: {bad} is damaged ({why}); resuming from {ckpt.name} "
+                    f"instead (the damaged one is kept as {kept.name})")
+            return str(ckpt)
+        damaged.append((ckpt, problem))
+    if damaged:
+        listed = "; ".join(f"{ckpt} ({why})" for ckpt, why in damaged)
+        raise SalfError(f"--resume: no checkpoint can be resumed from: {listed}. Repair or remove "
+                        f"them, or start a new run in another --out folder")
+    return None
+
+
+# ----------------------------------------------------------------------------- callback states
+
+
+def save_callback_states(ckpt: str | os.PathLike, callbacks) -> None:
+    """Write the stateful callbacks' `state_dict()`s into the checkpoint (if any)."""
+    states = {key: cb.state_dict() for key, cb in extensions.stateful(callbacks).items()}
+    if states:
+        atomic_write_json(Path(ckpt) / STATE_FILE, states)
+
+
+def load_callback_states(ckpt: str | os.PathLike, callbacks) -> None:
+    """Hand each stateful callback the state it saved in `ckpt` (checked by resume_point)."""
+    stateful = extensions.stateful(callbacks)
+    if not stateful:
+        return
+    states = json.loads((Path(ckpt) / STATE_FILE).read_text(encoding="utf-8"))
+    for key, cb in stateful.items():
+        cb.load_state_dict(states[key])

@@ -1,0 +1,46 @@
+"""What a `TrainerCallback` passed to `train(callbacks=[...])` may add to a run.
+
+A callback takes part by defining any of these methods (all JSON in, JSON out):
+
+    state_dict() / load_state_dict(state)  saved into every checkpoint (salf_state.json, staged
+                                           with the rest) and handed back before a resume
+    run_settings()                         recorded in run.json; a resume with other settings is refused
+    metrics_section()                      added to metrics.json
+
+each under the callback's key: `callback.salf_key`, or its class name. The Trainer's own
+`ExportableState` is not used: on resume it rebuilds a callback from its constructor
+arguments, so a callback holding the model, the optimizer or a cache would lose them.
+See docs/training.md ("Extending a run").
+"""
+
+from __future__ import annotations
+
+
+def key(callback) -> str:
+    return getattr(callback, "salf_key", None) or type(callback).__name__
+
+
+def _with(callbacks, method: str) -> dict:
+    found: dict = {}
+    for cb in callbacks:
+        if callable(getattr(cb, method, None)):
+            if key(cb) in found:
+                raise ValueError(f"two callbacks share the key {key(cb)!r}; give one a salf_key")
+            found[key(cb)] = cb
+    return found
+
+
+def stateful(callbacks) -> dict:
+    """{key: callback} for callbacks with state_dict() and load_state_dict()."""
+    return {k: cb for k, cb in _with(callbacks, "state_dict").items()
+            if callable(getattr(cb, "load_state_dict", None))}
+
+
+def run_settings(callbacks) -> dict:
+    """{key: settings} the callbacks add to run.json."""
+    return {k: cb.run_settings() for k, cb in _with(callbacks, "run_settings").items()}
+
+
+def metrics_sections(callbacks) -> dict:
+    """{key: section} the callbacks add to metrics.json."""
+    return {k: cb.metrics_section() for k, cb in _with(callbacks, "metrics_section").items()}
