@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..errors import SalfError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_json
 from ..models.anatomy import layer_output
 from ..models.config import config_value, text_config
 from .basis import semantic_basis, weight_fingerprint
@@ -88,6 +88,45 @@ def _jsonable(obj):
     if isinstance(obj, (torch.dtype, torch.device, Path)):
         return str(obj)
     return repr(obj)
+
+
+# --------------------------------------------------------------------------- reading trace.json
+TASKS = ("classification", "sft")
+
+
+def _field_error(source: str, name: str, expected: str, value) -> SalfError:
+    shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+    return SalfError(f"{source}: {name} must be {expected}, got {shown}")
+
+
+def _is_finite_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _checked_spaces(spaces, num_layers: int, source: str) -> list[dict]:
+    """A trace dict's spaces, each with every SPACE_KEYS entry; a wrong type is one SalfError."""
+    if not isinstance(spaces, list):
+        raise _field_error(source, "spaces", f"a list of {num_layers + 1} objects", spaces)
+    if len(spaces) != num_layers + 1:
+        raise SalfError(f"{source}: spaces has {len(spaces)} entries, but num_layers "
+                        f"{num_layers} needs {num_layers + 1} (embedding output + each layer)")
+    checked = []
+    for i, space in enumerate(spaces):
+        if not isinstance(space, dict):
+            raise _field_error(source, f"spaces[{i}]", "an object", space)
+        space = {**dict.fromkeys(SPACE_KEYS), "space": i, **space}  # older traces lack keys
+        if space["space"] != i:
+            raise _field_error(source, f"spaces[{i}].space", str(i), space["space"])
+        if not _is_finite_number(space["deviation"]):
+            raise _field_error(source, f"spaces[{i}].deviation", "a finite number",
+                               space["deviation"])
+        for key in SPACE_KEYS[2:]:
+            if space[key] is not None and not _is_finite_number(space[key]):
+                raise _field_error(source, f"spaces[{i}].{key}", "a finite number or null",
+                                   space[key])
+        checked.append(space)
+    return checked
 
 
 @dataclass
@@ -134,37 +173,38 @@ class Trace:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Trace":
+    def from_dict(cls, d: dict, source: str = "trace") -> "Trace":
+        """A Trace from its JSON form; a missing or mistyped field is one SalfError naming it."""
+        if not isinstance(d, dict):
+            raise SalfError(f"{source}: not a salf trace (top level is not an object)")
         missing = [k for k in ("model", "data", "task", "num_layers", "spaces") if k not in d]
         if missing:
-            raise SalfError(f"not a salf trace: missing keys {', '.join(missing)}")
-        spaces = []
-        for s in d["spaces"]:
-            s = dict(s)
-            for k in SPACE_KEYS:
-                s.setdefault(k, None)
-            spaces.append(s)
-        return cls(model=dict(d["model"] or {}), data=dict(d["data"] or {}), task=d["task"],
-                   num_layers=int(d["num_layers"]), spaces=spaces, shapes=dict(d.get("shapes") or {}),
-                   timing=dict(d.get("timing") or {}), settings=dict(d.get("settings") or {}),
-                   extra=dict(d.get("extra") or {}), salf_version=d.get("salf_version", "unknown"))
+            raise SalfError(f"{source}: not a salf trace: missing keys {', '.join(missing)}")
+        L = d["num_layers"]
+        if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+            raise _field_error(source, "num_layers", "a positive integer", L)
+        if d["task"] not in TASKS:
+            raise _field_error(source, "task", " or ".join(TASKS), d["task"])
+        objects = {k: d.get(k) or {} for k in ("model", "data", "shapes", "timing", "settings",
+                                                "extra")}
+        for key, value in objects.items():
+            if not isinstance(value, dict):
+                raise _field_error(source, key, "an object", value)
+        return cls(task=d["task"], num_layers=L, spaces=_checked_spaces(d["spaces"], L, source),
+                   salf_version=d.get("salf_version", "unknown"),
+                   **{k: dict(v) for k, v in objects.items()})
 
     @classmethod
     def from_json(cls, source: str | Path) -> "Trace":
-        """Load from a file path (or from JSON text)."""
+        """Load from a file path (or from JSON text); errors name the file and the field."""
         text = str(source)
-        if not text.lstrip().startswith("{"):
-            p = Path(source)
-            if not p.is_file():
-                raise SalfError(f"trace file not found: {p}")
-            text = p.read_text()
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SalfError(f"trace is not valid JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise SalfError("not a salf trace: top level is not an object")
-        return cls.from_dict(d)
+        if text.lstrip().startswith("{"):
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise SalfError(f"trace is not valid JSON: {e}") from None
+            return cls.from_dict(d)
+        return cls.from_dict(read_json(source, "trace"), source=f"trace {source}")
 
 
 # --------------------------------------------------------------------------- capture

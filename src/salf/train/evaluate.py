@@ -149,10 +149,36 @@ def evaluate(model: nn.Module, tokenizer, task, rows, batch_size: int = 16, max_
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
+    """The folder's salf.json ({} when it has none); a malformed one is one SalfError."""
     path = Path(folder) / META_FILE
     if not path.is_file():
         return {}
-    return read_json(path, "trained-model metadata")
+    meta = read_json(path, "trained-model metadata")
+    if not isinstance(meta, dict):
+        raise SalfError(f"trained-model metadata {path}: expected a JSON object, got "
+                        f"{type(meta).__name__}")
+    return meta
+
+
+def _check_weights(folder: Path, adapter: bool) -> None:
+    """A saved model needs its weights file(s); say so before transformers/PEFT guess a hub id."""
+    patterns = (("adapter_model.safetensors", "adapter_model.bin") if adapter
+                else ("*.safetensors", "pytorch_model*.bin"))
+    if not any(any(folder.glob(p)) for p in patterns):
+        what = "LoRA adapter weights (adapter_model" if adapter else "model weights (model"
+        raise SalfError(f"{folder} has no {what}.safetensors): the run that wrote it did not "
+                        "finish saving, or the file was removed")
+
+
+def _load_saved(folder: Path, what: str, load):
+    """`load()`, with unreadable files (truncated weights, broken JSON) as one SalfError."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except (OSError, ValueError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SalfError(f"{folder}: cannot load the trained {what} ({first})") from None
 
 
 def load_trained(folder: str | os.PathLike, load_base: Callable | None = None, dtype=None):
@@ -172,7 +198,7 @@ def load_trained(folder: str | os.PathLike, load_base: Callable | None = None, d
     if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = _load_saved(folder, "tokenizer", lambda: AutoTokenizer.from_pretrained(folder))
     if (folder / "adapter_config.json").is_file():
         spec = meta.get("base")
         if spec is None:
@@ -182,6 +208,7 @@ def load_trained(folder: str | os.PathLike, load_base: Callable | None = None, d
                 from ..models import load_model as load_base  # type: ignore[no-redef]
             except ImportError:
                 raise SalfError("loading a LoRA adapter needs load_base(spec) -> base model") from None
+        _check_weights(folder, adapter=True)
         base = load_base(spec)
         if isinstance(base, tuple):
             if tokenizer is None and len(base) > 1:
@@ -189,10 +216,12 @@ def load_trained(folder: str | os.PathLike, load_base: Callable | None = None, d
             base = base[0]
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base, str(folder))
+        model = _load_saved(folder, "adapter", lambda: PeftModel.from_pretrained(base, str(folder)))
     else:
         from transformers import AutoModelForCausalLM
 
+        _check_weights(folder, adapter=False)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model = _load_saved(folder, "model",
+                            lambda: AutoModelForCausalLM.from_pretrained(folder, **kwargs))
     return model.eval(), tokenizer
