@@ -89,7 +89,7 @@ def test_sft_analysis_on_a_local_jsonl(tmp_path):
     (["analyze", "--model", "tiny-llama", "--dataset", "{csv}", "--text-col", "nope",
       "--label-col", "label", "--out", "{tmp}/x"], "nope"),
     (["analyze", "--model", "tiny-llama", "--dataset", "{csv}", "--text-col", "review",
-      "--label-col", "label", "--samples", "0", "--out", "{tmp}/x"], "positive"),
+      "--label-col", "label", "--samples", "0", "--out", "{tmp}/x"], "--samples must be at least 1"),
     (["train", "--model", "tiny-llama", "--dataset", "{csv}", "--text-col", "review",
       "--label-col", "label", "--freeze-below", "9", "--out", "{tmp}/x"], "outside"),
     (["plan", "--trace", "{tmp}/missing.json"], "does not exist"),
@@ -131,3 +131,15 @@ def test_nan_hidden_states_are_reported(tmp_path):
     with pytest.raises(SalfError, match="NaN"):
         analyze("tiny-llama", str(_csv(tmp_path)), samples=8, loaded=(model, tok, info),
                 data_kwargs={"text_col": "review", "label_col": "label"}, progress=False)
+
+
+def test_train_keeps_the_newest_checkpoints_and_logs_csv(tmp_path):
+    t = tmp_path / "t"
+    assert main(["train", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col",
+                 "review", "--label-col", "label", "--freeze-below", "2", "--max-steps", "3",
+                 "--save-steps", "1", "--save-total-limit", "1", "--report-to", "csv",
+                 "--batch-size", "4", "--eval-samples", "0", "--out", str(t)]) == 0
+    kept = sorted(p.name for p in (t / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    assert kept == ["checkpoint-3"]
+    header, *rows = (t / "train_log.csv").read_text().splitlines()
+    assert "loss" in header and len(rows) == 3

@@ -9,7 +9,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import checks
+from .defaults import default_save_steps
 from .errors import SalfError
+from .io import atomic_write_json, atomic_write_text
 
 console = Console(highlight=False)
 
@@ -18,6 +21,7 @@ def dispatch(parser, args) -> int:
     handler = HANDLERS.get(args.verb)
     if handler is None:
         raise SalfError(f"unknown verb {args.verb!r}")
+    checks.check_arguments(args)  # before any model (or torch) loads
     return handler(parser, args) or 0
 
 
@@ -110,13 +114,16 @@ def cmd_datasets(parser, args) -> int:
 
 # ---------------------------------------------------------------- analyze / plan
 def cmd_analyze(parser, args) -> int:
+    from .data import load_dataset_spec
     from .pipeline import analyze
 
+    ds = load_dataset_spec(args.dataset, **data_kwargs(args))  # data errors before the model loads
     result = analyze(args.model, args.dataset, out_dir=args.out, samples=args.samples,
                      split=args.split, policy=args.policy, batch_size=args.batch_size,
                      max_length=args.max_length, max_targets=args.max_targets,
                      logit_lens=args.logit_lens, head=args.head, seed=args.seed,
-                     data_kwargs=data_kwargs(args), trust_remote_code=args.trust_remote_code)
+                     data_kwargs=data_kwargs(args), trust_remote_code=args.trust_remote_code,
+                     dataset=ds)
     print_trace_table(result)
     print_plan(result)
     console.print(f"wrote {result.out_dir}/trace.json, plan.json, report.md, trace.png")
@@ -175,10 +182,10 @@ def _train_kwargs(args) -> dict:
     return dict(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
                 batch_size=args.batch_size, grad_accum=args.grad_accum,
                 max_length=args.max_length, bf16=args.bf16, eval_steps=args.eval_steps,
-                save_steps=args.save_steps, resume=args.resume,
+                save_steps=args.save_steps or default_save_steps(args.max_steps),
+                save_total_limit=args.save_total_limit, resume=args.resume,
                 gradient_checkpointing=args.gradient_checkpointing, loss=args.loss,
-                cache_prefix=args.cache_prefix,
-                report_to=args.report_to)
+                cache_prefix=args.cache_prefix, report_to=args.report_to)
 
 
 def _lora(args):
@@ -192,31 +199,22 @@ def _lora(args):
                         target_modules=targets)
 
 
-def _default_save_steps(args) -> int | None:
-    if args.save_steps:
-        return args.save_steps
-    if args.max_steps:
-        return max(10, args.max_steps // 10)
-    return 200
-
-
 def cmd_train(parser, args) -> int:
     from .data import load_dataset_spec
     from .models import anatomy, load_model
     from .finetune import resolve_plan, run_training
 
+    ds = load_dataset_spec(args.dataset, **data_kwargs(args))  # data errors before the model loads
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model, _, info = loaded
     anat = anatomy(model)
     plan = resolve_plan(info, anat.num_layers, plan_path=args.plan, freeze_below=args.freeze_below,
-                        full=args.full, head=args.head, tied=anat.tied)
-    ds = load_dataset_spec(args.dataset, **data_kwargs(args))
+                        full=args.full, head=args.head, tied=anat.tied,
+                        allow_different_weights=args.allow_different_weights)
     console.print(f"[bold]plan:[/bold] {plan.describe()}" + (" + LoRA" if args.lora else ""))
-    kwargs = _train_kwargs(args)
-    kwargs["save_steps"] = _default_save_steps(args)
     metrics = run_training(args.model, ds, plan, args.out, loaded=loaded, lora=_lora(args),
                            train_samples=args.train_samples, eval_samples=args.eval_samples,
-                           seed=args.seed, **kwargs)
+                           seed=args.seed, **_train_kwargs(args))
     print_train_summary(metrics, args.out)
     return 0
 
@@ -245,9 +243,9 @@ def cmd_evaluate(parser, args) -> int:
     from .finetune import first_rows, load_for_eval
     from .train import evaluate
 
-    model, tok, meta = load_for_eval(args.model, trust_remote_code=args.trust_remote_code)
     ds = load_dataset_spec(args.dataset, **data_kwargs(args))
     rows = first_rows(ds, args.split, args.samples)
+    model, tok, meta = load_for_eval(args.model, trust_remote_code=args.trust_remote_code)
     metrics = evaluate(model, tok, ds.task, rows, batch_size=args.batch_size,
                        max_length=args.max_length, progress=True)
     metrics.update(model=args.model, dataset=ds.name, split=args.split)
@@ -255,7 +253,7 @@ def cmd_evaluate(parser, args) -> int:
                   + ", ".join(f"{k} {_f(v)}" for k, v in metrics.items()
                               if isinstance(v, float)))
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(args.out, metrics)
     return 0
 
 
@@ -263,7 +261,6 @@ def cmd_finetune(parser, args) -> int:
     from .finetune import finetune
 
     kwargs = _train_kwargs(args)
-    kwargs["save_steps"] = _default_save_steps(args)
     for k in ("batch_size", "max_length"):
         kwargs.pop(k)
     s = finetune(args.model, args.dataset, args.out, samples=args.samples, policy=args.policy,
@@ -300,13 +297,6 @@ def print_finetune_summary(s: dict) -> None:
 
 
 # ---------------------------------------------------------------- sweep
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SalfError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
 def cmd_sweep(parser, args) -> int:
     from .sweep import SweepConfig, refresh_report, run_sweep
 
@@ -319,14 +309,12 @@ def cmd_sweep(parser, args) -> int:
         return 0
 
     cfg = SweepConfig(model=args.model, dataset=args.dataset, out=args.out,
-                      cuts=None if args.cuts == "all" else _int_list(args.cuts, "--cuts"),
+                      cuts=None if args.cuts == "all" else checks.parse_int_list(args.cuts, "--cuts"),
                       selectors=[s.strip() for s in args.selectors.split(",") if s.strip()],
-                      seeds=_int_list(args.seeds, "--seeds"), steps=args.budget_steps,
+                      seeds=checks.parse_int_list(args.seeds, "--seeds"), steps=args.budget_steps,
                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                       test_samples=args.test_samples, samples=args.samples, head=args.head,
                       data_kwargs=data_kwargs(args), jobs=args.jobs)
-    if args.jobs < 1:
-        raise SalfError(f"--jobs must be at least 1, got {args.jobs}")
     if run_sweep(cfg, log=lambda m: console.print(m, markup=False), dry_run=args.dry_run) is None:
         return 0  # --dry-run: the cell list is the output
     console.print((Path(args.out) / "sweep.md").read_text(), markup=False)
@@ -340,12 +328,13 @@ def cmd_export(parser, args) -> int:
 
     text = export_plan(FreezePlan.from_json(args.plan), args.format, args.layers_path)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
         console.print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)
     return 0
 
 
-HANDLERS = {"export": cmd_export, "sweep": cmd_sweep, "train": cmd_train, "evaluate": cmd_evaluate, "finetune": cmd_finetune, "models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
-            "plan": cmd_plan}
+HANDLERS = {"models": cmd_models, "datasets": cmd_datasets, "analyze": cmd_analyze,
+            "plan": cmd_plan, "train": cmd_train, "evaluate": cmd_evaluate,
+            "finetune": cmd_finetune, "export": cmd_export, "sweep": cmd_sweep}

@@ -221,8 +221,7 @@ class FreezePlan:
         if ours and theirs and ours != theirs and not allow_different_weights:
             raise SalfError(f"plan mismatch: weights_hash differs — the plan was made for {planned_for} "
                             f"({str(ours)[:12]}) but {name} has {str(theirs)[:12]}; re-run `salf plan`, "
-                            "or pass --allow-different-weights (allow_different_weights=True) to apply it "
-                            "anyway")
+                            "or pass --allow-different-weights to apply it anyway")
         tied = info.get("tied")
         if tied is not None:
             self.validate(tied=bool(tied))

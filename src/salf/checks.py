@@ -1,0 +1,217 @@
+"""Cheap checks of `salf` arguments, run before any model loads.
+
+A mistyped flag should cost a second, not a model load and a trace: salf.commands
+runs `check_arguments(args)` before a verb's handler. Nothing here loads a model;
+messages name the flags users typed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from .errors import SalfError
+from .io import ensure_out_dir, ensure_parent_dir
+
+# Smallest accepted value of each integer option (argparse dest); unset (None) is fine.
+AT_LEAST = {"samples": 1, "max_targets": 1, "batch_size": 1, "max_length": 1, "max_steps": 1,
+            "grad_accum": 1, "train_samples": 1, "eval_samples": 0, "eval_steps": 1,
+            "save_steps": 1, "save_total_limit": 1, "test_samples": 1, "budget_steps": 1,
+            "jobs": 1, "lora_r": 1, "lora_alpha": 1, "freeze_below": 0}
+# Options that must be a finite number above 0.
+ABOVE_ZERO = ("epochs", "lr")
+
+
+def flag(dest: str) -> str:
+    """The flag users type for an argparse dest: max_steps -> --max-steps."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_numbers(args) -> None:
+    """Every numeric option the verb has, against AT_LEAST and ABOVE_ZERO."""
+    for dest, least in AT_LEAST.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < least:
+            raise SalfError(f"{flag(dest)} must be at least {least}, got {value}")
+    for dest in ABOVE_ZERO:
+        value = getattr(args, dest, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SalfError(f"{flag(dest)} must be a number above 0, got {value}")
+    dropout = getattr(args, "lora_dropout", None)
+    if dropout is not None and not 0 <= dropout < 1:
+        raise SalfError(f"--lora-dropout must be at least 0 and below 1, got {dropout}")
+
+
+def check_policy(policy: str) -> None:
+    # the library's own parser, so the CLI accepts exactly what choose_cut does
+    from .analysis.gains import _parse_policy
+
+    try:
+        _parse_policy(policy)
+    except SalfError as exc:
+        raise SalfError(f"--policy: {exc}") from None
+
+
+def check_split(split: str) -> None:
+    from .data import SPLITS
+
+    if split not in SPLITS:
+        raise SalfError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def _is_trained_folder(path: Path) -> bool:
+    from .train.evaluate import META_FILE  # salf.train imports peft: only evaluate pays for it
+
+    return (path / META_FILE).is_file()
+
+
+def _is_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+
+
+def check_model_spec(spec: str, trained_ok: bool = False) -> None:
+    """--model names a built-in or tiny model, a model folder, or a hub id org/name.
+
+    trained_ok: a folder written by `salf train` (final/, possibly a LoRA adapter) counts.
+    """
+    from .models import BUILTIN_MODELS, TINY_FAMILIES
+
+    if spec in BUILTIN_MODELS or (spec.startswith("tiny-")
+                                  and spec.removeprefix("tiny-") in TINY_FAMILIES):
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() or (trained_ok and _is_trained_folder(path)):
+            return
+        raise SalfError(f"--model {spec}: a folder without config.json, not a Hugging Face "
+                        "model folder")
+    if path.exists():
+        raise SalfError(f"--model {spec} is a file, not a model folder")
+    if _is_hub_id(spec):
+        return
+    raise SalfError(f"--model {spec!r}: unknown model: not a built-in (see `salf models list`), "
+                    "not an existing folder, not a hub id org/name")
+
+
+def check_dataset_spec(spec: str, flag: str = "--dataset") -> None:
+    """A built-in dataset, an existing data file or folder, or a hub dataset (hf:NAME, org/name)."""
+    from .data import BUILTIN_DATASETS
+    from .data.files import FILE_EXTENSIONS
+
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_DATASETS or path.is_dir():  # a folder: a datasets.save_to_disk copy
+        return
+    if path.is_file():
+        if path.suffix.lower() not in FILE_EXTENSIONS:
+            raise SalfError(f"{flag} {spec}: unknown file type {path.suffix!r}; use one of "
+                            f"{', '.join(FILE_EXTENSIONS)}")
+        return
+    if spec.startswith("hf:") or (_is_hub_id(spec) and path.suffix.lower() not in FILE_EXTENSIONS):
+        return
+    raise SalfError(f"{flag} {spec!r}: not a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+                    "and no such file")
+
+
+def check_plan_file(path: str) -> None:
+    from .plan import FreezePlan
+
+    FreezePlan.from_json(path)  # one SalfError naming the file unless it is a readable plan
+
+
+def check_no_checkpoints(out: Path, resume: bool) -> None:
+    """Without --resume, a run folder must not hold checkpoints (training would refuse later)."""
+    checkpoints = out / "checkpoints"
+    if not resume and checkpoints.is_dir() and any(
+            p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name) for p in checkpoints.iterdir()):
+        raise SalfError(f"{checkpoints} holds checkpoints of an earlier run; pass --resume to "
+                        "continue it, or choose another --out")
+
+
+def parse_int_list(text: str, what: str, least: int | None = None) -> list[int]:
+    """The integers of a comma-separated option (each at least `least`), e.g. --cuts 0,15,22."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SalfError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise SalfError(f"{what} names no value")
+    if least is not None and min(values) < least:
+        raise SalfError(f"{what} must be at least {least}, got {min(values)}")
+    return values
+
+
+# ---------------------------------------------------------------- one check per verb
+def check_analyze(args) -> None:
+    check_numbers(args)
+    check_policy(args.policy)
+    check_split(args.split)
+    check_model_spec(args.model)
+    check_dataset_spec(args.dataset)
+    ensure_out_dir(args.out, "--out")
+
+
+def check_plan(args) -> None:
+    check_policy(args.policy)
+    if args.out:
+        ensure_parent_dir(args.out, "--out")
+
+
+def check_train(args) -> None:
+    check_numbers(args)
+    if args.allow_different_weights and not args.plan:
+        raise SalfError("--allow-different-weights applies to --plan only")
+    check_model_spec(args.model)
+    check_dataset_spec(args.dataset)
+    if args.plan:
+        check_plan_file(args.plan)
+    check_no_checkpoints(Path(args.out), args.resume)
+    ensure_out_dir(args.out, "--out")
+
+
+def check_evaluate(args) -> None:
+    check_numbers(args)
+    check_split(args.split)
+    check_model_spec(args.model, trained_ok=True)
+    check_dataset_spec(args.dataset)
+    if args.out:
+        ensure_parent_dir(args.out, "--out")
+
+
+def check_finetune(args) -> None:
+    check_numbers(args)
+    check_policy(args.policy)
+    check_model_spec(args.model)
+    check_dataset_spec(args.dataset)
+    check_no_checkpoints(Path(args.out) / "train", args.resume)
+    ensure_out_dir(args.out, "--out")
+
+
+def check_sweep(args) -> None:
+    if args.report_only:  # reads OUT/sweep.json only
+        return
+    check_numbers(args)
+    if args.cuts != "all":
+        parse_int_list(args.cuts, "--cuts", least=0)
+    parse_int_list(args.seeds, "--seeds")
+    check_model_spec(args.model)
+    check_dataset_spec(args.dataset)
+    ensure_out_dir(args.out, "--out")
+
+
+def check_export(args) -> None:
+    check_plan_file(args.plan)
+    if args.out:
+        ensure_parent_dir(args.out, "--out")
+
+
+CHECKS = {"analyze": check_analyze, "plan": check_plan, "train": check_train,
+          "evaluate": check_evaluate, "finetune": check_finetune, "sweep": check_sweep,
+          "export": check_export}
+
+
+def check_arguments(args) -> None:
+    """The checks of `args.verb` (models and datasets have nothing to check)."""
+    check = CHECKS.get(args.verb)
+    if check is not None:
+        check(args)
