@@ -243,6 +243,7 @@ def test_evaluate_a_folder_without_or_with_truncated_weights(tmp_path):
     ("num_layers", lambda d: d.update(num_layers="four"), "num_layers must be a positive integer"),
     ("spaces", lambda d: d.update(spaces=5), "spaces must be a list"),
     ("task", lambda d: d.update(task="regression"), "task must be classification or sft"),
+    ("cost settings", lambda d: d["extra"]["cost"].update(settings={}), "has no settings"),
 ])
 def test_plan_on_a_malformed_trace(tmp_path, analysis, field, change, says):
     out, _ = analysis
