@@ -4,7 +4,14 @@ integrated cost of the schedule is what torch's FLOP counter measures."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +155,99 @@ def test_probe_flops_match_the_flop_counter():
         probe.read(model)
     predicted = probe_forward_flops(ModelShape.from_model(model), 8, T, 1, attention="eager")
     assert predicted == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+# ----------------------------------------------------------------------------- resume
+
+_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from transformers import TrainerCallback
+    import test_dynamic as T
+
+    class Slow(TrainerCallback):          # widen the window for the external SIGKILL
+        def on_step_end(self, args, state, control, **kw):
+            time.sleep(0.3)
+
+    T.run_dynamic(sys.argv[1], callbacks=[Slow()])
+""")
+
+
+def run_dynamic(out, resume=False, callbacks=None):
+    """A dynamic run with checkpoints (gpt2 has dropout: RNG restore matters), one thread so
+    that an interrupted and resumed run must end bit-identical to an uninterrupted one."""
+    from salf.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = tiny_tokenizer()
+        return train(tiny_model("gpt2"), tok, TASK, _rows(24), [], make_plan(0), out, max_steps=8,
+                     lr=1e-2, batch_size=4, max_length=32, save_steps=2, resume=resume, seed=0,
+                     progress=False, callbacks=callbacks,
+                     dynamic=DynamicSettings(policy="linear", start=0.0, checks=4))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sigkill_then_resume_gives_the_same_schedule_and_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from salf.train.checkpoints import last_checkpoint
+
+    reference = run_dynamic(tmp_path / "ref")
+    assert reference["dynamic"]["schedule"] == [[0, 0], [4, 1], [6, 2]]   # linear from 0% to eof 3
+    out = tmp_path / "run"
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while int((last_checkpoint(out / "checkpoints") or "-0").rsplit("-", 1)[-1]) < 4:   # past a move
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists()
+    resumed = run_dynamic(out, resume=True)
+    assert resumed["resumed_from_step"] in (4, 6)
+    assert resumed["dynamic"]["schedule"] == reference["dynamic"]["schedule"]
+    assert resumed["dynamic"]["audit"]["ok"]
+    assert [p["loss"] for p in resumed["train"]["loss_curve"]] == \
+        [p["loss"] for p in reference["train"]["loss_curve"]]
+    a, b = load_file(str(tmp_path / "ref" / "final" / "model.safetensors")), \
+        load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_probing_callback_resumes_its_history_without_a_second_baseline(tmp_path):
+    tok = tiny_tokenizer()
+    probe = Probe([collate(_examples(tok, 4), pad_token_id(tok))], "classification",
+                  TASK.label_token_ids(tok))
+    first = DynamicFreezeCallback(DynamicSettings(policy="static", checks=3), probe)
+    model = apply_plan(tiny_model("llama"), make_plan(1))
+    _trainer(tmp_path / "a", model, tok, first).train()
+    state = json.loads(json.dumps(first.state_dict()))             # what a checkpoint holds
+    again = DynamicFreezeCallback(DynamicSettings(policy="static", checks=3), probe)
+    again.load_state_dict(state)
+    assert [c.step for c in again.history] == [0, 2, 4] and again.schedule == first.schedule
+    with pytest.raises(Exception, match="dynamic settings differ"):
+        DynamicFreezeCallback(DynamicSettings(policy="static", checks=4), probe).load_state_dict(state)
+
+
+def test_cli_dynamic_options_need_dynamic_and_a_cut(tmp_path):
+    import subprocess as sp
+
+    data = tmp_path / "r.csv"
+    data.write_text("review,label\n" + "".join(f"film {i} good,positive\nfilm {i} bad,negative\n"
+                                                for i in range(20)))
+    base = [sys.executable, "-m", "salf", "train", "--model", "tiny-llama", "--dataset", str(data),
+            "--text-col", "review", "--label-col", "label", "--max-steps", "2", "--out", str(tmp_path / "o")]
+    for extra, message in ((["--freeze-below", "1", "--plasticity-share", "0.2"], "applies to --dynamic"),
+                           (["--freeze-below", "1", "--dynamic", "--checks", "0"], "--checks"),
+                           (["--full", "--dynamic"], "--full has none"),
+                           (["--freeze-below", "1", "--dynamic"], "--probe-rows")):
+        r = sp.run(base + extra, capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0

@@ -128,6 +128,19 @@ def check_no_checkpoints(out: Path, resume: bool) -> None:
                         "continue it, or choose another --out")
 
 
+def dynamic_settings(args):
+    """The DynamicSettings of --dynamic and its options (None without --dynamic)."""
+    from .dynamic.settings import FLAGS, DynamicSettings
+
+    given = {field: getattr(args, field) for field in FLAGS
+             if field != "policy" and getattr(args, field, None) is not None}
+    if getattr(args, "dynamic", None) is None:
+        if given:
+            raise SalfError(f"{FLAGS[next(iter(given))]} applies to --dynamic runs only")
+        return None
+    return DynamicSettings(policy=args.dynamic, **given)
+
+
 def parse_int_list(text: str, what: str, least: int | None = None) -> list[int]:
     """The integers of a comma-separated option (each at least `least`), e.g. --cuts 0,15,22."""
     try:
@@ -159,8 +172,11 @@ def check_plan(args) -> None:
 
 def check_train(args) -> None:
     check_numbers(args)
+    dynamic_settings(args)
     if args.allow_different_weights and not args.plan:
         raise SalfError("--allow-different-weights applies to --plan only")
+    if args.full and args.dynamic:
+        raise SalfError("--dynamic moves a cut, and --full has none: use --plan or --freeze-below")
     check_model_spec(args.model)
     check_dataset_spec(args.dataset)
     if args.plan:
@@ -180,6 +196,7 @@ def check_evaluate(args) -> None:
 
 def check_finetune(args) -> None:
     check_numbers(args)
+    dynamic_settings(args)
     check_policy(args.policy)
     check_model_spec(args.model)
     check_dataset_spec(args.dataset)

@@ -174,6 +174,7 @@ def _add_train_args(p: argparse.ArgumentParser, max_steps: int | None):
     g.add_argument("--report-to", choices=REPORT_TO, default="none",
                    help="per-step numbers also to TensorBoard or a CSV file in --out "
                         "(default %(default)s)")
+    _add_dynamic_args(p)
     lora = p.add_argument_group("LoRA (on the trainable layers only)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of weights")
     lora.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default %(default)s)")
@@ -183,6 +184,42 @@ def _add_train_args(p: argparse.ArgumentParser, max_steps: int | None):
                       help="dropout on the LoRA input (default %(default)s)")
     lora.add_argument("--lora-targets", default=None,
                       help="comma-separated module names (default: every attention/MLP projection)")
+
+
+def _add_dynamic_args(p: argparse.ArgumentParser):
+    """Dynamic freezing: the cut moves deeper while training (docs/method.md)."""
+    from .dynamic.settings import CLOCKS, FLAGS, POLICIES, DynamicSettings
+
+    d = DynamicSettings()
+    g = p.add_argument_group("dynamic freezing (the cut moves deeper while training; docs/method.md)")
+    g.add_argument(FLAGS["policy"], nargs="?", const=d.policy, default=None, choices=POLICIES,
+                   metavar="POLICY",
+                   help=f"start from the plan's cut and move it deeper when POLICY says so: "
+                        f"{', '.join(POLICIES)} (default when given without a value: {d.policy})")
+    g.add_argument(FLAGS["tau"], dest="tau", type=float, default=None, metavar="TAU",
+                   help="salf: a space above the cut counts as settled when its deviation moved at "
+                        f"most TAU x the output space's over the last interval (default {d.tau})")
+    g.add_argument(FLAGS["epsilon"], dest="epsilon", type=float, default=None, metavar="EPS",
+                   help="salf: the run is past its knee when the step law's predicted remaining "
+                        f"improvement is at most EPS x the improvement so far (default {d.epsilon})")
+    g.add_argument(FLAGS["clock"], dest="clock", choices=CLOCKS, default=None,
+                   help=f"salf: the step law's time axis (default {d.clock}: the sum of learning "
+                        "rates so far)")
+    g.add_argument(FLAGS["min_points"], dest="min_points", type=int, default=None, metavar="N",
+                   help=f"salf: probe checks after step 0 before the law is fitted (default {d.min_points})")
+    g.add_argument(FLAGS["checks"], dest="checks", type=int, default=None, metavar="N",
+                   help=f"checks per run, evenly spaced (default {d.checks})")
+    g.add_argument(FLAGS["probe_rows"], dest="probe_rows", type=int, default=None, metavar="N",
+                   help="held-out rows the salf and static policies read at every check, from the "
+                        f"validation split (default {d.probe_rows})")
+    g.add_argument(FLAGS["max_eof"], dest="max_eof", type=int, default=None, metavar="K",
+                   help="the deepest cut any policy may reach (default: L-1, one layer trains)")
+    g.add_argument(FLAGS["start"], dest="start", type=float, default=None, metavar="F",
+                   help="linear: fraction of the run before the first freeze (default 0.5); "
+                        "freezeout: t0 of the cubic schedule (default 0.8)")
+    g.add_argument(FLAGS["percentile"], dest="percentile", type=float, default=None, metavar="P",
+                   help="autofreeze: the gradient-norm change-rate percentile a layer must reach "
+                        f"to keep training (default {d.percentile:g})")
 
 
 # ---------------------------------------------------------------- verbs

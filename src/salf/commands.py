@@ -185,7 +185,8 @@ def _train_kwargs(args) -> dict:
                 save_steps=args.save_steps or default_save_steps(args.max_steps),
                 save_total_limit=args.save_total_limit, resume=args.resume,
                 gradient_checkpointing=args.gradient_checkpointing, loss=args.loss,
-                cache_prefix=args.cache_prefix, report_to=args.report_to)
+                cache_prefix=args.cache_prefix, report_to=args.report_to,
+                dynamic=checks.dynamic_settings(args))
 
 
 def _lora(args):
@@ -235,7 +236,26 @@ def print_train_summary(metrics: dict, out) -> None:
     console.print(f"audit: {a['frozen_unchanged']}/{a['frozen_count']} frozen tensors bit-identical, "
                   f"{a['trainable_changed']}/{a['trainable_count']} trainable changed — "
                   + ("[green]ok[/green]" if a["ok"] else "[red]FAILED[/red]"))
-    console.print(f"wrote {out}/final, metrics.json, audit.json, plan.json")
+    if metrics.get("dynamic"):
+        print_dynamic_summary(metrics["dynamic"])
+    console.print(f"wrote {out}/final, metrics.json, audit.json, plan.json"
+                  + (", dynamic.json" if metrics.get("dynamic") else ""))
+
+
+def print_dynamic_summary(d: dict) -> None:
+    """The moving cut: its schedule, what the run cost, and the audit of what froze during it."""
+    steps = " -> ".join(f"eof {k} " + (f"after step {s}" if s else "from the start")
+                        for s, k in d["schedule"])
+    console.print(f"[bold]dynamic {d['settings']['policy']}:[/bold] {steps}")
+    cost, audit, probe = d.get("cost"), d.get("audit") or {}, d["probe"]
+    if cost:
+        reads = (f" (probes {cost['probe_share_of_run']:.1%} of it: {probe['reads']} reads of "
+                 f"{probe['rows']} rows)" if probe["reads"] else "")
+        console.print(f"  training FLOPs {cost['flops_ratio']:.2f}x full fine-tuning's{reads}")
+    if audit:
+        console.print(f"  {audit['frozen_during_run']} tensors frozen during the run, "
+                      f"{len(audit['changed'])} changed after freezing — "
+                      + ("[green]ok[/green]" if audit["ok"] else "[red]FAILED[/red]"))
 
 
 def cmd_evaluate(parser, args) -> int:

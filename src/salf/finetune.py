@@ -51,21 +51,36 @@ def first_rows(ds, split: str = "test", samples: int | None = None) -> list[dict
 
 
 def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
-                 train_samples=None, eval_samples=500, seed=0, progress=True, **train_kwargs) -> dict:
+                 train_samples=None, eval_samples=500, seed=0, progress=True, dynamic=None,
+                 **train_kwargs) -> dict:
     """Fine-tune `model_spec` on `ds` with `plan`; returns metrics (also OUT/metrics.json).
 
-    `lora` is a `salf.train.LoraSettings` or None; `train_kwargs` go to `salf.train.train`.
+    `lora` is a `salf.train.LoraSettings` or None; `dynamic` a `salf.dynamic.DynamicSettings`
+    (the cut moves while training) or None; `train_kwargs` go to `salf.train.train`.
     """
     from .train import train
 
     model, tokenizer, info = loaded or load_model(model_spec)
-    train_rows = sample_rows(ds.splits["train"], train_samples, seed, f"{ds.name}/train")
+    splits, probe = _probe_split(ds, dynamic)
+    train_rows = sample_rows(splits["train"], train_samples, seed, f"{ds.name}/train")
     # the first N validation rows (not a random sample): `salf evaluate --split validation
     # --samples N` then reproduces the eval recorded in metrics.json exactly
     eval_rows = (first_rows(ds, "validation", eval_samples)
                  if eval_samples and ds.splits.get("validation") else [])
     return train(model, tokenizer, ds.task, train_rows, eval_rows, plan, out_dir, lora=lora,
-                 seed=seed, progress=progress, base_spec=model_spec, **train_kwargs)
+                 seed=seed, progress=progress, base_spec=model_spec, dynamic=dynamic,
+                 probe_rows=probe, **train_kwargs)
+
+
+def _probe_split(ds, dynamic) -> tuple[dict, list[dict] | None]:
+    """(the splits training reads, the dynamic probe's rows or None): the probe comes from the
+    validation split, so the training rows and their order stay those of a static run."""
+    if dynamic is None or "probe" not in dynamic.needs:
+        return ds.splits, None
+    from .dynamic import probe_rows
+
+    probe, splits = probe_rows(ds.splits, dynamic.probe_rows, seed=0)
+    return splits, probe
 
 
 def load_for_eval(spec: str, trust_remote_code: bool = False):

@@ -1,20 +1,31 @@
 """Dynamic freezing: the cut moves deeper while training, read from the model being trained.
 
     settings = DynamicSettings(policy="salf")           # or autofreeze, linear, freezeout, static
-    probe = Probe(batches, "classification", label_token_ids)
+    probe = Probe.from_rows(task, tokenizer, held_out_rows, max_length=96)
     callback = DynamicFreezeCallback(settings, probe)    # add to any Trainer of a planned model
 
 `salf train --dynamic` / `salf finetune --dynamic` wire it up; `schedule_cost` integrates the
 cost model over the schedule. See docs/method.md, "Dynamic freezing".
+
+The settings import nothing heavy (the CLI reads them for --help); everything else is
+imported on first use.
 """
 
-from .callback import LOG_FILE, STATE_FILE, DynamicFreezeCallback, check_steps
-from .cost import cut_per_step, probe_forward_flops, schedule_cost
-from .policies import CLOCKS, POLICIES, Check, Decision, DynamicSettings, RunShape, decide
-from .probe import Probe, probe_rows
+from importlib import import_module
 
-__all__ = [
-    "DynamicFreezeCallback", "DynamicSettings", "Probe", "probe_rows", "Check", "Decision", "RunShape",
-    "decide", "check_steps", "schedule_cost", "cut_per_step", "probe_forward_flops",
-    "POLICIES", "CLOCKS", "STATE_FILE", "LOG_FILE",
-]
+from .settings import CLOCKS, FLAGS, NEEDS, POLICIES, DynamicSettings
+
+_LAZY = {
+    "DynamicFreezeCallback": "callback", "check_steps": "callback", "LOG_FILE": "callback",
+    "STATE_FILE": "callback", "schedule_cost": "cost", "cut_per_step": "cost",
+    "probe_forward_flops": "cost", "Check": "policies", "Decision": "policies",
+    "RunShape": "policies", "decide": "policies", "Probe": "probe", "probe_rows": "probe",
+}
+
+__all__ = ["DynamicSettings", "POLICIES", "CLOCKS", "FLAGS", "NEEDS", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

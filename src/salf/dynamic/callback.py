@@ -29,7 +29,8 @@ from ..io import atomic_write_json
 from ..models.anatomy import anatomy, unwrap
 from ..train.audit import tensor_digest
 from ..train.freeze import freeze_state, move_cut, optimizer_state_bytes
-from .policies import Check, Decision, DynamicSettings, RunShape, decide
+from .policies import Check, Decision, RunShape, decide
+from .settings import DynamicSettings
 
 STATE_FILE = "salf_dynamic.json"   # inside each checkpoint folder
 LOG_FILE = "dynamic.json"          # in the run folder: settings, checks, decisions, schedule
@@ -52,6 +53,8 @@ def _lr_multipliers(lr_scheduler, total_steps: int) -> list[float] | None:
 
 
 class DynamicFreezeCallback(TrainerCallback):
+    salf_key = "dynamic"     # its section of run.json, metrics.json and each checkpoint's state
+
     def __init__(self, settings: DynamicSettings | None = None, probe=None, *,
                  out_dir: str | Path | None = None, prefix_cache=None, log=None):
         self.settings = settings or DynamicSettings()
@@ -72,6 +75,15 @@ class DynamicFreezeCallback(TrainerCallback):
         self._steps: list[int] = []
         self._multipliers: list[float] | None = None
         self._run: RunShape | None = None
+        self.model = None          # set by attach(): what a resumed state re-cuts
+        self.cost_settings: dict | None = None
+        self.final_audit: dict | None = None
+
+    def attach(self, model, prefix_cache=None, cost_settings: dict | None = None) -> None:
+        """The planned model (and its prefix cache) this callback moves; `cost_settings`
+        (shape, seq_len, batch_size, loss_positions, head, lora_rank, gradient_checkpointing)
+        let metrics_section() integrate the schedule's cost."""
+        self.model, self.prefix_cache, self.cost_settings = model, prefix_cache, cost_settings
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -93,6 +105,8 @@ class DynamicFreezeCallback(TrainerCallback):
         self.probe_seconds = float(state["probe_seconds"])
         self.probe_targets = int(state.get("probe_targets", 0))
         self._grad_sums = state.get("grad_sums")
+        if self.model is not None:
+            self.restore_cut(self.model)
 
     def restore_cut(self, model) -> None:
         """Re-apply the schedule's last cut to a freshly planned model (before its optimizer
@@ -105,6 +119,11 @@ class DynamicFreezeCallback(TrainerCallback):
     @property
     def current_eof(self) -> int:
         return int(self.schedule[-1][1])
+
+    def run_settings(self) -> dict:
+        """What a resumed run must share (run.json): the settings and the probe set."""
+        return {"settings": self.settings.to_dict(), "probe_rows": getattr(self.probe, "rows", None),
+                "probe_tokens": getattr(self.probe, "tokens", None)}
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
@@ -177,6 +196,14 @@ class DynamicFreezeCallback(TrainerCallback):
                 "optimizer_state_bytes_freed": report["optimizer_state_bytes_freed"],
                 "memory_before": before, "memory_after": after}
 
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        self.final_audit = self.audit(model)
+        if not self.final_audit["ok"]:
+            raise SalfError("audit failed: tensors frozen during the run changed afterwards: "
+                            + ", ".join(self.final_audit["changed"][:3]))
+
     def audit(self, model) -> dict:
         """Every tensor frozen during the run is bit-identical to what it was when it froze."""
         params = dict(model.named_parameters())
@@ -185,6 +212,28 @@ class DynamicFreezeCallback(TrainerCallback):
                 "frozen_at": {n: rec["step"] for n, rec in self.frozen_at.items()}}
 
     # ------------------------------------------------------------------ reporting
+    def metrics_section(self) -> dict:
+        """metrics.json["dynamic"]: the schedule, every check and decision, the probe's cost,
+        the audit of the tensors frozen during the run, and the integrated cost."""
+        section = self.report()
+        section["audit"] = self.final_audit
+        if self.cost_settings is not None and self._run is not None:
+            section["cost"] = self.integrated_cost()
+        return section
+
+    def integrated_cost(self) -> dict:
+        """schedule_cost over the run, the probes' forward passes included."""
+        from .cost import probe_forward_flops, schedule_cost
+
+        c = dict(self.cost_settings)
+        shape = c.pop("shape")
+        probe_flops = 0.0
+        if self.probe_reads:
+            targets = max(1, round(self.probe_targets / self.probe.rows))
+            probe_flops = self.probe_reads * probe_forward_flops(shape, self.probe.rows, c["seq_len"],
+                                                                 targets)
+        return schedule_cost(shape, self.schedule, self._run.total_steps, probe_flops=probe_flops, **c)
+
     def report(self) -> dict:
         return {"settings": self.settings.to_dict(), "schedule": self.schedule,
                 "checks": [c.to_dict() for c in self.history], "decisions": self.decisions,

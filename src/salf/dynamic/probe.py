@@ -29,8 +29,8 @@ def probe_rows(splits: dict[str, list[dict]], n: int, seed: int = 0) -> tuple[li
         return random.Random(seed).sample(validation, n), splits
     train = list(splits.get("train") or [])
     if len(train) < 2 * n:
-        raise SalfError(f"the dynamic probe needs {n} held-out rows: the dataset has "
-                        f"{len(validation)} validation rows and {len(train)} training rows")
+        raise SalfError(f"the dynamic probe needs {n} held-out rows (--probe-rows): the dataset "
+                        f"has {len(validation)} validation rows and {len(train)} training rows")
     return train[-n:], dict(splits, train=train[:-n])
 
 
@@ -47,6 +47,15 @@ class Probe:
         self.max_targets = max_targets
         self.rows = sum(int(b["input_ids"].shape[0]) for b in batches)
         self.tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+    @classmethod
+    def from_rows(cls, task, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> "Probe":
+        """Encode `rows` of `task` once into the probe's batches."""
+        from ..data import batches
+
+        kind = task.kind
+        label_ids = task.label_token_ids(tokenizer) if kind == "classification" else None
+        return cls(list(batches(task, tokenizer, rows, batch_size, max_length)), kind, label_ids)
 
     def read(self, model) -> dict:
         """{"deviation": [D_0..D_L], "loss": task loss at the targets, "seconds"} for `model`

@@ -65,7 +65,8 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
           cache_prefix: bool = False,
           report_to: str = "none", progress: bool = True, weight_decay: float = 0.0,
           warmup_steps: int = 0, save_total_limit: int | None = 2,
-          base_spec: str | None = None, callbacks: list | None = None) -> dict:
+          base_spec: str | None = None, callbacks: list | None = None,
+          dynamic=None, probe_rows: list | None = None) -> dict:
     """Apply `plan` to `model`, fine-tune it, save it and return the metrics (also in metrics.json).
 
     `lr` defaults to 2e-4 with LoRA, 5e-5 otherwise. `max_steps` (if given)
@@ -76,6 +77,9 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     end of the step and raises KeyboardInterrupt. `report_to`: "none", "tensorboard"
     or "csv" (OUT/train_log.csv). `callbacks` are extra `TrainerCallback`s; see
     salf.train.extensions for what they may add to checkpoints, run.json and metrics.json.
+    `dynamic` (a salf.dynamic.DynamicSettings or its dict) moves the cut while training,
+    reading `probe_rows` (held out of `train_rows`) where its policy probes; its schedule,
+    checks and integrated cost go to metrics.json["dynamic"] and OUT/dynamic.json.
     """
     wall_start = time.perf_counter()
     lora = LoraSettings.from_dict(lora) if isinstance(lora, dict) else lora
@@ -83,8 +87,9 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     train_rows, eval_rows = list(train_rows), list(eval_rows or [])
     check_arguments(train_rows, loss=loss, report_to=report_to, batch_size=batch_size, grad_accum=grad_accum,
                     max_steps=max_steps, save_total_limit=save_total_limit)
-    callbacks = [SalfFreezeCallback(), *(callbacks or [])]
     plan_dict = _plan_dict(plan)
+    mover = _dynamic_callback(dynamic, plan_dict, probe_rows, task, tokenizer, max_length, Path(out_dir))
+    callbacks = [SalfFreezeCallback(), *(callbacks or []), *([mover] if mover else [])]
     run = run_settings(plan_dict, lora, callbacks, loss=loss, lr=lr, batch_size=batch_size,
                        grad_accum=grad_accum, max_length=max_length, epochs=epochs, max_steps=max_steps,
                        seed=seed, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
@@ -97,7 +102,10 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     data = encode_data(task, tokenizer, train_rows, eval_rows, max_length)
     evaluate = _evaluator(task, data, batch_size, progress) if data.eval else None
     before, counts = snapshot(model), parameter_counts(model)
-    cache = _prefix_cache(model, plan_dict, loss) if cache_prefix else None
+    cache = _prefix_cache(model, plan_dict, loss, moving=mover is not None) if cache_prefix else None
+    if mover is not None:
+        mover.attach(model, cache, _cost_settings(model, task, plan_dict, lora, loss, max_length,
+                                                   batch_size * grad_accum, gradient_checkpointing))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -250,8 +258,42 @@ def _evaluator(task, data: Data, batch_size: int, progress: bool):
     return evaluate
 
 
-def _prefix_cache(model: nn.Module, plan_dict, loss: str):
-    """A PrefixCache at the cut, filled lazily on each example's first step."""
+def _dynamic_callback(dynamic, plan_dict, probe_rows, task, tokenizer, max_length: int, out: Path):
+    """The DynamicFreezeCallback a `dynamic` run adds (None for a static run)."""
+    if dynamic is None:
+        return None
+    from ..dynamic import DynamicFreezeCallback, DynamicSettings, Probe
+
+    settings = DynamicSettings.from_dict(dynamic) if isinstance(dynamic, dict) else dynamic
+    if plan_dict and plan_dict.get("train_embeddings"):
+        raise SalfError("--dynamic needs a plan with a cut to move; full fine-tuning has none")
+    if plan_dict and plan_dict.get("layers") is not None:
+        raise SalfError("--dynamic moves a contiguous cut; a plan with a layer set cannot move")
+    probe = None
+    if "probe" in settings.needs:
+        if not probe_rows:
+            raise SalfError(f"--dynamic {settings.policy} reads a held-out probe set, but no probe "
+                            "rows were given")
+        probe = Probe.from_rows(task, tokenizer, probe_rows, max_length)
+    return DynamicFreezeCallback(settings, probe, out_dir=out, log=say)
+
+
+def _cost_settings(model, task, plan_dict, lora, loss: str, max_length: int, batch_size: int,
+                   gradient_checkpointing: bool) -> dict:
+    """The cost model's settings for this run's steps (what a dynamic schedule integrates)."""
+    from ..cost import ModelShape
+    from .freeze import unwrap
+
+    classification = getattr(task, "kind", None) == "classification" and loss == "label"
+    return {"shape": ModelShape.from_model(unwrap(model)), "seq_len": int(max_length),
+            "batch_size": int(batch_size), "loss_positions": "last" if classification else "all",
+            "head": (plan_dict or {}).get("head") or "frozen", "lora_rank": lora.r if lora else None,
+            "gradient_checkpointing": bool(gradient_checkpointing)}
+
+
+def _prefix_cache(model: nn.Module, plan_dict, loss: str, moving: bool = False):
+    """A PrefixCache at the cut, filled lazily on each example's first step (with a moving
+    cut it follows the cut, so it may start with nothing frozen)."""
     from .prefix_cache import PrefixCache
 
     if plan_dict and plan_dict.get("train_embeddings"):
@@ -260,6 +302,8 @@ def _prefix_cache(model: nn.Module, plan_dict, loss: str):
         raise SalfError("--cache-prefix supports the label/SFT loss, not the full-sequence "
                         "'lm' loss (its extra label token has no cached state)")
     eof = int(plan_dict["eof"]) if plan_dict else 0
+    if eof < 1 and not moving:
+        raise SalfError("--cache-prefix needs a cut with at least one frozen layer (eof >= 1)")
     return PrefixCache(model, eof).attach()
 
 

@@ -1,0 +1,95 @@
+"""The settings of a dynamic run (import-light: `salf --help` reads them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..errors import SalfError
+
+POLICIES = ("salf", "autofreeze", "linear", "freezeout", "static")
+# the `salf train/finetune/sweep` flag of each setting (docs/method.md lists them all)
+FLAGS = {"policy": "--dynamic", "tau": "--plasticity-share", "epsilon": "--remaining-share",
+         "clock": "--law-clock", "checks": "--checks", "probe_rows": "--probe-rows",
+         "min_points": "--law-points", "max_eof": "--deepest-cut", "start": "--freeze-start",
+         "percentile": "--rate-percentile"}
+CLOCKS = ("lr-area", "steps")
+# what each policy needs measured at a check (the probe costs a forward pass; gradient
+# norms are read from the gradients training computes anyway)
+NEEDS = {"salf": {"probe"}, "autofreeze": {"grad_norms"}, "linear": set(), "freezeout": set(),
+         "static": {"probe"}}
+
+
+@dataclass
+class DynamicSettings:
+    """How a dynamic run decides; every threshold is a flag of `salf train --dynamic`.
+
+    tau       semantic plasticity: a space l above the cut counts as settled when its
+              deviation moved at most tau x as much as the output space's over the last
+              interval (docs/method.md, signal (a)).
+    epsilon   step scaling law: the run is past its knee when the law's predicted remaining
+              improvement is at most epsilon x the improvement since the first check (b).
+    clock     the law's time axis: "lr-area" (sum of learning rates so far, the schedule's
+              own progress) or "steps".
+    checks    checks per run (evenly spaced; a step-0 check adds the pretrained baseline
+              where the policy probes).
+    probe_rows  rows of the fixed probe set (held out of training).
+    min_points  probe checks after step 0 needed before the law is fitted.
+    max_eof   the deepest cut any policy may reach (None = L - 1: one layer keeps training).
+    start     linear: fraction of the run before the first freeze; freezeout: t0.
+    percentile  autofreeze: the rate percentile a layer must reach to keep training.
+    """
+
+    policy: str = "salf"
+    tau: float = 0.1
+    epsilon: float = 0.2
+    clock: str = "lr-area"
+    checks: int = 10
+    probe_rows: int = 32
+    min_points: int = 3
+    max_eof: int | None = None
+    start: float | None = None
+    percentile: float = 50.0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "DynamicSettings":
+        if self.policy not in POLICIES:
+            raise SalfError(f"unknown dynamic policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if self.clock not in CLOCKS:
+            raise SalfError(f"{_named('clock')} must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
+        for name, lo, hi in (("tau", 0.0, math.inf), ("epsilon", 0.0, math.inf),
+                             ("percentile", 0.0, 100.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
+                raise SalfError(f"{_named(name)} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+        for name, lo in (("checks", 1), ("probe_rows", 1), ("min_points", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise SalfError(f"{_named(name)} must be an integer >= {lo}, got {value!r}")
+        if self.start is not None and not 0.0 <= self.start < 1.0:
+            raise SalfError(f"{_named('start')} must be a fraction in [0, 1), got {self.start!r}")
+        if self.max_eof is not None and (not isinstance(self.max_eof, int) or self.max_eof < 0):
+            raise SalfError(f"{_named('max_eof')} must be a non-negative integer, got {self.max_eof!r}")
+        return self
+
+    @property
+    def needs(self) -> set[str]:
+        return NEEDS[self.policy]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DynamicSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SalfError(f"unknown dynamic setting(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _named(setting: str) -> str:
+    return f"dynamic {setting} ({FLAGS[setting]})"
