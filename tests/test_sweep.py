@@ -334,3 +334,33 @@ def test_a_folder_from_before_the_policy_names_is_renamed_on_open(tmp_path):
     assert "**max-gain-e0**" in (out / "sweep.md").read_text()
     # opened again, the folder is current: nothing is renamed twice
     assert refresh_report(out)["pick_details"].keys() == new["pick_details"].keys()
+
+
+def test_dynamic_cells_beside_the_static_frontier(tmp_path):
+    """A dyn-<policy> selector trains a cell whose cut moves from the default's pick; its
+    schedule, integrated cost and verdict land in sweep.json and the frontier plot."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)), "--text-col", "text",
+            "--label-col", "label", "--cuts", "0", "--selectors", "salf,dyn-linear:start=0:checks=2",
+            "--seeds", "1", "--budget-steps", "4", "--batch-size", "4", "--test-samples", "8",
+            "--samples", "8", "--out", str(out)]
+    assert main(argv) == 0
+    s = json.loads((out / "sweep.json").read_text())
+    name = "dyn-linear:start=0:checks=2"
+    cell = next(c for c in s["cells"] if c["selector"] == name)
+    assert cell["key"] == "dyn-linear-start=0-checks=2-s1"
+    start = s["pick_details"][name]["cut"]
+    assert cell["dynamic"]["schedule"][0] == [0, start] and cell["dynamic"]["settings"]["start"] == 0
+    # linear from 0% of 4 steps, one check at step 2: half-way to the deepest cut, 3
+    step = (3 - start) // 2
+    assert cell["dynamic"]["schedule"] == [[0, start]] + ([[2, start + step]] if step else [])
+    static_start = next(c["cost"] for c in s["cells"] if c["key"] == f"cut{start:02d}-s1")
+    assert cell["cost"] < static_start if step else cell["cost"] >= static_start
+    row = s["pick_details"][name]
+    assert row["schedules"] == {"1": cell["dynamic"]["schedule"]} and row["safe"] in (True, False)
+    assert s["picks"][name] is None                                 # not a point of the frontier
+    assert (out / "frontier.png").stat().st_size > 10_000
+    # a later run asking the same selector with other settings under the same name is refused
+    (out / "cells" / f"{cell['key']}.json").write_text(json.dumps(dict(cell, dynamic=dict(
+        cell["dynamic"], settings=dict(cell["dynamic"]["settings"], checks=3)))))
+    assert main(argv) == 2

@@ -35,6 +35,9 @@ SALF_POLICIES = ("max-gain", "max-gain-e0", "paper", "onset", "knee")
 DEFAULT_ALIAS = "salf"
 PREFIX_SELECTORS = ("freeze-half", "random", "block-influence-cut", "grad-norm")
 SET_SELECTORS = ("spectrum", "block-influence")
+# Dynamic freezing: "dyn-<policy>" (salf.dynamic POLICIES), optionally with settings
+# "dyn-salf:tau=0.2:epsilon=0.1"; every dynamic cell starts from the default policy's cut.
+DYNAMIC_PREFIX = "dyn-"
 
 # config.json's "version". Folders without one named max-gain "salf" and max-gain-e0
 # "salf-e0"; salf renames them when it opens such a folder (upgrade_folder).
@@ -44,6 +47,28 @@ OLD_SELECTOR_NAMES = {"salf": "max-gain", "salf-e0": "max-gain-e0"}
 
 def is_salf_policy(name: str) -> bool:
     return name in SALF_POLICIES or name.startswith("budget=")
+
+
+def dynamic_settings(name: str) -> dict | None:
+    """The DynamicSettings (as a dict) a "dyn-<policy>[:key=value...]" selector runs (keys:
+    DynamicSettings fields); None for a static selector. SalfError for an unknown policy or
+    setting."""
+    if not name.startswith(DYNAMIC_PREFIX):
+        return None
+    from .dynamic import DynamicSettings
+
+    policy, *params = name[len(DYNAMIC_PREFIX):].split(":")
+    kwargs: dict = {}
+    for item in filter(None, params):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value.strip()
+    try:
+        return DynamicSettings.from_dict({"policy": policy, **kwargs}).to_dict()
+    except (SalfError, TypeError) as exc:
+        raise SalfError(f"sweep selector {name!r}: {exc}") from None
 
 
 def resolve_selectors(names: list[str], default: str) -> list[str]:
@@ -57,9 +82,11 @@ def resolve_selectors(names: list[str], default: str) -> list[str]:
             raise SalfError(f"sweep selector {name!r} is now {OLD_SELECTOR_NAMES[name]!r} "
                             f"(selectors are named after their policies; {DEFAULT_ALIAS!r} "
                             f"is the default policy, {default})")
-        if not (is_salf_policy(name) or name in PREFIX_SELECTORS or name in SET_SELECTORS):
+        if not (is_salf_policy(name) or name in PREFIX_SELECTORS or name in SET_SELECTORS
+                or dynamic_settings(name) is not None):
             raise SalfError(f"unknown selector {name!r} for sweep; choose from {DEFAULT_ALIAS} "
-                            f"(the default policy, {default}), {', '.join(known)}")
+                            f"(the default policy, {default}), {', '.join(known)}, "
+                            f"{DYNAMIC_PREFIX}<policy>")
         if name not in resolved:
             resolved.append(name)
     return resolved
@@ -99,24 +126,30 @@ class SweepConfig:
 # ------------------------------------------------------------------ cell = one training run
 # A cell is one training run at one seed; its key is "<stem>-s<seed>", the stem saying
 # what it trains. A new kind of cell adds a line to cell_kind, cell_stem and CELL_KEY.
-CELL_KEY = re.compile(r"(?:full|cut(?P<cut>\d+)|set-(?P<layers>\d+(?:_\d+)*))-s(?P<seed>\d+)")
+CELL_KEY = re.compile(r"(?:full|cut(?P<cut>\d+)|set-(?P<layers>\d+(?:_\d+)*)"
+                      r"|dyn-(?P<dyn>[a-z0-9.=_-]+?))-s(?P<seed>\d+)")
 
 
 def cell_kind(item: dict) -> str:
     """What a cell (or a selector's pick) trains: "full" fine-tuning, a "cut" (the prefix
-    up to it frozen) or a layer "set" (only those layers trained)."""
+    up to it frozen), a layer "set" (only those layers trained) or "dyn" (a cut that moves
+    during training, starting at item["cut"])."""
+    if item.get("dynamic") is not None:
+        return "dyn"
     if item.get("layers") is not None:
         return "set"
     return "full" if item.get("cut") is None else "cut"
 
 
 def cell_stem(item: dict) -> str:
-    """A cell's key without its seed: "full", "cut04", "set-0_1_18"."""
+    """A cell's key without its seed: "full", "cut04", "set-0_1_18", "dyn-salf"."""
     kind = cell_kind(item)
     if kind == "cut":
         return f"cut{item['cut']:02d}"
     if kind == "set":
         return "set-" + "_".join(map(str, item["layers"]))
+    if kind == "dyn":
+        return re.sub(r"[^a-z0-9.=_-]+", "_", item["selector"].lower().replace(":", "-"))
     return kind
 
 
@@ -130,7 +163,10 @@ def parse_cell_key(key: str) -> dict:
     "seed": 2}, "cut04-s1" -> cut 4, "set-0_1_18-s1" -> layers [0, 1, 18]."""
     m = CELL_KEY.fullmatch(key)
     if not m:
-        raise SalfError(f"cell name {key!r} is not full-sN, cutKK-sN or set-A_B_..-sN")
+        raise SalfError(f"cell name {key!r} is not full-sN, cutKK-sN, set-A_B_..-sN or dyn-POLICY-sN")
+    if m["dyn"] is not None:
+        raise SalfError(f"cell {key!r} is a dynamic run: rerun it with `salf sweep --selectors "
+                        f"dyn-...` (its start cut comes from the sweep)")
     return {"cut": int(m["cut"]) if m["cut"] is not None else None,
             "layers": [int(x) for x in m["layers"].split("_")] if m["layers"] else None,
             "seed": int(m["seed"])}
@@ -169,6 +205,11 @@ def run_cell(spec: dict) -> dict:
                                  policy="set", layers=layers)
     else:
         plan = FreezePlan.manual(spec["cut"], L, head=spec["head"], model=model_dict)
+    dynamic = None
+    if spec.get("dynamic") is not None:
+        from .dynamic import DynamicSettings
+
+        dynamic = DynamicSettings.from_dict(spec["dynamic"])
     ds = load_dataset_spec(spec["dataset"], **spec.get("data_kwargs", {}))
     work = Path(spec["work_dir"])
     shutil.rmtree(work, ignore_errors=True)
@@ -176,14 +217,15 @@ def run_cell(spec: dict) -> dict:
     metrics = run_training(spec["model"], ds, plan, work, loaded=(model, tok, info),
                            eval_samples=0, seed=spec["seed"], progress=False,
                            max_steps=spec["steps"], batch_size=spec["batch_size"],
-                           max_length=spec["max_length"], lr=spec["lr"])
+                           max_length=spec["max_length"], lr=spec["lr"], dynamic=dynamic)
     train_s = time.perf_counter() - t0
     rows = first_rows(ds, "test", spec["test_samples"])
     quality = evaluate(model, tok, ds.task, rows, batch_size=32, max_length=spec["max_length"])
     shutil.rmtree(work, ignore_errors=True)  # cells keep numbers, not 0.5 GB model copies
     kind = ds.task.kind
-    cost = 1.0 if plan.is_full else cell_cost(ModelShape.from_model(model), plan.eof,
-                                              plan.layers, spec, kind)
+    moved = metrics.get("dynamic")
+    cost = (1.0 if plan.is_full else moved["cost"]["flops_ratio"] if moved else
+            cell_cost(ModelShape.from_model(model), plan.eof, plan.layers, spec, kind))
     mem = metrics.get("memory", {})
     peak = mem.get("cuda_peak_allocated_bytes") or mem.get("peak_rss_bytes")
     metric = "accuracy" if kind == "classification" else "loss"
@@ -202,8 +244,20 @@ def run_cell(spec: dict) -> dict:
         # its loss is taken, so the curve is a held-out signal too (what a short probe sees)
         "train_loss_curve": [round(p["loss"], 5) for p in metrics["train"].get("loss_curve", [])],
         "trainable_params": metrics["params"].get("trainable"),
-        "audit_ok": metrics["audit"]["ok"],
+        "audit_ok": metrics["audit"]["ok"] and (not moved or moved["audit"]["ok"]),
+        **({"dynamic": dynamic_record(moved)} if moved else {}),
     }
+
+
+def dynamic_record(section: dict) -> dict:
+    """What a dynamic cell keeps of metrics.json["dynamic"]: the settings, the schedule, the
+    integrated cost and the probe's share, and every check with its decision."""
+    decisions = {d["step"]: d for d in section["decisions"]}
+    checks = [{"step": c["step"], "eof": c["eof"], "loss": c["loss"],
+               "deviation": c["deviation"], "decision": decisions.get(c["step"], {}).get("reason")}
+              for c in section["checks"]]
+    return {"settings": section["settings"], "schedule": section["schedule"],
+            "cost": section["cost"], "probe": section["probe"], "checks": checks}
 
 
 def run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int,
@@ -269,7 +323,12 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
     picks, L = {}, tr.num_layers
     ctx = None
     for name in cfg.selectors:
-        if is_salf_policy(name):
+        if dynamic_settings(name) is not None:
+            start = choose_cut(tr, cfg.default_selector, cost=flops)["eof"]
+            picks[name] = {"cut": start, "dynamic": dynamic_settings(name), "selector": name,
+                           "reason": f"starts at {cfg.default_selector}'s eof {start}, moves while "
+                                     "training"}
+        elif is_salf_policy(name):
             choice = choose_cut(tr, name, cost=flops)
             picks[name] = {"cut": choice["eof"], "reason": choice["reason"]}
         elif name in known:
@@ -377,6 +436,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
         key = cell_key(item)
         if key not in missing and not (cells_dir / f"{key}.json").exists():
             missing[key] = cell_spec(cfg, item, cells_dir)
+        elif cell_kind(item) == "dyn":
+            check_dynamic_cell(cells_dir / f"{key}.json", item)
     if dry_run:
         log(f"{len(wanted) - len(missing)} of the {len(wanted)} cells asked for are done; "
             f"{len(missing)} to train: {', '.join(missing) or 'none'}")
@@ -411,16 +472,31 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
     return summary
 
 
+def check_dynamic_cell(path: Path, item: dict) -> None:
+    """A finished dynamic cell counts only if it ran the settings asked for now (the defaults
+    of a policy may have changed since)."""
+    if not path.exists():
+        return
+    ran = (read_json(path, "sweep cell").get("dynamic") or {}).get("settings")
+    if ran != item["dynamic"] or read_json(path, "sweep cell").get("cut") != item["cut"]:
+        raise SalfError(f"{path} ran other dynamic settings or another start cut ({ran}) than "
+                        f"{item['selector']} asks for now ({item['dynamic']}); name the selector "
+                        "with its settings (dyn-POLICY:key=value:...) or use another --out")
+
+
 def wanted_cells(cuts: list[int], selectors: list[str], picks: dict,
                  seeds: list[int]) -> list[dict]:
     """The cells a run asks for, seed by seed: full fine-tuning, every cut of the grid and
-    each selector's pick the grid lacks (a cut off it; a layer set, which has no cut)."""
+    each selector's pick the grid lacks (a cut off it; a layer set or a dynamic run, which
+    the grid never has)."""
     items = []
     for seed in seeds:
         items.append(dict(cut=None, layers=None, selector="full", seed=seed))
         items += [dict(cut=k, layers=None, selector=None, seed=seed) for k in cuts]
         items += [dict(cut=picks[n].get("cut"), layers=picks[n].get("layers"), selector=n,
-                       seed=seed) for n in selectors if picks[n].get("cut") not in cuts]
+                       seed=seed, **({"dynamic": picks[n]["dynamic"]} if "dynamic" in picks[n] else {}))
+                  for n in selectors
+                  if cell_kind(picks[n]) != "cut" or picks[n].get("cut") not in cuts]
     return items
 
 
@@ -535,7 +611,8 @@ def refresh_report(out: Path) -> dict:
     cfg = folder_config(out)
     previous = read_json(out / "sweep.json", "sweep summary")
     backfill_cells(cfg, out / "cells")
-    picks = {name: {k: v for k, v in d.items() if k in ("cut", "layers", "reason")}
+    picks = {name: {k: v for k, v in d.items()
+                    if k in ("cut", "layers", "dynamic", "selector", "reason")}
              for name, d in previous["pick_details"].items()}
     summary = summarize(cfg, load_cells(out / "cells"), picks, previous.get("timing", {}))
     atomic_write_json(out / "sweep.json", summary)
@@ -654,6 +731,9 @@ def pick_row(pick: dict, groups: dict[str, list[dict]], points: list[dict],
         row.update({k: measured[k] for k in fields})
         if cheapest:
             row["cost_vs_cheapest_safe"] = measured["cost"] / cheapest["cost"]
+    if cell_kind(pick) == "dyn" and groups.get(cell_stem(pick)):
+        # each seed's cut schedule [[step, eof], ...] and the cost it integrates to
+        row["schedules"] = {str(c["seed"]): c["dynamic"]["schedule"] for c in groups[cell_stem(pick)]}
     return row
 
 
@@ -688,7 +768,7 @@ def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) ->
         "seeds": sorted({c["seed"] for c in cells}) or cfg.seeds,
         "full": full, "cells": cells, "cuts": points,
         "default_selector": cfg.default_selector,
-        "picks": {k: v.get("cut") for k, v in picks.items()},
+        "picks": {k: v.get("cut") if cell_kind(v) == "cut" else None for k, v in picks.items()},
         "pick_details": {name: pick_row(p, groups, points, cheapest, ref)
                          for name, p in picks.items()},
         "oracle": oracle(cheapest, full["noise"]),
@@ -734,6 +814,10 @@ def write_sweep_report(out: Path, s: dict) -> None:
     default = s.get("default_selector")  # absent from sweeps written before it was recorded
     for name, d in s["pick_details"].items():
         where = d.get("cut", d.get("layers"))
+        if d.get("dynamic"):
+            where = f"from eof {d['cut']}, schedules " + "; ".join(
+                f"s{seed}: " + " -> ".join(f"{k}@{step}" for step, k in sched)
+                for seed, sched in sorted((d.get("schedules") or {}).items()))
         label = f"**{name}**" + (f" (default, `{DEFAULT_ALIAS}`)" if name == default else "")
         if d.get("quality") is None:
             lines.append(f"- {label}: {where} — not measured yet — {d.get('reason', '')}")
@@ -747,7 +831,7 @@ def write_sweep_report(out: Path, s: dict) -> None:
         plot_frontier(out / "frontier.png", title=f"{s['model']} on {s['dataset']}",
                       metric=s["metric"], full=s["full"], cut_points=s["cuts"],
                       picks={k: v for k, v in s["pick_details"].items() if "quality" in v},
-                      default=default)
+                      default=default, total_steps=s["settings"].get("steps"))
 
 
 def _cell_main(spec_path: str) -> int:

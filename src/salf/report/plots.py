@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
 from ..io import atomic_path  # noqa: E402
 
 FROZEN = "#c9d3e0"
@@ -185,16 +187,37 @@ def _label_points(ax, xs, ys, first: int) -> None:
 
 
 def plot_frontier(path: Path, *, title: str, metric: str, full: dict, cut_points: list[dict],
-                  picks: dict[str, dict], default: str | None = None) -> Path:
-    """Quality vs measured cost: every cut (mean ± spread), full FT, each selector's pick.
+                  picks: dict[str, dict], default: str | None = None,
+                  total_steps: int | None = None) -> Path:
+    """Quality vs measured cost: every cut (mean ± spread), full FT, each selector's pick —
+    static picks as open markers, dynamic runs (a cut that moves while training) as stars —
+    and, when there are dynamic runs, their cut schedules in a second panel.
 
     cut_points: [{"cut", "cost", "quality", "spread"}]; picks: name -> {"cut" or "layers",
-    "cost", "quality"}; default: the pick the legend marks as the default policy's.
+    "cost", "quality"} (a dynamic one also "dynamic" and "schedules": {seed: [[step, eof]]});
+    default: the pick the legend marks as the default policy's.
     The frontier is the upper (accuracy) or lower (loss) envelope going from cheap to expensive.
     """
+    moving = {n: p for n, p in picks.items() if p.get("dynamic") and p.get("schedules")}
+    if moving:
+        fig, (ax, ax_s) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
+    _frontier_panel(ax, metric, full, cut_points, picks, default)
+    ax.set_title(title, fontsize=10)
+    if moving:
+        _schedule_panel(ax_s, moving, total_steps)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _frontier_panel(ax, metric: str, full: dict, cut_points: list[dict], picks: dict[str, dict],
+                    default: str | None) -> None:
     higher_better = metric != "loss"
     pts = sorted(cut_points, key=lambda p: p["cost"])
-    fig, ax = plt.subplots(figsize=(8, 5))
     ax.errorbar([p["cost"] for p in pts], [p["quality"] for p in pts],
                 yerr=[p.get("spread") or 0 for p in pts], fmt="o", color=INK, ms=4, capsize=2,
                 label="fine-tune at cut (mean ± spread)")
@@ -207,29 +230,49 @@ def plot_frontier(path: Path, *, title: str, metric: str, full: dict, cut_points
             best = p["quality"]
             frontier.append(p)
     ax.plot([p["cost"] for p in frontier], [p["quality"] for p in frontier], color=INK, lw=1,
-            alpha=0.5, label="frontier")
+            alpha=0.5, label="frontier (static cuts)")
     # the band a safe cut must reach: full's noise (seed spread or test-row error) when known
     band = full.get("noise") if full.get("noise") is not None else (full.get("spread") or 0)
     ax.axhspan(full["quality"] - band, full["quality"] + band, color="#999", alpha=0.2, lw=0,
                label="full fine-tuning ± noise")
     ax.scatter([1.0], [full["quality"]], marker="s", s=60, color="#555", label="full fine-tuning",
                zorder=4)
-    markers = "D^v<>ph*"
-    for i, (name, p) in enumerate(sorted(picks.items())):
+    static_markers, dynamic_markers = "D^v<>ph", "*PX"
+    n_static = n_dynamic = 0
+    for name, p in sorted(picks.items()):
         if p.get("cost") is None or p.get("quality") is None:
             continue
-        where = (f"eof={p['cut']}" if p.get("cut") is not None else
-                 f"{len(p.get('layers') or [])} layers")
-        ax.scatter([p["cost"]], [p["quality"]], marker=markers[i % len(markers)], s=70, zorder=5,
+        if p.get("dynamic"):
+            marker, size = dynamic_markers[n_dynamic % len(dynamic_markers)], 160
+            where, n_dynamic = f"dynamic from eof {p['cut']}", n_dynamic + 1
+        else:
+            marker, size = static_markers[n_static % len(static_markers)], 70
+            where = (f"eof={p['cut']}" if p.get("cut") is not None else
+                     f"{len(p.get('layers') or [])} layers")
+            n_static += 1
+        ax.scatter([p["cost"]], [p["quality"]], marker=marker, s=size, zorder=5,
                    label=f"{name} ({'default, ' if name == default else ''}{where})",
                    edgecolor="k", linewidth=0.5)
     ax.set_xlabel("training FLOPs relative to full fine-tuning")
     ax.set_ylabel(metric + (" (higher is better)" if higher_better else " (lower is better)"))
-    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    ax.legend(fontsize=7, loc="best")
+
+
+def _schedule_panel(ax, moving: dict[str, dict], total_steps: int | None) -> None:
+    """The cut in force over training steps, one line per dynamic selector and seed."""
+    for i, (name, p) in enumerate(sorted(moving.items())):
+        for j, (seed, schedule) in enumerate(sorted(p["schedules"].items())):
+            steps = [s for s, _ in schedule]
+            eofs = [k for _, k in schedule]
+            end = max(total_steps or 0, steps[-1] + 1)
+            label = f"{name} (seeds {', '.join(sorted(p['schedules']))})" if j == 0 else None
+            ax.step(steps + [end], eofs + [eofs[-1]], where="post", color=f"C{i}",
+                    lw=2 if j == 0 else 1, alpha=1.0 if j == 0 else 0.5, label=label)
+    ax.set_xlabel("optimizer step (a move after the check at that step)")
+    ax.set_ylabel("cut in force (eof: layers frozen)")
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("dynamic runs: the cut schedule", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
