@@ -251,3 +251,29 @@ def test_cli_dynamic_options_need_dynamic_and_a_cut(tmp_path):
         r = sp.run(base + extra, capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_the_prefix_cache_follows_a_moving_cut(tmp_path):
+    """--cache-prefix --dynamic: the cached prefix is rebuilt at each new cut, and training
+    is the one without the cache (same losses and weights; over 2 epochs the cache replays)."""
+    from salf.train import train
+
+    tok = tiny_tokenizer()
+    results = {}
+    for cached in (False, True):
+        model = tiny_model("llama")
+        metrics = train(model, tok, TASK, _rows(24), [], make_plan(1), tmp_path / str(cached),
+                        epochs=2, batch_size=4, max_length=32, seed=0, progress=False,
+                        cache_prefix=cached, dynamic=DynamicSettings(policy="linear", start=0.0,
+                                                                     checks=4))
+        results[cached] = ([p["loss"] for p in metrics["train"]["loss_curve"]],
+                           {n: p.detach().clone() for n, p in model.named_parameters()},
+                           metrics)
+    assert results[True][2]["dynamic"]["schedule"] == results[False][2]["dynamic"]["schedule"]
+    assert len(results[True][2]["dynamic"]["schedule"]) >= 2              # the cut moved
+    final_cut = results[True][2]["dynamic"]["schedule"][-1][1]
+    assert results[True][2]["prefix_cache"]["eof"] == final_cut          # it followed the cut
+    assert results[True][2]["prefix_cache"]["examples"] > 0              # and refilled there
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
+    for name, p in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], p, atol=1e-5, rtol=1e-4)

@@ -328,7 +328,7 @@ def _trained_model(trainer, cache) -> tuple[nn.Module, dict | None]:
     cache_info = None
     if cache is not None:
         cache.detach()
-        cache_info = {"bytes": cache.nbytes, "examples": len(cache.states)}
+        cache_info = {"bytes": cache.nbytes, "examples": len(cache.states), "eof": cache.eof}
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False), cache_info
 
 
