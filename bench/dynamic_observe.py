@@ -21,8 +21,7 @@ from pathlib import Path
 
 from salf.cost import ModelShape
 from salf.data import load_dataset_spec
-from salf.dynamic import DynamicFreezeCallback, DynamicSettings, Probe, probe_rows, schedule_cost
-from salf.dynamic.cost import probe_forward_flops
+from salf.dynamic import DynamicFreezeCallback, DynamicSettings, Probe, probe_rows
 from salf.io import atomic_write_json
 from salf.models import anatomy, load_model
 from salf.pipeline import make_batches
@@ -59,12 +58,10 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t0
     quality = evaluate(model, tok, ds.task, ds.splits["test"][:1000], batch_size=32, max_length=96)
     shutil.rmtree(work, ignore_errors=True)
-    shape = ModelShape.from_model(model)
     positions = "last" if kind == "classification" else "all"
-    targets = max(1, round(callback.probe_targets / probe.rows))
-    probe_flops = callback.probe_reads * probe_forward_flops(shape, probe.rows, 96, targets)
-    cost = schedule_cost(shape, callback.schedule, args.steps, seq_len=96, batch_size=16,
-                         loss_positions=positions, probe_flops=probe_flops)
+    callback.attach(model, None, {"shape": ModelShape.from_model(model), "seq_len": 96,
+                                  "batch_size": 16, "loss_positions": positions, "head": "frozen"})
+    cost = callback.integrated_cost()
     metric = "accuracy" if kind == "classification" else "loss"
     atomic_write_json(args.out, {
         "dataset": args.dataset, "eof": args.eof, "seed": args.seed, "steps": args.steps,

@@ -18,10 +18,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from salf.cost import ModelShape
+from salf.cost import ModelShape, forward_flops
 from salf.data import ClassificationTask, collate, encode, pad_token_id
 from salf.dynamic import DynamicFreezeCallback, DynamicSettings, Probe, check_steps, schedule_cost
-from salf.dynamic.cost import probe_forward_flops
 from salf.models.anatomy import anatomy
 from salf.models.tiny import tiny_model, tiny_tokenizer
 from salf.train import apply_plan
@@ -145,16 +144,28 @@ def test_integrated_cost_of_a_two_move_schedule_matches_the_flop_counter(tmp_pat
     assert 0 < cost["flops_ratio"] < 1
 
 
-def test_probe_flops_match_the_flop_counter():
+def test_probe_flops_match_the_flop_counter_and_a_frozen_prefix_is_replayed():
+    """A read at cut 2 after one at cut 2 skips layers 1-2 (torch counts only the rest) and
+    reads exactly what the full forward reads."""
     tok = tiny_tokenizer()
-    model = apply_plan(_counted_llama(), make_plan(0))
+    model = apply_plan(_counted_llama(), make_plan(2))
     examples = _examples(tok, 8, same_length=True)
     T = len(examples[0]["input_ids"])
-    probe = Probe([collate(examples, pad_token_id(tok))], "classification", TASK.label_token_ids(tok))
-    with FlopCounterMode(display=False) as counter:
-        probe.read(model)
-    predicted = probe_forward_flops(ModelShape.from_model(model), 8, T, 1, attention="eager")
-    assert predicted == pytest.approx(counter.get_total_flops(), rel=0.05)
+    shape = ModelShape.from_model(model)
+    probe = Probe([collate(examples[:4], pad_token_id(tok)), collate(examples[4:], pad_token_id(tok))],
+                  "classification", TASK.label_token_ids(tok))
+    reads = []
+    for expected_from in (0, 2):
+        with FlopCounterMode(display=False) as counter:
+            reads.append(probe.read(model, cut=2))
+        assert reads[-1]["from_layer"] == expected_from
+        predicted = forward_flops(shape, T, 8, from_layer=expected_from, head_positions=1,
+                                  attention="eager")
+        assert predicted == pytest.approx(counter.get_total_flops(), rel=0.05)
+    full, replayed = reads
+    assert replayed["deviation"] == pytest.approx(full["deviation"], abs=1e-5)
+    assert replayed["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert probe.read(model, cut=3)["from_layer"] == 0        # a new cut: one full read again
 
 
 # ----------------------------------------------------------------------------- resume
@@ -277,3 +288,15 @@ def test_the_prefix_cache_follows_a_moving_cut(tmp_path):
     assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
     for name, p in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], p, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_a_replayed_probe_read_equals_a_full_one(family):
+    tok = tiny_tokenizer()
+    model = apply_plan(tiny_model(family), make_plan(2))
+    probe = Probe([collate(_examples(tok, 6), pad_token_id(tok))], "classification",
+                  TASK.label_token_ids(tok))
+    full, replayed = probe.read(model, cut=2), probe.read(model, cut=2)
+    assert (full["from_layer"], replayed["from_layer"]) == (0, 2)
+    assert replayed["deviation"] == pytest.approx(full["deviation"], abs=1e-5)
+    assert replayed["loss"] == pytest.approx(full["loss"], rel=1e-5)

@@ -796,6 +796,19 @@ def layer_set_cost(shape: ModelShape, layers, seq_len: int, batch_size: int,
     return entry
 
 
+def forward_flops(shape: ModelShape, seq_len: int, rows: int, *, from_layer: int = 0,
+                  head_positions: int = 1, attention: str = "sdpa") -> float:
+    """Matmul FLOPs of one forward pass (no backward) over rows x seq_len tokens through
+    decoder layers from_layer..L-1 — those below are replayed from a cache — and the head
+    at `head_positions` per row: what a dynamic-freezing probe read costs."""
+    if not 0 <= from_layer <= shape.num_layers:
+        raise SalfError(f"cost model: from_layer must be in [0, {shape.num_layers}], got {from_layer}")
+    s = StepSettings.check(shape, seq_len, rows, loss_positions=head_positions, attention=attention)
+    attn = _attention_flops(shape, s)
+    layers = sum(2 * P * s.tokens + attn for P in shape.layer_matmul_params[from_layer:])
+    return float(layers + 2 * shape.hidden_size * shape.vocab_size * s.loss_tokens)
+
+
 def full_cost(shape: ModelShape, seq_len: int, batch_size: int, **kwargs) -> dict:
     """The full fine-tuning entry (everything trainable) under the same settings."""
     kwargs.pop("include_full", None)

@@ -173,8 +173,9 @@ class DynamicFreezeCallback(TrainerCallback):
         check = Check(step=step, eof=self.current_eof if self.schedule else freeze_state(model).eof,
                       progress=sum(self._multipliers[:step]))
         if "probe" in self.settings.needs:
-            read = self.probe.read(model)
+            read = self.probe.read(model, cut=check.eof)
             check.deviation, check.loss = read["deviation"], read["loss"]
+            check.probe_from_layer = read["from_layer"]
             self.probe_reads += 1
             self.probe_seconds += read["seconds"]
             self.probe_targets = read["targets"]
@@ -223,15 +224,17 @@ class DynamicFreezeCallback(TrainerCallback):
 
     def integrated_cost(self) -> dict:
         """schedule_cost over the run, the probes' forward passes included."""
-        from .cost import probe_forward_flops, schedule_cost
+        from ..cost import forward_flops
+        from .cost import schedule_cost
 
         c = dict(self.cost_settings)
         shape = c.pop("shape")
         probe_flops = 0.0
         if self.probe_reads:
-            targets = max(1, round(self.probe_targets / self.probe.rows))
-            probe_flops = self.probe_reads * probe_forward_flops(shape, self.probe.rows, c["seq_len"],
-                                                                 targets)
+            per_row = max(1, round(self.probe_targets / self.probe.rows))
+            probe_flops = sum(forward_flops(shape, c["seq_len"], self.probe.rows, head_positions=per_row,
+                                            from_layer=check.probe_from_layer or 0)
+                              for check in self.history if check.deviation is not None)
         return schedule_cost(shape, self.schedule, self._run.total_steps, probe_flops=probe_flops, **c)
 
     def report(self) -> dict:

@@ -25,15 +25,6 @@ def cut_per_step(schedule: list[list[int]], total_steps: int) -> list[int]:
     return cuts
 
 
-def probe_forward_flops(shape, rows: int, seq_len: int, targets_per_row: int,
-                        attention: str = "sdpa") -> float:
-    """Matmul FLOPs of one probe read: every layer's forward over rows x seq_len tokens and the
-    head at the target positions (the cost model's forward of a batch of `rows`)."""
-    entry = cost_curve(shape, seq_len, rows, loss_positions=max(1, int(targets_per_row)),
-                       attention=attention)[0]
-    return float(entry["matmul_flops_forward"])
-
-
 def schedule_cost(shape, schedule: list[list[int]], total_steps: int, *, seq_len: int,
                   batch_size: int, loss_positions="all", head: str = "frozen",
                   lora_rank: int | None = None, gradient_checkpointing: bool = False,

@@ -36,6 +36,7 @@ class Check:
     deviation: list[float] | None = None  # D_l on the probe set, l = 0..L
     loss: float | None = None            # the probe's task loss
     grad_norms: list[float] | None = None  # L1 norm of each layer's gradients over the interval
+    probe_from_layer: int | None = None  # the probe read ran decoder layers from here up
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,12 +14,13 @@ or, for a dataset without one, from the end of the seeded training order.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
 from ..analysis.trace import trace
 from ..errors import SalfError
-from ..models.anatomy import anatomy, unwrap
+from ..models.anatomy import anatomy, layer_output, unwrap
 
 
 def probe_rows(splits: dict[str, list[dict]], n: int, seed: int = 0) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -35,7 +36,13 @@ def probe_rows(splits: dict[str, list[dict]], n: int, seed: int = 0) -> tuple[li
 
 
 class Probe:
-    """A fixed set of encoded rows, read with the trace at every check."""
+    """A fixed set of encoded rows, read with the trace at every check.
+
+    Layers below the cut are frozen, so their output on the probe rows never changes: a read
+    at the cut k stores h^k for every probe batch, and the next reads at the same cut replay
+    it instead of running layers 1..k (their spaces' deviations are the stored read's). A read
+    after the cut moved runs the whole model once more and stores the new boundary.
+    """
 
     def __init__(self, batches: list[dict], task_kind: str, label_token_ids=None,
                  max_targets: int = 16):
@@ -47,6 +54,9 @@ class Probe:
         self.max_targets = max_targets
         self.rows = sum(int(b["input_ids"].shape[0]) for b in batches)
         self.tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        self._boundary = 0                        # the cut the stored states belong to
+        self._states: list = [None] * len(batches)   # per batch: layer `boundary`'s output
+        self._last: list[float] | None = None     # the last read's D_0..D_L
 
     @classmethod
     def from_rows(cls, task, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> "Probe":
@@ -57,13 +67,76 @@ class Probe:
         label_ids = task.label_token_ids(tokenizer) if kind == "classification" else None
         return cls(list(batches(task, tokenizer, rows, batch_size, max_length)), kind, label_ids)
 
-    def read(self, model) -> dict:
-        """{"deviation": [D_0..D_L], "loss": task loss at the targets, "seconds"} for `model`
-        as it is now (eval mode and no grad for the read; its training mode is restored)."""
+    def read(self, model, cut: int = 0) -> dict:
+        """{"deviation": [D_0..D_L], "loss": task loss at the targets, "targets", "seconds",
+        "from_layer": the first decoder layer that ran} for `model` as it is now (eval mode and
+        no grad for the read; its training mode is restored). `cut`: the layers below it are
+        frozen (0: nothing to skip)."""
         base = unwrap(model)
+        anat = anatomy(base)
+        replay = 0 < cut == self._boundary and all(s is not None for s in self._states)
         start = time.perf_counter()
-        tr = trace(base, anatomy(base), self.batches, self.task_kind,
-                   label_token_ids=self.label_token_ids, max_targets_per_example=self.max_targets,
-                   logit_lens="last", progress=False, seed=0)
-        return {"deviation": tr.deviations, "loss": tr.spaces[-1]["logit_lens_ce"],
-                "targets": tr.timing["targets"], "seconds": time.perf_counter() - start}
+        dev_sum, loss_sum, targets = None, 0.0, 0
+        for i, batch in enumerate(self.batches):
+            with (_replaying(anat.layers, cut, self._states[i]) if replay
+                  else self._storing(anat.layers, cut, i)):
+                tr = trace(base, anat, [batch], self.task_kind, label_token_ids=self.label_token_ids,
+                           max_targets_per_example=self.max_targets, logit_lens="last",
+                           progress=False, seed=i)
+            n = tr.timing["targets"]
+            dev = [d * n for d in tr.deviations]
+            dev_sum = dev if dev_sum is None else [a + b for a, b in zip(dev_sum, dev)]
+            loss_sum += tr.spaces[-1]["logit_lens_ce"] * n
+            targets += n
+        deviation = [d / targets for d in dev_sum]
+        if replay:   # spaces 1..cut-1 passed the input through: theirs are the stored read's
+            deviation[1:cut] = self._last[1:cut]
+        else:
+            self._boundary = cut
+        self._last = deviation
+        return {"deviation": deviation, "loss": loss_sum / targets, "targets": targets,
+                "seconds": time.perf_counter() - start, "from_layer": cut if replay else 0}
+
+    @contextlib.contextmanager
+    def _storing(self, layers, cut: int, batch: int):
+        """Keep layer `cut`'s output (h^cut, every position) of this batch for later reads."""
+        if cut == 0:
+            yield
+            return
+
+        def keep(_module, _args, output):
+            self._states[batch] = (layer_output(output).detach().clone(),
+                                   isinstance(output, (tuple, list)))
+
+        handle = layers[cut - 1].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _replaying(layers, cut: int, stored):
+    """Layers 1..cut pass their input through; layer `cut` returns the stored h^cut."""
+    state, as_tuple = stored
+    saved = [layer.__dict__.get("forward") for layer in layers[:cut]]
+
+    def passing(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if as_tuple else hidden
+
+    def replaying(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = state.to(device=hidden.device, dtype=hidden.dtype)
+        return (out,) if as_tuple else out
+
+    for i, layer in enumerate(layers[:cut]):
+        layer.forward = replaying if i == cut - 1 else passing
+    try:
+        yield
+    finally:
+        for layer, original in zip(layers[:cut], saved):
+            if original is None:
+                del layer.forward          # back to the class's forward
+            else:
+                layer.forward = original   # someone else's patch (the training prefix cache)
