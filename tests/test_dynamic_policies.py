@@ -40,22 +40,30 @@ def test_the_law_says_past_the_knee_once_little_improvement_remains():
     assert late["past_knee"] and late["ratio"] <= 0.2
     assert not step_law(checks([0, 10, 20]), RUN, s)["past_knee"]          # 2 points: no fit
     flat = step_law(checks([0, 10, 20, 30], loss=lambda x: 0.5), RUN, s)
-    assert not flat["past_knee"] and "not improved" in flat["reason"]
+    assert flat["past_knee"] and "saturated" in flat["reason"]           # nothing left to gain
+    rising = step_law(checks([0, 10, 20, 30], loss=lambda x: 0.5 + x / 100), RUN, s)
+    assert rising["past_knee"] and rising["fit"]["A"] == 0.0
 
 
 def test_plasticity_freezes_the_spaces_that_stopped_moving_relative_to_the_output():
     moving = [0.0, 0.001, 0.002, 0.004, 0.02, 0.05, 0.08, 0.09, 0.1]   # spaces 0..8
     hist = checks([0, 10], eof=1, moving=moving)
-    assert settled_depth(hist, tau=0.1, max_eof=7)["eof"] == 3          # spaces 2, 3 <= 0.01
-    assert settled_depth(hist, tau=0.55, max_eof=7)["eof"] == 5
-    assert settled_depth(hist, tau=0.55, max_eof=4)["eof"] == 4         # capped
-    still = settled_depth(hist, tau=0.001, max_eof=7)
+    dev = "deviation"
+    assert settled_depth(hist, tau=0.1, max_eof=7, measure=dev)["eof"] == 3   # spaces 2, 3 <= 0.01
+    assert settled_depth(hist, tau=0.55, max_eof=7, measure=dev)["eof"] == 5
+    assert settled_depth(hist, tau=0.55, max_eof=4, measure=dev)["eof"] == 4  # capped
+    still = settled_depth(hist, tau=0.001, max_eof=7, measure=dev)
     assert still["eof"] == 1 and "space 2 moved" in still["reason"]
+    # "shift": each target's own move, recorded by the callback on the check
+    hist[-1].shift = [0.0, 0.0, 0.001, 0.002, 0.05, 0.06, 0.08, 0.09, 0.1]
+    assert settled_depth(hist, tau=0.1, max_eof=7)["eof"] == 3
+    hist[-1].shift = None
+    assert "no interval" in settled_depth(hist, tau=0.1, max_eof=7)["reason"]
 
 
 def test_salf_moves_only_when_both_signals_agree():
     moving = [0.0] * 5 + [0.05, 0.08, 0.09, 0.1]
-    s = DynamicSettings(tau=0.1, epsilon=0.2)
+    s = DynamicSettings(tau=0.1, epsilon=0.2, plasticity="deviation")
     young = checks([0, 5, 10, 15], moving=moving)
     assert decide(s, young, RUN).eof == 1                               # not past the knee
     old = checks([0, 10, 20, 30, 40, 50, 60], moving=moving)
@@ -99,6 +107,7 @@ def test_autofreeze_freezes_the_prefix_whose_gradient_norm_stopped_changing():
 def test_static_holds_and_settings_are_checked():
     assert decide(DynamicSettings(policy="static"), checks([0, 50]), RUN).eof == 1
     for bad in (dict(policy="nope"), dict(tau=-1), dict(clock="days"), dict(checks=0),
+                dict(plasticity="vibes"),
                 dict(start=1.5), dict(max_eof=-2)):
         with pytest.raises(SalfError):
             DynamicSettings(**bad)

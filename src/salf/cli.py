@@ -188,7 +188,7 @@ def _add_train_args(p: argparse.ArgumentParser, max_steps: int | None):
 
 def _add_dynamic_args(p: argparse.ArgumentParser):
     """Dynamic freezing: the cut moves deeper while training (docs/method.md)."""
-    from .dynamic.settings import CLOCKS, FLAGS, POLICIES, DynamicSettings
+    from .dynamic.settings import CLOCKS, FLAGS, PLASTICITY, POLICIES, DynamicSettings
 
     d = DynamicSettings()
     g = p.add_argument_group("dynamic freezing (the cut moves deeper while training; docs/method.md)")
@@ -199,6 +199,10 @@ def _add_dynamic_args(p: argparse.ArgumentParser):
     g.add_argument(FLAGS["tau"], dest="tau", type=float, default=None, metavar="TAU",
                    help="salf: a space above the cut counts as settled when its deviation moved at "
                         f"most TAU x the output space's over the last interval (default {d.tau})")
+    g.add_argument(FLAGS["plasticity"], dest="plasticity", choices=PLASTICITY, default=None,
+                   help="salf: how a space's move is measured: shift (each probe target's own move "
+                        "toward or away from its semantics) or deviation (the move of their mean "
+                        f"D_l) (default {d.plasticity})")
     g.add_argument(FLAGS["epsilon"], dest="epsilon", type=float, default=None, metavar="EPS",
                    help="salf: the run is past its knee when the step law's predicted remaining "
                         f"improvement is at most EPS x the improvement so far (default {d.epsilon})")

@@ -385,6 +385,7 @@ class _Accumulator:
         self.labels: list[np.ndarray] = []
         self.ll_ce = [0.0] * n
         self.ll_correct = [0] * n
+        self.cosines: list[list[float]] = [[] for _ in range(n)]   # per target, if kept
 
 
 # --------------------------------------------------------------------------- trace
@@ -394,7 +395,7 @@ def trace(model, anat, batches, task_kind=None, label_token_ids=None, max_target
           logit_lens=False, progress=True, seed=0, *, tau: float = TAU,
           basis_cache_dir=None, position_ids_from_mask: bool = True,
           model_info=None, data_info=None, shapes=None, extra=None,
-          capture_callback=None) -> Trace:
+          capture_callback=None, target_cosines: bool = False) -> Trace:
     """Run the streaming transition trace over `batches` and return a `Trace`.
 
     batches: iterable of dicts in the `salf.data.collate` format (classification:
@@ -408,11 +409,15 @@ def trace(model, anat, batches, task_kind=None, label_token_ids=None, max_target
     padding does not shift positions (skipped if the model does not accept them).
     `capture_callback(capture)` is called after the run with the `TargetCapture`
     (its `max_retained_bytes` is what the memory test checks).
+    `target_cosines`: also keep cos(t_l, b_y) of every target in every space, in
+    `extra["target_cosines"]` ([space][target], targets in batch order) — how much each
+    target moved between two traces of the same rows (dynamic freezing's plasticity).
     """
     kind, label_ids = _checked_arguments(anat, task_kind, label_token_ids, max_targets_per_example)
     run = _TraceRun(model, anat, kind, label_ids, tau=tau, logit_lens=logit_lens,
                     max_targets=max_targets_per_example, seed=seed,
-                    position_ids_from_mask=position_ids_from_mask, basis_cache_dir=basis_cache_dir)
+                    position_ids_from_mask=position_ids_from_mask, basis_cache_dir=basis_cache_dir,
+                    keep_cosines=target_cosines)
     t_start = time.perf_counter()
     run.run(batches, progress)
     if capture_callback is not None:
@@ -467,11 +472,12 @@ class _TraceRun:
     """One trace in progress: the hooks, the running sums, the sample hash and the timers."""
 
     def __init__(self, model, anat, kind, label_ids, *, tau, logit_lens, max_targets, seed,
-                 position_ids_from_mask, basis_cache_dir):
+                 position_ids_from_mask, basis_cache_dir, keep_cosines=False):
         self.model, self.anat = model, anat
         self.kind, self.label_ids = kind, label_ids
         self.tau, self.logit_lens, self.max_targets, self.seed = tau, logit_lens, max_targets, seed
         self.position_ids_from_mask = position_ids_from_mask
+        self.keep_cosines = keep_cosines
         self.basis_cache_dir = basis_cache_dir
         self.device = _input_device(model, anat)
         self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
@@ -560,6 +566,8 @@ class _TraceRun:
             t, tf = _normed_space(self.anat, s, l)
             t_hat = F.normalize(tf, dim=-1)
             dev_l = 1.0 - (t_hat * b_hat).sum(-1)
+            if self.keep_cosines:
+                acc.cosines[l].extend((1.0 - dev_l).tolist())
             acc.dev[l] += float(dev_l.sum())
             acc.dev_sq[l] += float((dev_l.double() ** 2).sum())
             if self.kind == "classification":
@@ -656,6 +664,9 @@ def _build_trace(run: _TraceRun, spaces: list[dict], elapsed: float, *, model_in
     shape_info = _model_shapes(model, run.anat)
     if shapes:
         shape_info.update(_jsonable(shapes))
+    extra = _jsonable(extra) if extra else {}
+    if run.keep_cosines:
+        extra["target_cosines"] = run.sums.cosines
     return Trace(model=info, data=data, task=run.kind, num_layers=run.anat.num_layers,
                  spaces=spaces, shapes=shape_info, timing=run.timing(elapsed),
-                 settings=run.settings(), extra=_jsonable(extra) if extra else {})
+                 settings=run.settings(), extra=extra)

@@ -72,6 +72,7 @@ class DynamicFreezeCallback(TrainerCallback):
         self.probe_seconds = 0.0
         self.probe_targets = 0
         self._grad_sums: list[float] | None = None
+        self._last_cosines: list[list[float]] | None = None   # the last probe read's, per space
         self._steps: list[int] = []
         self._multipliers: list[float] | None = None
         self._run: RunShape | None = None
@@ -90,7 +91,8 @@ class DynamicFreezeCallback(TrainerCallback):
         return {"settings": self.settings.to_dict(), "history": [c.to_dict() for c in self.history],
                 "decisions": self.decisions, "schedule": self.schedule, "frozen_at": self.frozen_at,
                 "probe_reads": self.probe_reads, "probe_seconds": self.probe_seconds,
-                "probe_targets": self.probe_targets, "grad_sums": self._grad_sums}
+                "probe_targets": self.probe_targets, "grad_sums": self._grad_sums,
+                "last_cosines": self._last_cosines}
 
     def load_state_dict(self, state: dict) -> None:
         saved = DynamicSettings.from_dict(state["settings"])
@@ -105,6 +107,7 @@ class DynamicFreezeCallback(TrainerCallback):
         self.probe_seconds = float(state["probe_seconds"])
         self.probe_targets = int(state.get("probe_targets", 0))
         self._grad_sums = state.get("grad_sums")
+        self._last_cosines = state.get("last_cosines")
         if self.model is not None:
             self.restore_cut(self.model)
 
@@ -176,6 +179,10 @@ class DynamicFreezeCallback(TrainerCallback):
             read = self.probe.read(model, cut=check.eof)
             check.deviation, check.loss = read["deviation"], read["loss"]
             check.probe_from_layer = read["from_layer"]
+            if self._last_cosines is not None:
+                check.shift = [sum(abs(a - b) for a, b in zip(now, before)) / max(len(now), 1)
+                               for now, before in zip(read["cosines"], self._last_cosines)]
+            self._last_cosines = read["cosines"]
             self.probe_reads += 1
             self.probe_seconds += read["seconds"]
             self.probe_targets = read["targets"]

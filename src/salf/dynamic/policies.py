@@ -37,6 +37,7 @@ class Check:
     loss: float | None = None            # the probe's task loss
     grad_norms: list[float] | None = None  # L1 norm of each layer's gradients over the interval
     probe_from_layer: int | None = None  # the probe read ran decoder layers from here up
+    shift: list[float] | None = None     # per space: mean |Δ cos(t_l, b_y)| since the last read
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,8 +83,10 @@ def decide(settings: DynamicSettings, history: list[Check], run: RunShape) -> De
 
 def step_law(history: list[Check], run: RunShape, settings: DynamicSettings) -> dict:
     """Signal (b): fit ℓ(x) = E + A·x^(-β) to the probe losses after step 0 and compare the
-    predicted remaining improvement ℓ̂(x_now) - ℓ̂(x_T) with the improvement so far
-    ℓ(t_1) - ℓ(t_now). Returns the fit, both numbers, their ratio and `past_knee`."""
+    predicted remaining improvement ℓ̂(x_now) - ℓ̂(x_T) with the improvement so far, read
+    on the law too, ℓ̂(x_1) - ℓ̂(x_now) (the fit smooths the probe's noise; a law that no
+    longer decreases — A = 0 — says the run has saturated). Returns the fit, both numbers,
+    their ratio and `past_knee`."""
     points = [(c.progress, c.loss) for c in history if c.step > 0 and c.loss is not None]
     out: dict = {"points": len(points), "past_knee": False}
     if len(points) < settings.min_points:
@@ -96,26 +99,30 @@ def step_law(history: list[Check], run: RunShape, settings: DynamicSettings) -> 
     fit = fit_power_law(xs, ys)
     law = lambda x: fit["E"] + fit["A"] * x ** (-fit["alpha"])  # noqa: E731
     remaining = max(0.0, law(xs[-1]) - law(run.total_progress))
-    so_far = ys[0] - ys[-1]
-    ratio = remaining / so_far if so_far > 0 else math.inf
+    so_far = law(xs[0]) - law(xs[-1])
+    flat = so_far <= 1e-12
+    ratio = 0.0 if flat else remaining / so_far
     out.update(fit={k: fit[k] for k in ("E", "A", "alpha", "r2")}, remaining=remaining,
-               so_far=so_far, ratio=ratio, past_knee=so_far > 0 and ratio <= settings.epsilon)
-    out["reason"] = (f"predicted remaining improvement {remaining:.4f} is {ratio:.2f}x the "
+               so_far=so_far, ratio=ratio, past_knee=ratio <= settings.epsilon)
+    first = next(c.step for c in history if c.step > 0)
+    out["reason"] = (f"the probe loss law is flat since step {first} (saturated)" if flat else
+                     f"predicted remaining improvement {remaining:.4f} is {ratio:.2f}x the "
                      f"{so_far:.4f} so far (R² {fit['r2']:.2f}; past the knee at <= "
-                     f"{settings.epsilon:g})" if so_far > 0 else
-                     f"the probe loss has not improved since step {history[0].step}")
+                     f"{settings.epsilon:g})")
     return out
 
 
-def settled_depth(history: list[Check], tau: float, max_eof: int) -> dict:
+def settled_depth(history: list[Check], tau: float, max_eof: int, measure: str = "shift") -> dict:
     """Signal (a): the deepest k' such that every space l in (eof, k'] moved at most tau x as
-    much as the output space over the last interval. Spaces at or below the cut are frozen
-    and do not move at all."""
+    much as the output space over the last interval (`measure`: "shift", each probe target's
+    own move, or "deviation", the move of their mean D_l). Spaces at or below the cut are
+    frozen and do not move at all."""
     now, before = history[-1], _previous_probe(history)
     k = now.eof
-    if before is None or now.deviation is None:
+    if before is None or now.deviation is None or (measure == "shift" and now.shift is None):
         return {"eof": k, "reason": "one probe check so far: no interval to compare"}
-    moved = [abs(a - b) for a, b in zip(now.deviation, before.deviation)]
+    moved = (list(now.shift) if measure == "shift" else
+             [abs(a - b) for a, b in zip(now.deviation, before.deviation)])
     out_moved = moved[-1]
     shares = [m / out_moved if out_moved > 0 else (0.0 if m == 0 else math.inf) for m in moved]
     depth = k
@@ -135,7 +142,7 @@ def _previous_probe(history: list[Check]) -> Check | None:
 def _decide_salf(settings, history, run) -> Decision:
     k = history[-1].eof
     law = step_law(history, run, settings)
-    depth = settled_depth(history, settings.tau, run.max_eof)
+    depth = settled_depth(history, settings.tau, run.max_eof, settings.plasticity)
     details = {"step_law": law, "plasticity": depth}
     if not law["past_knee"]:
         return Decision(k, f"hold: {law['reason']}", details)

@@ -56,7 +56,7 @@ class Probe:
         self.tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         self._boundary = 0                        # the cut the stored states belong to
         self._states: list = [None] * len(batches)   # per batch: layer `boundary`'s output
-        self._last: list[float] | None = None     # the last read's D_0..D_L
+        self._last = None     # the last read's (D_0..D_L, per-target cosines per space)
 
     @classmethod
     def from_rows(cls, task, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> "Probe":
@@ -68,8 +68,9 @@ class Probe:
         return cls(list(batches(task, tokenizer, rows, batch_size, max_length)), kind, label_ids)
 
     def read(self, model, cut: int = 0) -> dict:
-        """{"deviation": [D_0..D_L], "loss": task loss at the targets, "targets", "seconds",
-        "from_layer": the first decoder layer that ran} for `model` as it is now (eval mode and
+        """{"deviation": [D_0..D_L], "cosines": [space][target] cos(t_l, b_y), "loss": task
+        loss at the targets, "targets", "seconds", "from_layer": the first decoder layer that
+        ran} for `model` as it is now (eval mode and
         no grad for the read; its training mode is restored). `cut`: the layers below it are
         frozen (0: nothing to skip)."""
         base = unwrap(model)
@@ -77,12 +78,15 @@ class Probe:
         replay = 0 < cut == self._boundary and all(s is not None for s in self._states)
         start = time.perf_counter()
         dev_sum, loss_sum, targets = None, 0.0, 0
+        cosines: list[list[float]] = [[] for _ in range(anat.num_layers + 1)]
         for i, batch in enumerate(self.batches):
             with (_replaying(anat.layers, cut, self._states[i]) if replay
                   else self._storing(anat.layers, cut, i)):
                 tr = trace(base, anat, [batch], self.task_kind, label_token_ids=self.label_token_ids,
                            max_targets_per_example=self.max_targets, logit_lens="last",
-                           progress=False, seed=i)
+                           progress=False, seed=i, target_cosines=True)
+            for space, values in zip(cosines, tr.extra["target_cosines"]):
+                space.extend(values)
             n = tr.timing["targets"]
             dev = [d * n for d in tr.deviations]
             dev_sum = dev if dev_sum is None else [a + b for a, b in zip(dev_sum, dev)]
@@ -90,12 +94,14 @@ class Probe:
             targets += n
         deviation = [d / targets for d in dev_sum]
         if replay:   # spaces 1..cut-1 passed the input through: theirs are the stored read's
-            deviation[1:cut] = self._last[1:cut]
+            deviation[1:cut] = self._last[0][1:cut]
+            cosines[1:cut] = self._last[1][1:cut]
         else:
             self._boundary = cut
-        self._last = deviation
-        return {"deviation": deviation, "loss": loss_sum / targets, "targets": targets,
-                "seconds": time.perf_counter() - start, "from_layer": cut if replay else 0}
+        self._last = (deviation, cosines)
+        return {"deviation": deviation, "cosines": cosines, "loss": loss_sum / targets,
+                "targets": targets, "seconds": time.perf_counter() - start,
+                "from_layer": cut if replay else 0}
 
     @contextlib.contextmanager
     def _storing(self, layers, cut: int, batch: int):

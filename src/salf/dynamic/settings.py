@@ -11,10 +11,12 @@ from ..errors import SalfError
 POLICIES = ("salf", "autofreeze", "linear", "freezeout", "static")
 # the `salf train/finetune/sweep` flag of each setting (docs/method.md lists them all)
 FLAGS = {"policy": "--dynamic", "tau": "--plasticity-share", "epsilon": "--remaining-share",
-         "clock": "--law-clock", "checks": "--checks", "probe_rows": "--probe-rows",
+         "plasticity": "--plasticity-measure", "clock": "--law-clock", "checks": "--checks",
+         "probe_rows": "--probe-rows",
          "min_points": "--law-points", "max_eof": "--deepest-cut", "start": "--freeze-start",
          "percentile": "--rate-percentile"}
 CLOCKS = ("lr-area", "steps")
+PLASTICITY = ("shift", "deviation")
 # what each policy needs measured at a check (the probe costs a forward pass; gradient
 # norms are read from the gradients training computes anyway)
 NEEDS = {"salf": {"probe"}, "autofreeze": {"grad_norms"}, "linear": set(), "freezeout": set(),
@@ -25,9 +27,12 @@ NEEDS = {"salf": {"probe"}, "autofreeze": {"grad_norms"}, "linear": set(), "free
 class DynamicSettings:
     """How a dynamic run decides; every threshold is a flag of `salf train --dynamic`.
 
-    tau       semantic plasticity: a space l above the cut counts as settled when its
-              deviation moved at most tau x as much as the output space's over the last
-              interval (docs/method.md, signal (a)).
+    tau       semantic plasticity: a space l above the cut counts as settled when it moved
+              at most tau x as much as the output space over the last interval (docs/method.md,
+              signal (a)).
+    plasticity  how a space's move is measured: "shift", the mean over the probe's targets of
+              |Δ cos(t_l, b_y)| (each target's own move toward or away from its semantics), or
+              "deviation", |Δ D_l| (the move of their mean, where opposite moves cancel).
     epsilon   step scaling law: the run is past its knee when the law's predicted remaining
               improvement is at most epsilon x the improvement since the first check (b).
     clock     the law's time axis: "lr-area" (sum of learning rates so far, the schedule's
@@ -43,6 +48,7 @@ class DynamicSettings:
 
     policy: str = "salf"
     tau: float = 0.1
+    plasticity: str = "shift"
     epsilon: float = 0.2
     clock: str = "lr-area"
     checks: int = 10
@@ -58,6 +64,9 @@ class DynamicSettings:
     def validate(self) -> "DynamicSettings":
         if self.policy not in POLICIES:
             raise SalfError(f"unknown dynamic policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        if self.plasticity not in PLASTICITY:
+            raise SalfError(f"{_named('plasticity')} must be one of {', '.join(PLASTICITY)}, "
+                            f"got {self.plasticity!r}")
         if self.clock not in CLOCKS:
             raise SalfError(f"{_named('clock')} must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
         for name, lo, hi in (("tau", 0.0, math.inf), ("epsilon", 0.0, math.inf),
