@@ -47,12 +47,12 @@ class DynamicSettings:
     """
 
     policy: str = "salf"
-    tau: float = 0.1
+    tau: float = 0.2
     plasticity: str = "shift"
     epsilon: float = 0.2
     clock: str = "lr-area"
     checks: int = 10
-    probe_rows: int = 32
+    probe_rows: int = 16
     min_points: int = 3
     max_eof: int | None = None
     start: float | None = None
