@@ -314,6 +314,8 @@ def print_finetune_summary(s: dict) -> None:
                   f"of full fine-tuning; measured step {_f(m['step_time_s'])} s over {m['steps']} steps")
     console.print(f"  analysis {s['analysis_s']:.0f} s, total {s['total_s']:.0f} s; "
                   f"outputs: {s['outputs']['analysis']}, {s['outputs']['model']}")
+    if s.get("dynamic"):
+        print_dynamic_summary(s["dynamic"])
 
 
 # ---------------------------------------------------------------- sweep

@@ -137,6 +137,7 @@ def finetune(model_spec: str, dataset_spec: str, out_dir, *,
         "plan": plan.to_dict(), "lora": lora.to_dict() if lora else None,
         "zero_shot": before, "fine_tuned": after,
         "predicted": plan.predicted, "measured": _measured(metrics),
+        "dynamic": metrics.get("dynamic"),
         "analysis_s": analysis_s, "total_s": time.perf_counter() - t0,
         "outputs": {"analysis": str(out / "analysis"), "model": str(out / "train" / "final")},
     }
