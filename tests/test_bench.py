@@ -62,3 +62,30 @@ def test_sweep_verdict_judges_salf_as_the_sweeps_default(tmp_path, bench_module)
     with pytest.raises(verdict.SalfError, match="--report-only"):
         verdict.judged_names("salf", {}, tmp_path)       # a sweep.json from an older salf
     assert verdict.judged_names("paper", {}, tmp_path) == ["paper"]
+
+
+def test_dynamic_verdict_judges_the_dynamic_rows_against_the_static_oracle(tmp_path, capsys,
+                                                                           bench_module):
+    verdict = bench_module("dynamic_verdict")
+
+    def cell(name, seed, q, cost, probe_s=10.0):
+        return {"key": f"{name}-s{seed}", "selector": name, "seed": seed, "quality": q,
+                "train_s": 1000.0, "dynamic": {"schedule": [[0, 2], [48, 20]], "probe": {"seconds": probe_s},
+                                               "cost": {"probe_share_of_run": 0.015}}}
+
+    s = {"dataset": "bbc-news", "metric": "accuracy", "full": {"quality": 0.94, "seeds": 3},
+         "oracle": {"noise": 0.009, "cheapest_safe_cut": 20, "cheapest_safe_cost": 0.56},
+         "cells": [cell("dyn-salf", 1, 0.935, 0.6), cell("dyn-linear", 1, 0.93, 0.55, probe_s=0.0)],
+         "pick_details": {
+             "dyn-salf": {"cut": 2, "dynamic": {"policy": "salf"}, "quality": 0.935, "cost": 0.60,
+                          "delta_vs_full": -0.005, "safe": True, "cost_vs_cheapest_safe": 0.60 / 0.56},
+             "dyn-linear": {"cut": 2, "dynamic": {"policy": "linear"}, "quality": 0.93, "cost": 0.55,
+                            "delta_vs_full": -0.01, "safe": True, "cost_vs_cheapest_safe": 0.55 / 0.56},
+             "max-gain-e0": {"cut": 2, "quality": 0.94, "cost": 0.95}}}
+    (tmp_path / "sweep.json").write_text(json.dumps(s))
+    assert verdict.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| dyn-salf | 2 | 0.9350 (s1) | -0.0050 | yes | 0.600 | 1.07 | 1.5%, 1.0% | 2 → 20@48 |" in out
+    assert "max-gain-e0" not in out.split("###")[1].split("- dyn-salf")[0]   # static picks left out
+    assert "(target <= 1.1) -> MET" in out and "(target <= 2%) -> MET" in out
+    assert "baseline dyn-linear is safe at a lower cost (0.550 < 0.600)" in out

@@ -1,0 +1,112 @@
+"""Judge the dynamic cells of finished sweeps against the dynamic-freezing targets.
+
+For every sweep folder given, prints one Markdown table of its dynamic selectors (dyn-*):
+quality per seed, the paired difference from full fine-tuning, safe or not (the sweep's
+rule), the integrated FLOPs relative to full fine-tuning and to the oracle's cheapest safe
+*static* cut, the probes' share of the run (FLOPs of the cost model, and measured wall
+time), and the seed-1 cut schedule. Then the targets, per dataset, as measured:
+
+  * dyn-salf safe;
+  * its cost at most `--target` x the oracle's cheapest safe static cut (1.0; 1.1 for
+    bbc-news, whose static oracle freezes 20 of 30 layers from step 0);
+  * no dynamic baseline safe at a lower cost;
+  * the probes at most 2% of the run.
+
+    python bench/dynamic_verdict.py bench/results/sweep-smollm2-135m-{rotten-tomatoes,bbc-news,chatterbot}
+
+Rebuild each folder's sweep.json first (`salf sweep ... --report-only`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TARGETS = {"bbc-news": 1.1}      # cost / cheapest safe static; 1.0 elsewhere
+JUDGED = "dyn-salf"
+
+
+def fmt(x, spec=".3f"):
+    return "–" if x is None else format(x, spec)
+
+
+def probe_shares(cells: list[dict]) -> tuple[float | None, float | None]:
+    """(FLOPs share, measured wall-time share) of the probes in a selector's cells, mean."""
+    flops = [c["dynamic"]["cost"]["probe_share_of_run"] for c in cells]
+    wall = [c["dynamic"]["probe"]["seconds"] / c["train_s"] for c in cells if c.get("train_s")]
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+    return mean(flops), mean(wall)
+
+
+def schedule_text(schedule: list[list[int]]) -> str:
+    return " → ".join(f"{k}" + (f"@{s}" if s else "") for s, k in schedule)
+
+
+def dynamic_rows(s: dict) -> list[dict]:
+    rows = []
+    for name, d in s["pick_details"].items():
+        if not d.get("dynamic"):
+            continue
+        cells = sorted((c for c in s["cells"] if c.get("selector") == name), key=lambda c: c["seed"])
+        flops_share, wall_share = probe_shares(cells) if cells else (None, None)
+        rows.append(dict(d, name=name, cells=cells, flops_share=flops_share, wall_share=wall_share))
+    return rows
+
+
+def table(s: dict) -> list[str]:
+    oracle = s["oracle"]["cheapest_safe_cost"]
+    lines = [f"### {s['dataset']} ({s['metric']}; full fine-tuning {s['full']['quality']:.4f} over "
+             f"{s['full']['seeds']} seeds, noise {s['oracle']['noise']:.4f}; oracle's cheapest safe "
+             f"static cut eof {s['oracle']['cheapest_safe_cut']} at {fmt(oracle)})", "",
+             "| dynamic selector | from eof | quality per seed | Δ vs full, same seeds | safe | "
+             "FLOPs vs full | / cheapest safe static | probes: FLOPs, wall | schedule (seed 1) |",
+             "|---|---:|---|---:|:---:|---:|---:|---|---|"]
+    for r in dynamic_rows(s):
+        per_seed = ", ".join(f"{c['quality']:.4f} (s{c['seed']})" for c in r["cells"]) or "not run"
+        first = next((c for c in r["cells"] if c["seed"] == 1), r["cells"][0] if r["cells"] else None)
+        safe = {True: "yes", False: "no", None: "?"}[r.get("safe")]
+        lines.append(f"| {r['name']} | {r['cut']} | {per_seed} | {fmt(r.get('delta_vs_full'), '+.4f')} | "
+                     f"{safe if r['cells'] else '–'} | {fmt(r.get('cost'))} | "
+                     f"{fmt(r.get('cost_vs_cheapest_safe'), '.2f')} | "
+                     f"{fmt(r['flops_share'], '.1%')}, {fmt(r['wall_share'], '.1%')} | "
+                     f"{schedule_text(first['dynamic']['schedule']) if first else '–'} |")
+    return lines
+
+
+def targets(s: dict) -> list[str]:
+    rows = {r["name"]: r for r in dynamic_rows(s)}
+    me = rows.get(JUDGED)
+    if not me or not me["cells"]:
+        return [f"- {JUDGED} not measured yet"]
+    limit = TARGETS.get(s["dataset"], 1.0)
+    ratio = me.get("cost_vs_cheapest_safe")
+    out = [f"- {JUDGED} safe: {me.get('safe')} ({len(me['cells'])} seeds)",
+           f"- cost {fmt(me.get('cost'))} = {fmt(ratio, '.2f')}x the cheapest safe static cut "
+           f"(target <= {limit}) -> {'MET' if ratio is not None and ratio <= limit else 'NOT MET'}",
+           f"- probes {fmt(me['flops_share'], '.1%')} of the run's FLOPs, {fmt(me['wall_share'], '.1%')} "
+           f"of its measured train time (target <= 2%) -> "
+           f"{'MET' if max(me['flops_share'] or 1, me['wall_share'] or 1) <= 0.02 else 'NOT MET'}"]
+    for name, r in rows.items():
+        if name != JUDGED and r["cells"] and r.get("safe") and r["cost"] < me["cost"]:
+            out.append(f"- baseline {name} is safe at a lower cost ({r['cost']:.3f} < {me['cost']:.3f})")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+")
+    args = ap.parse_args(argv)
+    for folder in args.folders:
+        path = Path(folder) / "sweep.json"
+        if not path.is_file():
+            print(f"dynamic_verdict: {path} does not exist", file=sys.stderr)
+            return 2
+        s = json.loads(path.read_text())
+        print("\n".join(table(s) + [""] + targets(s) + [""]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
