@@ -258,7 +258,7 @@ def test_cli_dynamic_options_need_dynamic_and_a_cut(tmp_path):
     for extra, message in ((["--freeze-below", "1", "--plasticity-share", "0.2"], "applies to --dynamic"),
                            (["--freeze-below", "1", "--dynamic", "--checks", "0"], "--checks"),
                            (["--full", "--dynamic"], "--full has none"),
-                           (["--freeze-below", "1", "--dynamic"], "--probe-rows")):
+                           (["--freeze-below", "1", "--dynamic", "--probe-rows", "40"], "--probe-rows")):
         r = sp.run(base + extra, capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
