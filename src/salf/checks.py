@@ -165,9 +165,18 @@ def check_analyze(args) -> None:
 
 
 def check_plan(args) -> None:
+    from .cluster import ENGINES
+
     check_policy(args.policy)
     if args.out:
         ensure_parent_dir(args.out, "--out")
+    if args.ranks is not None and args.ranks < 1:
+        raise SalfError(f"--ranks must be at least 1, got {args.ranks}")
+    if args.engine is not None:
+        if args.engine not in ENGINES:
+            raise SalfError(f"--engine: unknown engine {args.engine!r}; choose from {', '.join(ENGINES)}")
+        if args.ranks is None:
+            raise SalfError("--engine applies with --ranks only")
 
 
 def check_train(args) -> None:

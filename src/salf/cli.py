@@ -309,11 +309,16 @@ def _add_analyze(sub):
 
 
 def _add_plan(sub):
+    from .cluster import DEFAULT_ENGINE, ENGINES
+
     p = _verb(sub, "plan", "re-plan from a saved trace (no model needed)", """\
         Choose a cut from a saved trace.json with another policy; writes a new plan.json.
+        With --ranks, also prints each cut's predicted per-rank memory and gradient
+        communication on N data-parallel GPUs (model output; docs/multi-gpu.md).
 
-        example:
-          salf plan --trace runs/a/trace.json --policy budget=0.4 --out runs/a/plan-b04.json""")
+        examples:
+          salf plan --trace runs/a/trace.json --policy budget=0.4 --out runs/a/plan-b04.json
+          salf plan --trace runs/a/trace.json --ranks 64 --engine fsdp""")
     p.add_argument("--trace", required=True, metavar="TRACE_JSON",
                    help="trace.json written by `salf analyze`")
     p.add_argument("--policy", default=DEFAULT_POLICY, metavar="POLICY",
@@ -323,6 +328,13 @@ def _add_plan(sub):
                         "%(default)s)")
     p.add_argument("--out", metavar="PLAN_JSON",
                    help="where to write the plan (default: plan-<policy>.json beside the trace)")
+    p.add_argument("--ranks", type=int, metavar="N",
+                   help="also print per-rank memory and communication per step of the plan's cut, "
+                        "0, L/2, 3L/4 and full fine-tuning on N data-parallel ranks, each running "
+                        "the trace's micro-batch (default: no such table)")
+    p.add_argument("--engine", metavar="ENGINE",
+                   help=f"with --ranks: {', '.join(ENGINES)} (zero3 is costed as fsdp); "
+                        f"default {DEFAULT_ENGINE}")
 
 
 def _add_train(sub):

@@ -134,7 +134,7 @@ def cmd_plan(parser, args) -> int:
     from .pipeline import replan
 
     result = replan(args.trace, args.policy, head=args.head, out=args.out)
-    print_plan(result)
+    print_plan(result, ranks=args.ranks, engine=args.engine)
     console.print(f"wrote {result.plan_path}")
     return 0
 
@@ -167,7 +167,9 @@ def _f(v) -> str:
     return "" if v is None else f"{v:.3f}"
 
 
-def print_plan(result) -> None:
+def print_plan(result, ranks: int | None = None, engine: str | None = None) -> None:
+    """The chosen cut and its predicted cost; with `ranks`, the cluster table of
+    salf.cluster.cluster_report (engine None: its default)."""
     plan, choice = result.plan, result.choice
     p = plan.predicted
     console.print(f"[bold]cut:[/bold] {plan.describe()}")
@@ -175,6 +177,12 @@ def print_plan(result) -> None:
     console.print(f"  predicted vs full fine-tuning: FLOPs {p['flops_ratio']:.2f}x "
                   f"(saving {1 - p['flops_ratio']:.0%}), memory {p['memory_ratio']:.2f}x, "
                   f"step time {p['step_time_ratio']:.2f}x")
+    if ranks:
+        from .cluster import DEFAULT_ENGINE, cluster_report
+
+        # soft_wrap: a Markdown table must not be wrapped to the terminal's width
+        console.print(cluster_report(result.cost, plan.eof, ranks, engine or DEFAULT_ENGINE),
+                      markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- train / evaluate / finetune
