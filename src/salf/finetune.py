@@ -4,6 +4,8 @@
 into a FreezePlan; `run_training` fine-tunes with it; `load_for_eval` and `first_rows`
 are what evaluation reads; `finetune` is analyze -> plan -> evaluate zero-shot ->
 train -> evaluate, with summary.json. The analysis side lives in `salf.pipeline`.
+Under torchrun / accelerate launch every process runs the job and rank 0 writes (see
+salf.distributed).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import distributed
 from .data import load_dataset_spec
 from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .errors import SalfError
@@ -110,6 +113,7 @@ def finetune(model_spec: str, dataset_spec: str, out_dir, *,
 
     out = ensure_out_dir(out_dir)
     t0 = time.perf_counter()
+    progress = progress and distributed.is_main()
     loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
     model, tokenizer, info = loaded
     ds = load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
@@ -141,7 +145,7 @@ def finetune(model_spec: str, dataset_spec: str, out_dir, *,
         "analysis_s": analysis_s, "total_s": time.perf_counter() - t0,
         "outputs": {"analysis": str(out / "analysis"), "model": str(out / "train" / "final")},
     }
-    atomic_write_json(out / "summary.json", summary)
+    distributed.on_main(lambda: atomic_write_json(out / "summary.json", summary))
     return summary
 
 

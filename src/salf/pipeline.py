@@ -4,6 +4,9 @@
 every cut, picks one with a policy and writes trace.json, plan.json, report.md
 and trace.png. `replan` does the planning part again from a saved trace.
 Training on a plan (and the whole `finetune` job) lives in `salf.finetune`.
+
+Under torchrun / `accelerate launch`, `analyze` shards the batches across the processes and
+reduces the statistics exactly (every rank gets the one-process trace); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import distributed
 from .analysis import Trace, choose_cut, fit_depth_law, trace
 from .cost import ModelShape, cost_table, plan_prediction
 from .data import collate, encode, load_dataset_spec, pad_token_id, sample_hash
@@ -69,7 +73,9 @@ def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = 
 
     `loaded` = (model, tokenizer, info) and `dataset` = a TaskDataset skip reloading.
     train_batch_size / train_max_length describe the training run the cost model predicts.
+    Under a launcher every process runs a share of the batches (see module doc).
     """
+    distributed.init()
     model, tokenizer, info = loaded or load_model(model_spec, trust_remote_code=trust_remote_code)
     ds = dataset or load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
     if split not in ds.splits:
@@ -83,8 +89,9 @@ def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = 
                      sample_hash=sample_hash(rows), max_length=max_length)
     tr = trace(model, anat, make_batches(ds.task, tokenizer, rows, batch_size, max_length), kind,
                label_token_ids=ds.task.label_token_ids(tokenizer) if kind == "classification" else None,
-               max_targets_per_example=max_targets, logit_lens=logit_lens, progress=progress,
-               seed=seed, model_info=info.to_dict(), data_info=data_info, shapes=shape.to_dict())
+               max_targets_per_example=max_targets, logit_lens=logit_lens,
+               progress=progress and distributed.is_main(), seed=seed, model_info=info.to_dict(),
+               data_info=data_info, shapes=shape.to_dict(), ranks=_ranks())
     cost = cost_table(shape, train_max_length, train_batch_size,
                       loss_positions="last" if kind == "classification" else "all", head=head)
     tr.extra["cost"] = cost
@@ -95,23 +102,33 @@ def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = 
     return result
 
 
+def _ranks() -> tuple[int, int] | None:
+    """(rank, world size) under a launcher with several processes, else None."""
+    return (distributed.rank(), distributed.world_size()) if distributed.world_size() > 1 else None
+
+
 def _verify_on_first_row(anat, task, tokenizer, rows, max_length: int) -> None:
     """Check once, on a real input, that the resolved model parts recompute its logits."""
     first = encode(task, tokenizer, rows[:1], max_length)
     if first:
         import torch
 
-        verify_anatomy(anat, torch.tensor([first[0]["input_ids"]]))
+        device = anat.model.get_input_embeddings().weight.device
+        verify_anatomy(anat, torch.tensor([first[0]["input_ids"]], device=device))
 
 
 def _write_analysis(out: Path, result: Analysis) -> None:
-    """OUT/trace.json, plan.json, trace.png and report.md."""
-    ensure_out_dir(out)
-    result.trace.to_json(out / "trace.json")
+    """OUT/trace.json, plan.json, trace.png and report.md (written by rank 0)."""
     result.plan.trace_file = "trace.json"
-    result.plan.to_json(out / "plan.json")
-    write_outputs(out, result.trace, result.plan, result.choice, result.cost)
     result.out_dir, result.plan_path = out, out / "plan.json"
+
+    def write() -> None:
+        ensure_out_dir(out)
+        result.trace.to_json(out / "trace.json")
+        result.plan.to_json(out / "plan.json")
+        write_outputs(out, result.trace, result.plan, result.choice, result.cost)
+
+    distributed.on_main(write)
 
 
 def _plan_from_trace(tr: Trace, policy: str, head: str, cost: dict) -> Analysis:

@@ -387,6 +387,24 @@ class _Accumulator:
         self.ll_correct = [0] * n
         self.cosines: list[list[float]] = [[] for _ in range(n)]   # per target, if kept
 
+    def add(self, part: dict) -> None:
+        """Add one batch's statistics (`_TraceRun._batch_statistics`): the same additions, in
+        the same order, whichever process computed them."""
+        self.n += part["n"]
+        if part["labels"] is not None:
+            self.labels.append(part["labels"])
+        for l, s in enumerate(part["spaces"]):
+            self.cosines[l].extend(s["cosines"])
+            self.dev[l] += s["dev"]
+            self.dev_sq[l] += s["dev_sq"]
+            if "ce" in s:
+                self.ce[l] += s["ce"]
+                self.correct[l] += s["correct"]
+                self.scores[l].append(s["scores"])
+            for ce, correct in s["lens"]:
+                self.ll_ce[l] += ce
+                self.ll_correct[l] += correct
+
 
 # --------------------------------------------------------------------------- trace
 
@@ -395,7 +413,8 @@ def trace(model, anat, batches, task_kind=None, label_token_ids=None, max_target
           logit_lens=False, progress=True, seed=0, *, tau: float = TAU,
           basis_cache_dir=None, position_ids_from_mask: bool = True,
           model_info=None, data_info=None, shapes=None, extra=None,
-          capture_callback=None, target_cosines: bool = False) -> Trace:
+          capture_callback=None, target_cosines: bool = False,
+          ranks: tuple[int, int] | None = None) -> Trace:
     """Run the streaming transition trace over `batches` and return a `Trace`.
 
     batches: iterable of dicts in the `salf.data.collate` format (classification:
@@ -412,12 +431,16 @@ def trace(model, anat, batches, task_kind=None, label_token_ids=None, max_target
     `target_cosines`: also keep cos(t_l, b_y) of every target in every space, in
     `extra["target_cosines"]` ([space][target], targets in batch order) — how much each
     target moved between two traces of the same rows (dynamic freezing's plasticity).
+    `ranks` = (rank, world_size) under a launcher: this process runs the forward of every
+    world_size-th batch from `rank` on; the per-batch statistics of all ranks are gathered
+    (torch.distributed: every rank calls) and added in batch order, so every rank returns the
+    trace one process computes on the same batches (docs/multi-gpu.md).
     """
     kind, label_ids = _checked_arguments(anat, task_kind, label_token_ids, max_targets_per_example)
     run = _TraceRun(model, anat, kind, label_ids, tau=tau, logit_lens=logit_lens,
                     max_targets=max_targets_per_example, seed=seed,
                     position_ids_from_mask=position_ids_from_mask, basis_cache_dir=basis_cache_dir,
-                    keep_cosines=target_cosines)
+                    keep_cosines=target_cosines, ranks=ranks)
     t_start = time.perf_counter()
     run.run(batches, progress)
     if capture_callback is not None:
@@ -472,7 +495,7 @@ class _TraceRun:
     """One trace in progress: the hooks, the running sums, the sample hash and the timers."""
 
     def __init__(self, model, anat, kind, label_ids, *, tau, logit_lens, max_targets, seed,
-                 position_ids_from_mask, basis_cache_dir, keep_cosines=False):
+                 position_ids_from_mask, basis_cache_dir, keep_cosines=False, ranks=None):
         self.model, self.anat = model, anat
         self.kind, self.label_ids = kind, label_ids
         self.tau, self.logit_lens, self.max_targets, self.seed = tau, logit_lens, max_targets, seed
@@ -484,6 +507,8 @@ class _TraceRun:
         self.gen = torch.Generator().manual_seed(int(seed))
         self.label_hat = _label_directions(anat, label_ids, basis_cache_dir)
         self.sums = _Accumulator(anat.num_layers + 1)
+        self.ranks = ranks
+        self.parts: list[tuple[int, dict]] = []   # (batch index, statistics) of this rank's batches
         self.capture = TargetCapture(anat)
         self.sample_hash = hashlib.sha256()
         self.n_examples = self.n_batches = 0
@@ -502,21 +527,40 @@ class _TraceRun:
             self.capture.detach()
             self.capture.index = None
             self.model.train(was_training)
+        if self.ranks is not None:
+            self._add_all_ranks()
+
+    def _owns(self, index: int) -> bool:
+        return self.ranks is None or index % self.ranks[1] == self.ranks[0]
+
+    def _add_all_ranks(self) -> None:
+        """Every rank's batch statistics, added in batch order (the one-process additions)."""
+        from ..distributed import all_gather
+
+        parts = [part for rank_parts in all_gather(self.parts) for part in rank_parts]
+        for _, part in sorted(parts, key=lambda p: p[0]):
+            self.sums.add(part)
 
     def add_batch(self, batch: dict) -> None:
         self._settle_kind(batch)
         ids = batch["input_ids"]
         if ids.dim() != 2:
             raise SalfError(f"input_ids must be (batch, seq), got {tuple(ids.shape)}")
+        # targets and sample hash of every batch (the target sampler's RNG advances as in one process)
         bi, pi, y, li = _targets(batch, self.kind, self.label_ids, self.max_targets, self.gen)
+        index = self.n_batches
         self._record_sample(ids, y)
-        if y.numel() == 0:
+        if y.numel() == 0 or not self._owns(index):
             return
         t0 = time.perf_counter()
         self._forward(batch, bi, pi)
         t1 = time.perf_counter()
         self.t_forward += t1 - t0
-        self._add_statistics(self.capture.take(), y, li)
+        part = self._batch_statistics(self.capture.take(), y, li)
+        if self.ranks is None:
+            self.sums.add(part)
+        else:
+            self.parts.append((index, part))
         self.t_stats += time.perf_counter() - t1
 
     def _settle_kind(self, batch: dict) -> None:
@@ -552,32 +596,29 @@ class _TraceRun:
         except _StopForward:
             pass
 
-    def _add_statistics(self, slices: list[torch.Tensor], y: torch.Tensor, li) -> None:
-        """Add every space's statistics of one batch's target rows to the sums (module doc)."""
-        acc, n = self.sums, y.numel()
+    def _batch_statistics(self, slices: list[torch.Tensor], y: torch.Tensor, li) -> dict:
+        """Every space's statistics of one batch's target rows (module doc), for _Accumulator.add."""
         dev = slices[0].device
         y_dev = y.to(dev)
         li_dev = li.to(dev) if li is not None else None
         lab_hat = self.label_hat.to(dev) if self.kind == "classification" else None
         b_hat = self._target_directions(y, li_dev, lab_hat, dev)
-        if self.kind == "classification":
-            acc.labels.append(li.numpy())
+        spaces = []
         for l, s in enumerate(slices):
             t, tf = _normed_space(self.anat, s, l)
             t_hat = F.normalize(tf, dim=-1)
             dev_l = 1.0 - (t_hat * b_hat).sum(-1)
-            if self.keep_cosines:
-                acc.cosines[l].extend((1.0 - dev_l).tolist())
-            acc.dev[l] += float(dev_l.sum())
-            acc.dev_sq[l] += float((dev_l.double() ** 2).sum())
+            space = {"cosines": (1.0 - dev_l).tolist() if self.keep_cosines else [],
+                     "dev": float(dev_l.sum()), "dev_sq": float((dev_l.double() ** 2).sum()),
+                     "lens": (self._logit_lens(t, y_dev, li_dev)
+                              if _lens_at(self.logit_lens, l, len(slices) - 1) else [])}
             if self.kind == "classification":
                 C = t_hat @ lab_hat.T                              # (n, K) cosines
-                acc.ce[l] += float(F.cross_entropy(C / self.tau, li_dev, reduction="sum"))
-                acc.correct[l] += int((C.argmax(-1) == li_dev).sum())
-                acc.scores[l].append(C.cpu().numpy())
-            if _lens_at(self.logit_lens, l, len(slices) - 1):
-                self._add_logit_lens(l, t, y_dev, li_dev)
-        acc.n += n
+                space.update(ce=float(F.cross_entropy(C / self.tau, li_dev, reduction="sum")),
+                             correct=int((C.argmax(-1) == li_dev).sum()), scores=C.cpu().numpy())
+            spaces.append(space)
+        return {"n": y.numel(), "labels": li.numpy() if self.kind == "classification" else None,
+                "spaces": spaces}
 
     def _target_directions(self, y, li_dev, lab_hat, dev) -> torch.Tensor:
         """b̂_y for every target row: the label's direction, or (SFT) the target token's."""
@@ -587,19 +628,23 @@ class _TraceRun:
         basis = semantic_basis(self.anat, uniq, cache_dir=self.basis_cache_dir)
         return F.normalize(basis, dim=-1).to(dev)[inverse.to(dev)]
 
-    def _add_logit_lens(self, l: int, t: torch.Tensor, y_dev, li_dev) -> None:
-        """Full-vocabulary CE (and label-restricted accuracy) of the head applied to t_l, in chunks."""
-        acc, head_dtype = self.sums, self.anat.unembedding.dtype
+    def _logit_lens(self, t: torch.Tensor, y_dev, li_dev) -> list[tuple[float, int]]:
+        """Full-vocabulary CE (and label-restricted accuracy) of the head applied to t_l, one
+        (CE sum, correct) per chunk of targets."""
+        chunks, head_dtype = [], self.anat.unembedding.dtype
         for a in range(0, y_dev.numel(), _LOGIT_CHUNK):
             z = self.anat.logits_from_normed(t[a:a + _LOGIT_CHUNK].to(head_dtype)).float()
-            acc.ll_ce[l] += float(F.cross_entropy(z, y_dev[a:a + _LOGIT_CHUNK], reduction="sum"))
+            correct = 0
             if self.kind == "classification":
                 zl = z[:, self.label_ids]
-                acc.ll_correct[l] += int((zl.argmax(-1) == li_dev[a:a + _LOGIT_CHUNK]).sum())
+                correct = int((zl.argmax(-1) == li_dev[a:a + _LOGIT_CHUNK]).sum())
+            chunks.append((float(F.cross_entropy(z, y_dev[a:a + _LOGIT_CHUNK], reduction="sum")), correct))
+        return chunks
 
     def timing(self, elapsed: float) -> dict:
         return {"seconds": round(elapsed, 4), "forward_seconds": round(self.t_forward, 4),
                 "stats_seconds": round(self.t_stats, 4), "batches": self.n_batches,
+                "processes": self.ranks[1] if self.ranks else 1,
                 "examples": self.n_examples, "targets": self.sums.n,
                 "max_retained_bytes": self.capture.max_retained_bytes}
 

@@ -172,13 +172,14 @@ def load_model(spec: str, dtype=None, trust_remote_code: bool = False, revision:
     """Load (model, tokenizer, ModelInfo) for a spec; model in eval mode.
 
     dtype: torch dtype or None (fp32 on CPU; the checkpoint's own dtype is not
-    trusted on CPU because bf16 matmuls there are slow and lossy).
+    trusted on CPU because bf16 matmuls there are slow and lossy). Under a launcher the
+    model goes to the process's device (see `_place`).
     """
     import torch
 
     if spec.startswith("tiny-"):
         family = spec[len("tiny-"):]
-        model = tiny_model(family)
+        model = _place(tiny_model(family))
         tokenizer = tiny_tokenizer()
         return model, tokenizer, _info(spec, model, spec, None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -199,8 +200,19 @@ def load_model(spec: str, dtype=None, trust_remote_code: bool = False, revision:
         raise SalfError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
+    model = _place(model.eval())
     return model, tokenizer, _info(spec, model, target, revision)
+
+
+def _place(model):
+    """Under torchrun / accelerate launch with DDP: the device the launcher gives this process
+    (cuda:LOCAL_RANK, or the CPU). FSDP and DeepSpeed place their shards themselves, so the
+    model stays on the CPU for them; one process alone stays there too (the Trainer moves it)."""
+    from .. import distributed
+
+    if distributed.world_size() > 1 and not distributed.sharded():
+        model = model.to(distributed.device())
+    return model
 
 
 def _has_safetensors(target: str) -> bool:

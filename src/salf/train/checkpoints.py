@@ -6,6 +6,8 @@
     resume_point(folder)               the newest good checkpoint; damaged newer ones set aside
     rotate(folder, keep, protect)      delete all but the `keep` newest complete checkpoints
 
+Under several processes rank 0 creates and publishes the staging folder; every rank writes
+its part into it in between (its RNG state, its shards).
 See docs/training.md ("Checkpoints and resume").
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import distributed
 from ..errors import SalfError
 from ..io import atomic_write_json, publish_dir
 from . import extensions
@@ -31,7 +34,7 @@ _CHECKPOINT = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
 _STAGING = re.compile(r"^tmp-" + PREFIX_CHECKPOINT_DIR + r"-\d+$")
 _WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
             "pytorch_model.bin", "adapter_model.bin")
-_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+_RNG_FILE = "rng_state.pth"     # one process; several write rng_state_<rank>.pth each
 
 
 def step_of(checkpoint: str | os.PathLike) -> int:
@@ -65,15 +68,24 @@ def clean_staging(folder: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def staged_checkpoint(run_dir: str, name: str, callbacks):
     """Yield a staging folder; the Trainer writes `name` inside it, the callbacks' states
-    join it, and only then is it renamed to run_dir/name (a crash leaves no partial one)."""
+    join it, and only then is it renamed to run_dir/name (a crash leaves no partial one).
+    Rank 0 creates and publishes it, once every rank has written its part."""
     staging = os.path.join(run_dir, f"tmp-{name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+
+    def create() -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+
+    def publish() -> None:
+        written = os.path.join(staging, name)
+        save_callback_states(written, callbacks)
+        publish_dir(written, os.path.join(run_dir, name))
+        shutil.rmtree(staging, ignore_errors=True)
+
+    distributed.on_main(create)
     yield staging
-    written = os.path.join(staging, name)
-    save_callback_states(written, callbacks)
-    publish_dir(written, os.path.join(run_dir, name))
-    shutil.rmtree(staging, ignore_errors=True)
+    distributed.barrier()
+    distributed.on_main(publish)
 
 
 def rotate(folder: str | os.PathLike, keep: int | None, protect: str | os.PathLike | None = None) -> list[Path]:
@@ -155,15 +167,42 @@ def _json_problem(path: Path, required: tuple[str, ...]) -> str | None:
     return f"{path.name} lacks {', '.join(missing)}" if missing else None
 
 
-def checkpoint_problem(ckpt: str | os.PathLike, state_keys: tuple[str, ...] = ()) -> str | None:
+def _engine_problem(ckpt: Path, engine: str | None) -> str | None:
+    """The model and optimizer states, in the layout of the engine that wrote them: FSDP's
+    (distributed-checkpoint folders, or whole files), DeepSpeed's (the global_step folder
+    that `latest` names), or the Trainer's own files (one process, DDP)."""
+    if engine == "fsdp":
+        for what, stem in (("model", "pytorch_model_fsdp"), ("optimizer", "optimizer")):
+            if not ((ckpt / f"{stem}_0" / ".metadata").is_file() or (ckpt / f"{stem}.bin").is_file()):
+                return f"no FSDP {what} state ({stem}_0/.metadata or {stem}.bin)"
+        return None
+    if engine == "deepspeed":
+        tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
+        if not tag or not any((ckpt / tag).glob("*model_states.pt")):
+            return "no DeepSpeed state (the global_step folder that `latest` names)"
+        return None
+    return _weights_problem(ckpt)
+
+
+def _torch_files(engine: str | None, processes: int) -> list[str]:
+    """The torch files a checkpoint holds: optimizer (unless the engine keeps its own),
+    scheduler (unless DeepSpeed's), and one RNG state per process."""
+    rng = [_RNG_FILE] if processes == 1 else [f"rng_state_{r}.pth" for r in range(processes)]
+    own = {"fsdp": ["scheduler.pt"], "deepspeed": []}.get(engine, ["optimizer.pt", "scheduler.pt"])
+    return own + rng
+
+
+def checkpoint_problem(ckpt: str | os.PathLike, state_keys: tuple[str, ...] = (),
+                       processes: int = 1, engine: str | None = None) -> str | None:
     """Why `ckpt` cannot be resumed from, or None. Checks what a crash or a full disk
-    damages: weights loadable (safetensors header and size), trainer_state.json, optimizer,
-    scheduler and RNG files loadable, and the callbacks' states present. There are no
-    checksums: a flipped byte inside tensor data is not caught."""
+    damages: weights loadable (safetensors header and size; FSDP's and DeepSpeed's states
+    present), trainer_state.json, optimizer, scheduler and RNG files loadable (one per process
+    of the run that wrote it), and the callbacks' states present. There are no checksums: a
+    flipped byte inside tensor data is not caught."""
     ckpt = Path(ckpt)
-    checks = [lambda: _weights_problem(ckpt),
+    checks = [lambda: _engine_problem(ckpt, engine),
               lambda: _json_problem(ckpt / "trainer_state.json", ("global_step", "log_history"))]
-    for name in _TORCH_FILES:
+    for name in _torch_files(engine, processes):
         checks.append(lambda name=name: (f"{name} is missing" if not (ckpt / name).is_file()
                                          else _torch_file_problem(ckpt / name)))
     if state_keys:
@@ -187,14 +226,16 @@ def _set_aside(ckpt: Path) -> Path:
     return target
 
 
-def resume_point(folder: str | os.PathLike, state_keys: tuple[str, ...] = ()) -> str | None:
-    """The newest checkpoint that passes `checkpoint_problem`, or None if there is none at all.
+def resume_point(folder: str | os.PathLike, state_keys: tuple[str, ...] = (),
+                 processes: int = 1, engine: str | None = None) -> str | None:
+    """The newest checkpoint that passes `checkpoint_problem` (written by `processes`
+    processes of `engine`), or None if there is none at all.
 
     Damaged newer ones are named in one line each and set aside (damaged-checkpoint-N);
     if every checkpoint is damaged, one SalfError names them and nothing is renamed."""
     damaged = []
     for ckpt in reversed(complete_checkpoints(folder)):
-        problem = checkpoint_problem(ckpt, state_keys)
+        problem = checkpoint_problem(ckpt, state_keys, processes, engine)
         if problem is None:
             for bad, why in damaged:
                 kept = _set_aside(bad)

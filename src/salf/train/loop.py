@@ -12,7 +12,9 @@ finalise (evaluation, audit, final/) and write metrics.json. It writes into `out
     plan.json                   the plan as applied
     run.json                    the run's settings (a resume must match them)
 
-See docs/training.md.
+Under torchrun / accelerate launch every process runs `train` (the Trainer's engine: DDP,
+FSDP, DeepSpeed); rank 0 alone writes OUT and hands its decisions (the resume point, a
+refusal) to the others. See docs/training.md and docs/multi-gpu.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import distributed
 from ..errors import SalfError
 from ..io import atomic_write_json, publish_dir, read_json
 from . import extensions
@@ -39,14 +42,17 @@ from .interrupt import StopOnInterrupt
 from .metrics import build_metrics
 from .progress import ProgressBars, quiet_saves, say
 from .steplog import StepLog
-from .trainer import build_trainer, training_arguments
+from .trainer import build_trainer, check_engine, training_arguments
 
 CHECKPOINTS = "checkpoints"
 REPORT_TO = ("none", "tensorboard", "csv")
 # settings a resumed run must share with the run it continues; callbacks add theirs
 # through run_settings() (salf.train.extensions), a new train() argument adds its name here
 RESUME_KEYS = ("plan", "lora", "loss", "lr", "batch_size", "grad_accum", "max_length", "epochs",
-               "max_steps", "seed", "bf16", "gradient_checkpointing", "n_train", "n_eval", "callbacks")
+               "max_steps", "seed", "bf16", "gradient_checkpointing", "n_train", "n_eval", "callbacks",
+               "processes", "engine")
+# what a run.json written before a key existed meant by it
+RESUME_DEFAULTS = {"processes": 1, "engine": None}
 
 
 @dataclass
@@ -80,6 +86,8 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     `dynamic` (a salf.dynamic.DynamicSettings or its dict) moves the cut while training,
     reading `probe_rows` (held out of `train_rows`) where its policy probes; its schedule,
     checks and integrated cost go to metrics.json["dynamic"] and OUT/dynamic.json.
+    Under a launcher every process calls `train` with the same arguments; `batch_size` is per
+    process; rank 0 writes OUT and every rank returns the metrics.
     """
     wall_start = time.perf_counter()
     lora = LoraSettings.from_dict(lora) if isinstance(lora, dict) else lora
@@ -94,12 +102,15 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
                        grad_accum=grad_accum, max_length=max_length, epochs=epochs, max_steps=max_steps,
                        seed=seed, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
                        cache_prefix=cache_prefix, n_train=len(train_rows), n_eval=len(eval_rows),
-                       eval_steps=eval_steps, save_steps=save_steps)
+                       eval_steps=eval_steps, save_steps=save_steps,
+                       processes=distributed.world_size(), engine=distributed.engine())
 
     out = Path(out_dir)
-    resume_from = prepare_run_folder(out, run, resume, callbacks)
+    distributed.init()
+    resume_from = distributed.on_main(lambda: prepare_run_folder(out, run, resume, callbacks))
     model = _apply_plan(model, plan, plan_dict, lora, gradient_checkpointing, seed, out)
     data = encode_data(task, tokenizer, train_rows, eval_rows, max_length)
+    progress = progress and distributed.is_main()
     evaluate = _evaluator(task, data, batch_size, progress) if data.eval else None
     before, counts = snapshot(model), parameter_counts(model)
     cache = _prefix_cache(model, plan_dict, loss, moving=mover is not None) if cache_prefix else None
@@ -116,6 +127,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     trainer = build_trainer(model, args, data.train, data.eval, data.pad_id, loss=loss, evaluate=evaluate,
                             cache=cache, callbacks=[*callbacks, stopper], keep=save_total_limit,
                             resumed_from=resume_from)
+    check_engine(trainer)
     step_log = StepLog(out, lambda: trainer.salf_tokens, csv=report_to == "csv",
                        resume_step=step_of(resume_from) if resume_from else None)
     trainer.add_callback(step_log)
@@ -130,7 +142,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     _save_final(model, tokenizer, out, {
         "base": _base_spec(model, plan, base_spec), "lora": run["lora"], "plan": plan_dict,
         "task": task.to_dict() if hasattr(task, "to_dict") else None,
-        "max_length": int(max_length), "loss": loss})
+        "max_length": int(max_length), "loss": loss}, state_dict=_whole_weights(trainer))
 
     metrics = build_metrics(run=run, plan=plan_dict, counts=counts, state=trainer.state,
                             runtime_s=result.metrics.get("train_runtime"), examples=len(data.train),
@@ -139,7 +151,8 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
                             prefix_cache=cache_info,
                             resumed_from_step=step_of(resume_from) if resume_from else None)
     metrics.update(extensions.metrics_sections(callbacks))
-    atomic_write_json(out / "metrics.json", metrics)
+    distributed.on_main(lambda: atomic_write_json(out / "metrics.json", metrics))
+    distributed.barrier()   # every rank returns once OUT is complete
     return metrics
 
 
@@ -198,6 +211,7 @@ def check_resume(run_file: Path, run: dict, keys) -> None:
     old = read_json(run_file, "--resume:")
     if not isinstance(old, dict):
         raise SalfError(f"--resume: {run_file} is not a salf run.json (expected a JSON object)")
+    old = {**RESUME_DEFAULTS, **old}
     diffs = [k for k in keys if _canonical(old.get(k)) != _canonical(run.get(k))]
     if diffs:
         shown = "; ".join(f"{k} {_canonical(old.get(k))} (now {_canonical(run.get(k))})" for k in diffs)
@@ -214,7 +228,8 @@ def prepare_run_folder(out: Path, run: dict, resume: bool, callbacks) -> str | N
     if resume:
         check_resume(out / "run.json", run, RESUME_KEYS)
         clean_staging(ckpt_dir)
-        resume_from = resume_point(ckpt_dir, tuple(extensions.stateful(callbacks)))
+        resume_from = resume_point(ckpt_dir, tuple(extensions.stateful(callbacks)), run["processes"],
+                                   run["engine"])
         if resume_from:
             say(f"salf: resuming from {Path(resume_from).name}")
     elif last_checkpoint(ckpt_dir) is not None:
@@ -235,7 +250,7 @@ def _apply_plan(model: nn.Module, plan, plan_dict, lora, gradient_checkpointing:
         model = apply_plan(model, plan, lora=lora, gradient_checkpointing=gradient_checkpointing)
     elif applied.eof != int(plan.eof) or (applied.lora is None) != (lora is None):
         raise SalfError("the model already has a different plan applied; pass a freshly loaded model")
-    atomic_write_json(out / "plan.json", plan_dict)
+    distributed.on_main(lambda: atomic_write_json(out / "plan.json", plan_dict))
     return model
 
 
@@ -262,6 +277,7 @@ def _dynamic_callback(dynamic, plan_dict, probe_rows, task, tokenizer, max_lengt
     """The DynamicFreezeCallback a `dynamic` run adds (None for a static run)."""
     if dynamic is None:
         return None
+    distributed.refuse_dynamic()
     from ..dynamic import DynamicFreezeCallback, DynamicSettings, Probe
 
     settings = DynamicSettings.from_dict(dynamic) if isinstance(dynamic, dict) else dynamic
@@ -298,6 +314,10 @@ def _prefix_cache(model: nn.Module, plan_dict, loss: str, moving: bool = False):
 
     if plan_dict and plan_dict.get("train_embeddings"):
         raise SalfError("--cache-prefix needs a cut: full fine-tuning has no frozen prefix")
+    if distributed.sharded():
+        name = distributed.ENGINE_NAMES[distributed.engine()]
+        raise SalfError(f"--cache-prefix skips the frozen layers, whose shards every {name} process "
+                        "must gather together; use it with DDP or one process")
     if loss == "lm":
         raise SalfError("--cache-prefix supports the label/SFT loss, not the full-sequence "
                         "'lm' loss (its extra label token has no cached state)")
@@ -333,21 +353,35 @@ def _trained_model(trainer, cache) -> tuple[nn.Module, dict | None]:
 
 
 def _audit(before, model: nn.Module, plan, out: Path) -> dict:
-    report = compare(before, snapshot(model), plan, strict=False)
-    write_audit(out / "audit.json", report)
+    """Compare the weights with those at apply_plan time (sharded ones gathered whole first);
+    rank 0 writes audit.json, every rank fails on a violation."""
+    after = distributed.gathered_snapshot(model) if distributed.sharded() else snapshot(model)
+    report = compare(before, after, plan, strict=False)
+    distributed.on_main(lambda: write_audit(out / "audit.json", report))
     if not report["ok"]:
         raise SalfError(f"audit failed (see {out / 'audit.json'}): {report['violations'][0]}")
     return report
 
 
-def _save_final(model: nn.Module, tokenizer, out: Path, meta: dict) -> None:
-    staging = out / ".tmp-final"
-    shutil.rmtree(staging, ignore_errors=True)
-    with quiet_saves():
-        model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    atomic_write_json(staging / META_FILE, meta)
-    publish_dir(staging, out / "final")
+def _whole_weights(trainer) -> dict | None:
+    """The weights a sharding engine (FSDP, DeepSpeed) holds in pieces, gathered whole by
+    accelerate (every rank calls); None for a model every process holds whole."""
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped) if distributed.sharded() else None
+
+
+def _save_final(model: nn.Module, tokenizer, out: Path, meta: dict, state_dict: dict | None = None) -> None:
+    """OUT/final, published whole by rank 0; `state_dict`: the full weights a sharding engine
+    gathered (accelerator.get_state_dict), None for a whole model."""
+    def save() -> None:
+        staging = out / ".tmp-final"
+        shutil.rmtree(staging, ignore_errors=True)
+        with quiet_saves():
+            model.save_pretrained(str(staging), state_dict=state_dict)
+        tokenizer.save_pretrained(str(staging))
+        atomic_write_json(staging / META_FILE, meta)
+        publish_dir(staging, out / "final")
+
+    distributed.on_main(save)
 
 
 def _base_spec(model: nn.Module, plan, base_spec) -> str | None:

@@ -20,8 +20,12 @@ from transformers.utils import logging as hf_logging
 
 
 def say(text: str) -> None:
-    """One line on stderr, printed above any progress bar (tqdm.write)."""
-    tqdm.write(text, file=sys.stderr)
+    """One line on stderr, printed above any progress bar (tqdm.write); under several
+    processes only rank 0 speaks (the others would repeat it)."""
+    from .. import distributed
+
+    if distributed.is_main():
+        tqdm.write(text, file=sys.stderr)
 
 
 @contextlib.contextmanager

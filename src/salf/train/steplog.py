@@ -4,6 +4,7 @@
 JSON line per logged step to OUT/train_log.jsonl (step, epoch, loss, learning_rate,
 grad_norm, step_s, tokens) and one per evaluation (step, eval_*); with `csv=True` the
 training rows also go to OUT/train_log.csv. A resume keeps the rows up to its checkpoint.
+Under several processes every rank times its own steps and rank 0 writes the log.
 See docs/training.md ("What training prints").
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .. import distributed
 from ..io import atomic_write_text
 
 LOG_FILE = "train_log.jsonl"
@@ -65,7 +67,9 @@ class StepLog(TrainerCallback):
         self.last_step_s: float | None = None
         self._t0 = None
         self._tok0 = 0
-        self._restart(resume_step)
+        self.writes = distributed.is_main()
+        if self.writes:
+            self._restart(resume_step)
 
     def _restart(self, resume_step: int | None) -> None:
         """Keep the rows a resumed run already has (up to its checkpoint); a new run starts empty."""
@@ -90,6 +94,8 @@ class StepLog(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        if not self.writes:
+            return
         row = {"step": state.global_step, "epoch": state.epoch}
         if "loss" in logs:
             row.update({k: logs.get(k) for k in ("loss", "learning_rate", "grad_norm")})

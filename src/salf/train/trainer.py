@@ -4,6 +4,7 @@
     training_arguments()  the TrainingArguments of a run (from its run.json settings)
     build_trainer()       the one place a run's Trainer is made: the model, its data,
                           the callbacks and the prefix cache
+    check_engine()        the engine the launcher asked for is the one the Trainer runs
 
 The optimizer stays the Trainer's own (`trainer.optimizer`, created when training
 starts). See docs/training.md.
@@ -19,6 +20,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import distributed
+from ..errors import SalfError
 from .checkpoints import rotate, staged_checkpoint
 from .evaluate import batch_loss, batch_tokens
 from .progress import quiet_saves
@@ -99,6 +102,16 @@ class SalfTrainer(Trainer):
         self.salf_tokens += batch_tokens(inputs)
         return (loss, None) if return_outputs else loss
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer (only parameters that require grad) without an empty group:
+        a cut can leave its weight-decay or its no-decay group empty, and DeepSpeed's ZeRO
+        optimizers fail on an empty group (IndexError). One process keeps the Trainer's two
+        groups, which the checkpoints of earlier runs hold."""
+        optimizer = super().create_optimizer(model)
+        if distributed.world_size() > 1:
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         if self.salf_eval is None:
             return {}
@@ -127,7 +140,7 @@ class SalfTrainer(Trainer):
                     super()._save_checkpoint(model, trial)
             finally:
                 self._salf_staging = None
-        rotate(run_dir, self.salf_keep, protect=self.salf_protect)
+        distributed.on_main(lambda: rotate(run_dir, self.salf_keep, protect=self.salf_protect))
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # A tied head is saved once, under its source (lm_head.weight is embed_tokens.weight);
@@ -141,8 +154,14 @@ class SalfTrainer(Trainer):
 def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: float, warmup_steps: int,
                        tensorboard: bool) -> TrainingArguments:
     """TrainingArguments for `run` (run.json's settings). Progress output, rotation and
-    activation checkpointing are salf's, so the Trainer's are off."""
+    activation checkpointing are salf's, so the Trainer's are off.
+
+    Several processes on CPUs need `use_cpu` (accelerate's MULTI_CPU, gloo): without it
+    accelerate finds no accelerator for torchrun's LOCAL_RANK and every process trains alone.
+    No parameter that requires grad is ever unused (the frozen ones do not require it), so
+    DDP does not look for unused ones (the Trainer's default would walk the graph every step)."""
     bf16 = run["bf16"]
+    cpu = not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=run["batch_size"],
@@ -157,7 +176,8 @@ def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: floa
         optim="adamw_torch",
         bf16=bf16,
         # bf16 without an accelerator must say so explicitly (CPU autocast), else TrainingArguments refuses
-        use_cpu=bf16 and not torch.cuda.is_available(),
+        use_cpu=cpu and (bf16 or distributed.world_size() > 1),
+        ddp_find_unused_parameters=False,
         seed=run["seed"],
         data_seed=run["seed"],
         logging_strategy="steps",
@@ -192,3 +212,14 @@ def build_trainer(model, args: TrainingArguments, train_examples: list[dict], ev
     trainer.remove_callback(PrinterCallback)    # per-step dicts: salf writes them to train_log.jsonl
     trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def check_engine(trainer: SalfTrainer) -> None:
+    """Refuse a run whose launcher asked for FSDP or DeepSpeed that the Trainer does not run:
+    accelerate falls back to plain data parallelism without a word where it cannot (CPUs)."""
+    wanted = distributed.engine()
+    running = {"fsdp": trainer.is_fsdp_enabled, "deepspeed": trainer.is_deepspeed_enabled}
+    if wanted in running and not running[wanted]:
+        name = distributed.ENGINE_NAMES[wanted]
+        raise SalfError(f"{name}: accelerate runs {name} on GPUs (and other accelerators) only; here it "
+                        f"would train with plain DDP instead. Run on GPUs, or launch without {name}")
