@@ -8,7 +8,9 @@
 * `analyze` sharded over 2 processes returns the one-process trace, bit for bit;
 * FSDP2 laid out as accelerate's plugin lays it out (one unit per decoder layer) trains a
   plan: the one-process loss curve, frozen weights bit-identical, no gradient below the cut;
-* the refusals: --dynamic under a launcher, FSDP where accelerate would fall back to DDP.
+* a moving cut (--dynamic) under DDP: the one-process schedule and loss curve, no gradient
+  for a layer frozen mid-run, a resume after the move bit-identical;
+* the refusals: --dynamic under FSDP or DeepSpeed, FSDP where accelerate would fall back to DDP.
 
 Losses of different process counts are compared within LOSS_TOL (the same examples per
 step, summed in another order); what runs twice with the same processes must be equal.
@@ -54,7 +56,8 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     """One of the 2 processes every in-process test reads (one start for all: each costs
     seconds of imports): DDP training, the sharded analysis, FSDP2; rank<r>-<part>.json."""
     _join(rank, port)
-    for part, run in (("ddp", _ddp_part), ("analysis", _analysis_part), ("fsdp", _fsdp_part)):
+    for part, run in (("ddp", _ddp_part), ("dynamic", _dynamic_part), ("analysis", _analysis_part),
+                      ("fsdp", _fsdp_part)):
         folder = Path(out, part)
         folder.mkdir(exist_ok=True)
         Path(folder, f"rank{rank}.json").write_text(json.dumps(run(rank, folder)))
@@ -122,7 +125,7 @@ def test_torchrun_trains_with_ddp_like_one_process_with_the_global_batch(tmp_pat
 # ----------------------------------------------------------------------------- DDP in train()
 
 
-def _ddp_run(folder, callbacks=(), resume=False, steps=4, lora=None) -> dict:
+def _ddp_run(folder, callbacks=(), resume=False, steps=4, lora=None, eof=2, batch_size=2, **kwargs) -> dict:
     from salf.data import load_dataset_spec
     from salf.models import load_model
     from salf.plan import FreezePlan
@@ -131,8 +134,8 @@ def _ddp_run(folder, callbacks=(), resume=False, steps=4, lora=None) -> dict:
     ds = load_dataset_spec("rotten-tomatoes", seed=0)
     model, tok, _ = load_model("tiny-llama")
     return train(model, tok, ds.task, ds.splits["train"][:32], ds.splits["validation"][:8],
-                 FreezePlan.manual(2, 4), folder, max_steps=steps, batch_size=2, save_steps=2,
-                 resume=resume, progress=False, callbacks=list(callbacks), lora=lora)
+                 FreezePlan.manual(eof, 4), folder, max_steps=steps, batch_size=batch_size, save_steps=2,
+                 resume=resume, progress=False, callbacks=list(callbacks), lora=lora, **kwargs)
 
 
 def _ddp_part(rank: int, out: Path) -> dict:
@@ -235,6 +238,68 @@ def test_checkpoints_in_an_engines_layout_are_checked(tmp_path, engine, layout, 
     assert checkpoint_problem(tmp_path, processes=2).startswith("no model weights")   # not DDP's
     (tmp_path / next(iter(layout))).unlink()
     assert checkpoint_problem(tmp_path, processes=2, engine=engine).startswith(first)
+
+
+# ----------------------------------------------------------------------------- a moving cut under DDP
+
+# the linear schedule from eof 1 over 8 steps, checked at every step: eof 2 after step 6
+DYNAMIC = dict(eof=1, steps=8)
+
+
+def _dynamic_settings():
+    from salf.dynamic import DynamicSettings
+
+    return DynamicSettings(policy="linear", checks=8)
+
+
+def _dynamic_part(rank: int, out: Path) -> dict:
+    """A dynamic run (recording the gradients of the step after the first move), then the
+    same run stopped at its step-6 checkpoint (the first move's) and resumed."""
+    from transformers import TrainerCallback
+
+    record: dict = {}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            record["find_unused"] = args.ddp_find_unused_parameters
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 6:       # the 7th step
+                params = list(model.named_parameters())
+                record["trainable"] = sorted(n for n, p in params if p.requires_grad)
+                record["with_grad"] = sorted(n for n, p in params if p.grad is not None)
+
+    class StopAt6(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 6
+
+    whole = _ddp_run(out / "whole", [Record()], dynamic=_dynamic_settings(), **DYNAMIC)
+    _ddp_run(out / "resumed", [StopAt6()], dynamic=_dynamic_settings(), **DYNAMIC)
+    resumed = _ddp_run(out / "resumed", resume=True, dynamic=_dynamic_settings(), **DYNAMIC)
+    return dict(record, whole=whole["train"]["loss_curve"], resumed=resumed["train"]["loss_curve"],
+                schedule=whole["dynamic"]["schedule"], resumed_schedule=resumed["dynamic"]["schedule"],
+                audit=whole["dynamic"]["audit"]["ok"])
+
+
+def test_a_moving_cut_under_ddp_is_the_one_process_run_and_resumes_exactly(ranks, tmp_path):
+    one = _ddp_run(tmp_path / "one", dynamic=_dynamic_settings(), batch_size=4, **DYNAMIC)
+    schedule = one["dynamic"]["schedule"]
+    assert len(schedule) >= 2 and schedule[1][0] == 6          # the resume point's move
+    out = ranks / "dynamic"
+    for r in _rank_results(out):
+        assert r["schedule"] == r["resumed_schedule"] == schedule
+        for a, b in zip(r["whole"], one["train"]["loss_curve"], strict=True):
+            assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) <= LOSS_TOL
+        assert r["find_unused"] is True          # DDP must find the layers frozen after the wrap
+        eof_then = max(eof for step, eof in schedule if step <= 6)     # the cut at the 7th step
+        frozen_then = [f".layers.{i}." for i in range(eof_then)]
+        assert r["trainable"] and not any(f in n for f in frozen_then for n in r["trainable"])
+        assert r["with_grad"] == r["trainable"]  # layers frozen mid-run get no gradient
+        assert r["resumed"] == r["whole"] and r["audit"]
+    whole, resumed = (_tensors(out / d / "final" / "model.safetensors") for d in ("whole", "resumed"))
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+    log = json.loads((out / "whole" / "dynamic.json").read_text())
+    assert log["schedule"] == schedule            # written once, by rank 0
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -387,14 +452,14 @@ def _tiny_run(tmp_path, **kwargs):
                  tmp_path / "out", max_steps=1, batch_size=2, progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("env, engine", [({}, "DDP"), ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+@pytest.mark.parametrize("env, engine", [({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
                                          ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed")])
-def test_dynamic_under_a_launcher_is_refused_naming_the_engine(tmp_path, monkeypatch, env, engine):
+def test_dynamic_under_a_sharding_engine_is_refused_naming_it(tmp_path, monkeypatch, env, engine):
     from salf.dynamic import DynamicSettings
 
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", **env}.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(SalfError, match=f"^--dynamic runs in one process only: under {engine} "):
+    with pytest.raises(SalfError, match=f"^--dynamic runs in one process or under DDP: under {engine} "):
         _tiny_run(tmp_path, dynamic=DynamicSettings(policy="linear"))
     assert not (tmp_path / "out").exists()           # refused before anything was written
 

@@ -11,6 +11,7 @@ Trainer's, through accelerate; salf only decides who writes and hands rank 0's d
     init()                            the process group, started the way the Trainer starts it
     barrier(), all_gather(obj)
     on_main(fn)                       fn() on rank 0 only; every rank gets its result or its SalfError
+    from_main(obj)                    rank 0's obj on every rank (a decision all must share)
     gathered_snapshot(model)          the audit's snapshot of a sharded model, every tensor whole
 
 See docs/multi-gpu.md.
@@ -150,10 +151,23 @@ def gathered_snapshot(model):
     return Snapshot(hashes, trainable)
 
 
-def refuse_dynamic() -> None:
-    """One line naming the engine: a moving cut is single-process (docs/multi-gpu.md)."""
-    if world_size() > 1:
+def from_main(obj):
+    """Rank 0's `obj` on every rank (obj itself for one process): a decision every rank must
+    take alike, such as where a moving cut goes, whatever each rank measured."""
+    if not _active():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def refuse_sharded_dynamic() -> None:
+    """One line naming the engine: a moving cut runs in one process or under DDP, not under
+    an engine that shards the optimizer states (docs/multi-gpu.md §5)."""
+    if sharded():
         name = ENGINE_NAMES[engine()]
-        raise SalfError(f"--dynamic runs in one process only: under {name} ({world_size()} processes) "
-                        f"a moved cut would leave {name}'s gradient buckets and optimizer shards built "
-                        "for the old trainable set; run it without torchrun / accelerate launch")
+        raise SalfError(f"--dynamic runs in one process or under DDP: under {name} a moved cut would "
+                        f"leave {name}'s optimizer shards built for the old trainable set; launch "
+                        "with torchrun (DDP) or without a launcher")

@@ -15,6 +15,10 @@ when it freezes, so the audit can prove it never changed again, and it records t
 `[[step, eof], ...]`. Its whole state is JSON (`state_dict` / `load_state_dict`): a
 checkpoint carries it, and `restore_cut` re-applies the cut to a fresh model before the
 Trainer builds its optimizer, so a resumed run continues the same schedule.
+
+Under DDP every rank measures its own replica and takes rank 0's decision; the Trainer must
+let DDP find unused parameters (`ddp_find_unused_parameters=True`, which `salf train` sets
+for a dynamic run), since the layers a move freezes stay in the buckets built at the wrap.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .. import distributed
 from ..errors import SalfError
 from ..io import atomic_write_json
 from ..models.anatomy import anatomy, unwrap
@@ -164,11 +169,13 @@ class DynamicFreezeCallback(TrainerCallback):
             return
         check = self._measure(model, step)
         self.history.append(check)
-        decision = decide(self.settings, self.history, self._run)
+        # under DDP every rank probes its replica; rank 0's decision moves every rank's cut
+        decision = distributed.from_main(decide(self.settings, self.history, self._run))
         moved = self._move(model, optimizer, step, decision) if decision.eof > check.eof else None
         self.decisions.append({"step": step, "from": check.eof, "to": decision.eof,
                                "reason": decision.reason, "details": decision.details, "move": moved})
-        self.log(self._summary_line(check, decision))
+        if distributed.is_main():
+            self.log(self._summary_line(check, decision))
         self._write_log()
 
     # ------------------------------------------------------------------ measuring and moving
@@ -253,7 +260,7 @@ class DynamicFreezeCallback(TrainerCallback):
                           "targets": self.probe_targets}}
 
     def _write_log(self) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and distributed.is_main():
             atomic_write_json(self.out_dir / LOG_FILE, self.report())
 
     def _summary_line(self, check: Check, decision: Decision) -> str:

@@ -277,7 +277,7 @@ def _dynamic_callback(dynamic, plan_dict, probe_rows, task, tokenizer, max_lengt
     """The DynamicFreezeCallback a `dynamic` run adds (None for a static run)."""
     if dynamic is None:
         return None
-    distributed.refuse_dynamic()
+    distributed.refuse_sharded_dynamic()
     from ..dynamic import DynamicFreezeCallback, DynamicSettings, Probe
 
     settings = DynamicSettings.from_dict(dynamic) if isinstance(dynamic, dict) else dynamic
