@@ -60,11 +60,12 @@ def table(s: dict) -> list[str]:
     lines = [f"### {s['dataset']} ({s['metric']}; full fine-tuning {s['full']['quality']:.4f} over "
              f"{s['full']['seeds']} seeds, noise {s['oracle']['noise']:.4f}; oracle's cheapest safe "
              f"static cut eof {s['oracle']['cheapest_safe_cut']} at {fmt(oracle)})", "",
-             "| dynamic selector | from eof | quality per seed | Δ vs full, same seeds | safe | "
-             "FLOPs vs full | / cheapest safe static | probes: FLOPs, wall | schedule (seed 1) |",
+             "| dynamic selector | from eof | quality at FLOPs vs full, per seed | Δ vs full, same seeds | "
+             "safe | FLOPs vs full (mean) | / cheapest safe static | probes: FLOPs, wall | schedule (seed 1) |",
              "|---|---:|---|---:|:---:|---:|---:|---|---|"]
     for r in dynamic_rows(s):
-        per_seed = ", ".join(f"{c['quality']:.4f} (s{c['seed']})" for c in r["cells"]) or "not run"
+        per_seed = ", ".join(f"{c['quality']:.4f} at {c['cost']:.3f} (s{c['seed']})"
+                             for c in r["cells"]) or "not run"
         first = next((c for c in r["cells"] if c["seed"] == 1), r["cells"][0] if r["cells"] else None)
         safe = {True: "yes", False: "no", None: "?"}[r.get("safe")]
         lines.append(f"| {r['name']} | {r['cut']} | {per_seed} | {fmt(r.get('delta_vs_full'), '+.4f')} | "

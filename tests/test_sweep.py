@@ -358,9 +358,19 @@ def test_dynamic_cells_beside_the_static_frontier(tmp_path):
     assert cell["cost"] < static_start if step else cell["cost"] >= static_start
     row = s["pick_details"][name]
     assert row["schedules"] == {"1": cell["dynamic"]["schedule"]} and row["safe"] in (True, False)
+    assert row["costs"] == {"1": cell["cost"]} and row["cost"] == cell["cost"]
     assert s["picks"][name] is None                                 # not a point of the frontier
     assert (out / "frontier.png").stat().st_size > 10_000
     # a later run asking the same selector with other settings under the same name is refused
     (out / "cells" / f"{cell['key']}.json").write_text(json.dumps(dict(cell, dynamic=dict(
         cell["dynamic"], settings=dict(cell["dynamic"]["settings"], checks=3)))))
     assert main(argv) == 2
+
+
+def test_a_moving_cuts_cost_is_the_mean_over_its_seeds():
+    """A static cut costs the same at every seed; a dynamic cell's schedule differs by seed."""
+    from salf.sweep import measure
+
+    cells = [dict(quality=0.87, cost=0.75, loss=0.4, step_s=1.0, seed=1),
+             dict(quality=0.88, cost=0.81, loss=0.3, step_s=1.0, seed=2)]
+    assert measure(cells)["cost"] == pytest.approx(0.78)

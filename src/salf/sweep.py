@@ -685,7 +685,8 @@ def noise_floor(full_cells: list[dict], full: dict, higher: bool, test_samples: 
 def measure(group: list[dict]) -> dict:
     """Mean and spread over the seeds of one training configuration's cells."""
     q, s = _mean_spread([c["quality"] for c in group])
-    return {"cost": group[0]["cost"], "quality": q, "spread": s,
+    # a static cut costs the same at every seed; a moving cut's schedule, hence cost, differs
+    return {"cost": statistics.fmean(c["cost"] for c in group), "quality": q, "spread": s,
             "loss": _mean_spread([c["loss"] for c in group])[0],
             "step_s": _mean_spread([c["step_s"] for c in group if c["step_s"]])[0],
             "seeds": len(group)}
@@ -732,8 +733,9 @@ def pick_row(pick: dict, groups: dict[str, list[dict]], points: list[dict],
         if cheapest:
             row["cost_vs_cheapest_safe"] = measured["cost"] / cheapest["cost"]
     if cell_kind(pick) == "dyn" and groups.get(cell_stem(pick)):
-        # each seed's cut schedule [[step, eof], ...] and the cost it integrates to
+        # each seed's cut schedule [[step, eof], ...] and the cost it integrates to ("cost": their mean)
         row["schedules"] = {str(c["seed"]): c["dynamic"]["schedule"] for c in groups[cell_stem(pick)]}
+        row["costs"] = {str(c["seed"]): c["cost"] for c in groups[cell_stem(pick)]}
     return row
 
 
