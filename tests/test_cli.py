@@ -5,19 +5,13 @@ import subprocess
 import sys
 
 import pytest
+from datafiles import reviews_csv
 
 from salf.cli import main
 
 
 def _csv(tmp_path, n=60):
-    path = tmp_path / "reviews.csv"
-    lines = ["review,label"]
-    for i in range(n):
-        good = i % 2 == 0
-        lines.append(f"{'a good warm film' if good else 'a bad dull film'} number {i},"
-                     f"{'positive' if good else 'negative'}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return reviews_csv(tmp_path, n)
 
 
 def _sft(tmp_path, n=40):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from datafiles import reviews_csv as _csv
 
 from salf import commands
 from salf.cli import CLI_HEADS, REPORT_TO, build_parser, main
@@ -17,14 +18,6 @@ from salf.defaults import (DEFAULT_ANALYSIS_SAMPLES, DEFAULT_FINETUNE_STEPS,
                            DEFAULT_SAVE_TOTAL_LIMIT)
 
 COLS = ["--text-col", "review", "--label-col", "label"]
-
-
-def _csv(folder, n=40):
-    path = folder / "reviews.csv"
-    rows = [f"{'a good warm film' if i % 2 else 'a bad dull film'} number {i},"
-            f"{'positive' if i % 2 else 'negative'}" for i in range(n)]
-    path.write_text("review,label\n" + "\n".join(rows) + "\n")
-    return path
 
 
 def _fails(*argv, says: str):

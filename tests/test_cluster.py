@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import transformers
+from datafiles import reviews_csv
 
 from salf.cli import main
 from salf.cluster import (BF16_MIXED, ENGINES, check_cluster, cluster_curve, precision_for,
@@ -229,11 +230,7 @@ def test_gradient_bytes_match_what_ddp_and_fsdp2_move(tmp_path):
 # salf plan --ranks N --engine E
 
 def _csv(folder, n=24):
-    path = folder / "reviews.csv"
-    rows = [f"{'a good warm film' if i % 2 else 'a bad dull film'} number {i},"
-            f"{'positive' if i % 2 else 'negative'}" for i in range(n)]
-    path.write_text("review,label\n" + "\n".join(rows) + "\n")
-    return path
+    return reviews_csv(folder, n)
 
 
 @pytest.fixture(scope="module")
