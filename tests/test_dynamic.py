@@ -165,7 +165,10 @@ def test_probe_flops_match_the_flop_counter_and_a_frozen_prefix_is_replayed():
     full, replayed = reads
     assert replayed["deviation"] == pytest.approx(full["deviation"], abs=1e-5)
     assert replayed["loss"] == pytest.approx(full["loss"], rel=1e-5)
-    assert probe.read(model, cut=3)["from_layer"] == 0        # a new cut: one full read again
+    with FlopCounterMode(display=False) as counter:           # the cut moved: start from h^2
+        assert probe.read(model, cut=3)["from_layer"] == 2
+    assert forward_flops(shape, T, 8, from_layer=2, head_positions=1, attention="eager") == \
+        pytest.approx(counter.get_total_flops(), rel=0.05)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -288,6 +291,29 @@ def test_the_prefix_cache_follows_a_moving_cut(tmp_path):
     assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
     for name, p in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], p, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_probe_read_after_a_move_equals_a_full_read_of_the_trained_layers(family):
+    """The cut moves 1 -> 3 after layers 2-3 trained: the read starts from the stored h^1,
+    runs layers 2-3 as they are now (not as they were stored) and equals a fresh full read;
+    the next read replays the new boundary h^3."""
+    tok = tiny_tokenizer()
+    model = apply_plan(tiny_model(family), make_plan(1))
+    batches = [collate(_examples(tok, 6), pad_token_id(tok))]
+    probe = Probe(batches, "classification", TASK.label_token_ids(tok))
+    before = probe.read(model, cut=1)
+    with torch.no_grad():                      # "training" of the layers the move will freeze
+        for p in anatomy(model).layers[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = probe.read(model, cut=3)
+    full = Probe(batches, "classification", TASK.label_token_ids(tok)).read(model, cut=3)
+    assert (moved["from_layer"], full["from_layer"]) == (1, 0)
+    assert abs(moved["deviation"][2] - before["deviation"][2]) > 1e-4   # layer 2 did change
+    assert moved["deviation"] == pytest.approx(full["deviation"], abs=1e-5)
+    assert moved["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    again = probe.read(model, cut=3)
+    assert again["from_layer"] == 3 and again["deviation"] == pytest.approx(full["deviation"], abs=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2"])

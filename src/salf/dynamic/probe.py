@@ -39,9 +39,11 @@ class Probe:
     """A fixed set of encoded rows, read with the trace at every check.
 
     Layers below the cut are frozen, so their output on the probe rows never changes: a read
-    at the cut k stores h^k for every probe batch, and the next reads at the same cut replay
-    it instead of running layers 1..k (their spaces' deviations are the stored read's). A read
-    after the cut moved runs the whole model once more and stores the new boundary.
+    at the cut k stores h^k for every probe batch, and the next reads replay it instead of
+    running layers 1..k (their spaces' deviations are the stored read's). A read after the cut
+    moved deeper, to m, starts from the stored h^k too — layers k+1..m run with their weights
+    of now, which froze with the move — and stores h^m on the way: each frozen layer runs once
+    after it froze, never again.
     """
 
     def __init__(self, batches: list[dict], task_kind: str, label_token_ids=None,
@@ -72,16 +74,21 @@ class Probe:
         loss at the targets, "targets", "seconds", "from_layer": the first decoder layer that
         ran} for `model` as it is now (eval mode and
         no grad for the read; its training mode is restored). `cut`: the layers below it are
-        frozen (0: nothing to skip)."""
+        frozen (0: nothing to skip); a cut only ever moves deeper between reads."""
         base = unwrap(model)
         anat = anatomy(base)
-        replay = 0 < cut == self._boundary and all(s is not None for s in self._states)
-        start = time.perf_counter()
+        stored = all(s is not None for s in self._states)
+        # the stored boundary's states hold while the cut is at or past it (frozen below it)
+        start = self._boundary if stored and 0 < self._boundary <= cut else 0
+        began = time.perf_counter()
         dev_sum, loss_sum, targets = None, 0.0, 0
         cosines: list[list[float]] = [[] for _ in range(anat.num_layers + 1)]
         for i, batch in enumerate(self.batches):
-            with (_replaying(anat.layers, cut, self._states[i]) if replay
-                  else self._storing(anat.layers, cut, i)):
+            with contextlib.ExitStack() as stack:
+                if start:
+                    stack.enter_context(_replaying(anat.layers, start, self._states[i]))
+                if cut > start:
+                    stack.enter_context(self._storing(anat.layers, cut, i))
                 tr = trace(base, anat, [batch], self.task_kind, label_token_ids=self.label_token_ids,
                            max_targets_per_example=self.max_targets, logit_lens="last",
                            progress=False, seed=i, target_cosines=True)
@@ -93,15 +100,13 @@ class Probe:
             loss_sum += tr.spaces[-1]["logit_lens_ce"] * n
             targets += n
         deviation = [d / targets for d in dev_sum]
-        if replay:   # spaces 1..cut-1 passed the input through: theirs are the stored read's
-            deviation[1:cut] = self._last[0][1:cut]
-            cosines[1:cut] = self._last[1][1:cut]
-        else:
-            self._boundary = cut
+        if start:   # spaces 1..start-1 passed the input through: theirs are the stored read's
+            deviation[1:start] = self._last[0][1:start]
+            cosines[1:start] = self._last[1][1:start]
+        self._boundary = cut
         self._last = (deviation, cosines)
         return {"deviation": deviation, "cosines": cosines, "loss": loss_sum / targets,
-                "targets": targets, "seconds": time.perf_counter() - start,
-                "from_layer": cut if replay else 0}
+                "targets": targets, "seconds": time.perf_counter() - began, "from_layer": start}
 
     @contextlib.contextmanager
     def _storing(self, layers, cut: int, batch: int):
