@@ -85,7 +85,7 @@ def test_dynamic_verdict_judges_the_dynamic_rows_against_the_static_oracle(tmp_p
     (tmp_path / "sweep.json").write_text(json.dumps(s))
     assert verdict.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| dyn-salf | 2 | 0.9350 at 0.600 (s1) | -0.0050 | yes | 0.600 | 1.07 | 1.5%, 1.0% | 2 → 20@48 |" in out
+    assert "| dyn-salf | 2 | 0.9350 at 0.600 (s1) | -0.0050 | yes | 0.600 | 1.07 | 1.5%, 1.0% (s1) | 2 → 20@48 |" in out
     assert "max-gain-e0" not in out.split("###")[1].split("- dyn-salf")[0]   # static picks left out
     assert "(target <= 1.1) -> MET" in out and "(target <= 2%) -> MET" in out
     assert "baseline dyn-linear is safe at a lower cost (0.550 < 0.600)" in out
