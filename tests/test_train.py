@@ -561,14 +561,22 @@ class SigintAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_saves_the_step_and_resume_matches_uninterrupted_run(tmp_path, reference):
+@pytest.fixture
+def sigint_default():
+    """Python's own Ctrl-C handler for the test, also where pytest started with SIGINT ignored
+    (in the background of a script), which salf respects."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_saves_the_step_and_resume_matches_uninterrupted_run(tmp_path, reference, sigint_default):
     ref_metrics, ref_out = reference
     out = tmp_path / "run"
-    before = signal.getsignal(signal.SIGINT)   # SIG_IGN where pytest was started in the background
     with pytest.raises(KeyboardInterrupt):
         run_resumable(out, callbacks=[SigintAt(3)])          # save_steps=2: step 3 is off-schedule
     assert last_checkpoint(out / "checkpoints").endswith("checkpoint-3")
-    assert signal.getsignal(signal.SIGINT) is before                          # handler restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handler restored
 
     resumed = run_resumable(out, resume=True)
     assert resumed["resumed_from_step"] == 3
@@ -587,7 +595,9 @@ def test_cli_ctrl_c_stops_cleanly_with_a_resumable_checkpoint(tmp_path):
         [sys.executable, "-m", "salf", "train", "--model", "tiny-llama", "--dataset", str(_csv(tmp_path)),
          "--text-col", "review", "--label-col", "label", "--freeze-below", "2", "--max-steps", "5000",
          "--save-steps", "2", "--batch-size", "4", "--eval-samples", "4", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a Ctrl-C as from a terminal, also where pytest itself started with SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while last_checkpoint(out / "checkpoints") is None:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -601,3 +611,21 @@ def test_cli_ctrl_c_stops_cleanly_with_a_resumable_checkpoint(tmp_path):
     newest = last_checkpoint(out / "checkpoints")
     assert checkpoint_problem(newest) is None
     assert not (out / "final").exists()
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it():
+    from salf.train.interrupt import StopOnInterrupt
+
+    stop = StopOnInterrupt()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop.catching_sigint():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not stop.requested
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with stop.catching_sigint():                  # a terminal's Ctrl-C: the step ends, then stop
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -110,11 +110,8 @@ class Probe:
 
     @contextlib.contextmanager
     def _storing(self, layers, cut: int, batch: int):
-        """Keep layer `cut`'s output (h^cut, every position) of this batch for later reads."""
-        if cut == 0:
-            yield
-            return
-
+        """Keep layer `cut`'s output (h^cut, every position; cut >= 1) of this batch for later
+        reads."""
         def keep(_module, _args, output):
             self._states[batch] = (layer_output(output).detach().clone(),
                                    isinstance(output, (tuple, list)))

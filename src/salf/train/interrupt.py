@@ -35,8 +35,11 @@ class StopOnInterrupt(TrainerCallback):
 
     @contextlib.contextmanager
     def catching_sigint(self):
-        """Install the handler for the block (main thread only: elsewhere signals cannot be caught)."""
-        if threading.current_thread() is not threading.main_thread():
+        """Install the handler for the block (main thread only: elsewhere signals cannot be
+        caught). A process started with SIGINT ignored (`nohup`, `cmd &` in a script) keeps
+        ignoring it, as Python itself does: a Ctrl-C meant for the script is not for this run."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
             yield
             return
         previous = signal.signal(signal.SIGINT, self._on_sigint)
