@@ -7,10 +7,17 @@ rule), the integrated FLOPs relative to full fine-tuning and to the oracle's che
 wall time), and the seed-1 cut schedule. Then the targets, per dataset, as measured:
 
   * dyn-salf safe;
-  * its cost at most `--target` x the oracle's cheapest safe static cut (1.0; 1.1 for
-    bbc-news, whose static oracle freezes 20 of 30 layers from step 0);
-  * no dynamic baseline safe at a lower cost;
+  * its cost at most the target x the oracle's cheapest safe static cut (1.0; 1.1 for
+    bbc-news at the published 120 steps, whose static oracle freezes 20 of 30 layers from
+    step 0; 1.0 everywhere in a longer run, which also reports whether it reaches 0.6x of
+    full fine-tuning);
+  * no dynamic baseline safe at a lower cost (a variant of dyn-salf with other settings,
+    "dyn-salf:key=value", is reported as a variant, not a baseline);
   * the probes at most 2% of the run.
+
+A longer run's folder (e.g. `--budget-steps 360`) holds full fine-tuning, the 120-step
+oracle's static cut and dyn-salf at one seed; its "cheapest safe static" is then the
+cheapest of the static cuts it holds that is safe at its own length.
 
     python bench/dynamic_verdict.py bench/results/sweep-smollm2-135m-{rotten-tomatoes,bbc-news,chatterbot}
 
@@ -24,7 +31,9 @@ import json
 import sys
 from pathlib import Path
 
-TARGETS = {"bbc-news": 1.1}      # cost / cheapest safe static; 1.0 elsewhere
+TARGETS = {"bbc-news": 1.1}      # cost / cheapest safe static at 120 steps; 1.0 elsewhere
+PUBLISHED_STEPS = 120            # longer runs: 1.0 everywhere, and <= 0.6x full on one dataset
+LONG_RUN_FULL_SHARE = 0.6
 JUDGED = "dyn-salf"
 
 
@@ -96,7 +105,8 @@ def targets(s: dict) -> list[str]:
     me = rows.get(JUDGED)
     if not me or not me["cells"]:
         return [f"- {JUDGED} not measured yet"]
-    limit = TARGETS.get(s["dataset"], 1.0)
+    longer = s["settings"]["steps"] > PUBLISHED_STEPS
+    limit = 1.0 if longer else TARGETS.get(s["dataset"], 1.0)
     ratio = me.get("cost_vs_cheapest_safe")
     out = [f"- {JUDGED} safe: {me.get('safe')} ({len(me['cells'])} seeds)",
            f"- cost {fmt(me.get('cost'))} = {fmt(ratio, '.2f')}x the cheapest safe static cut "
@@ -104,9 +114,16 @@ def targets(s: dict) -> list[str]:
            f"- probes {fmt(me['flops_share'], '.1%')} of the run's FLOPs, {fmt(me['wall_share'], '.1%')} "
            f"of its measured train time, mean over the seeds (target <= 2%) -> "
            f"{'MET' if max(me['flops_share'] or 1, me['wall_share'] or 1) <= 0.02 else 'NOT MET'}"]
+    if longer:
+        cost = me.get("cost")
+        out.append(f"- {s['settings']['steps']} steps: cost {fmt(cost)} of full fine-tuning (target "
+                   f"<= {LONG_RUN_FULL_SHARE} on at least one dataset) -> "
+                   f"{'at most' if cost is not None and cost <= LONG_RUN_FULL_SHARE else 'above'} "
+                   f"{LONG_RUN_FULL_SHARE} here")
     for name, r in rows.items():
         if name != JUDGED and r["cells"] and r.get("safe") and r["cost"] < me["cost"]:
-            out.append(f"- baseline {name} is safe at a lower cost ({r['cost']:.3f} < {me['cost']:.3f})")
+            kind = "variant" if name.startswith(JUDGED + ":") else "baseline"
+            out.append(f"- {kind} {name} is safe at a lower cost ({r['cost']:.3f} < {me['cost']:.3f})")
     return out
 
 

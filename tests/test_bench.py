@@ -74,6 +74,7 @@ def test_dynamic_verdict_judges_the_dynamic_rows_against_the_static_oracle(tmp_p
                                                "cost": {"probe_share_of_run": 0.015}}}
 
     s = {"dataset": "bbc-news", "metric": "accuracy", "full": {"quality": 0.94, "seeds": 3},
+         "settings": {"steps": 120},
          "oracle": {"noise": 0.009, "cheapest_safe_cut": 20, "cheapest_safe_cost": 0.56},
          "cells": [cell("dyn-salf", 1, 0.935, 0.6), cell("dyn-linear", 1, 0.93, 0.55, probe_s=0.0)],
          "pick_details": {
@@ -89,3 +90,17 @@ def test_dynamic_verdict_judges_the_dynamic_rows_against_the_static_oracle(tmp_p
     assert "max-gain-e0" not in out.split("###")[1].split("- dyn-salf")[0]   # static picks left out
     assert "(target <= 1.1) -> MET" in out and "(target <= 2%) -> MET" in out
     assert "baseline dyn-linear is safe at a lower cost (0.550 < 0.600)" in out
+
+    # a 3x longer run: 1.0 on every dataset, and the share of full fine-tuning reported;
+    # dyn-salf with other settings is a variant, not a baseline
+    s["settings"]["steps"] = 360
+    s["cells"].append(cell("dyn-salf:probe_rows=8", 1, 0.936, 0.58))
+    s["pick_details"]["dyn-salf:probe_rows=8"] = {
+        "cut": 2, "dynamic": {"policy": "salf"}, "quality": 0.936, "cost": 0.58, "safe": True,
+        "delta_vs_full": -0.004, "cost_vs_cheapest_safe": 0.58 / 0.56}
+    (tmp_path / "sweep.json").write_text(json.dumps(s))
+    assert verdict.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(target <= 1.0) -> NOT MET" in out
+    assert "360 steps: cost 0.600 of full fine-tuning (target <= 0.6 on at least one dataset) -> at most 0.6" in out
+    assert "variant dyn-salf:probe_rows=8 is safe at a lower cost (0.580 < 0.600)" in out
