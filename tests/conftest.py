@@ -23,6 +23,17 @@ def smollm2():
 
 
 @pytest.fixture
+def sigint_default():
+    """Python's own Ctrl-C handler for the test, also where pytest started with SIGINT ignored
+    (in the background of a script), which salf respects."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture
 def bench_module():
     """Import a script of bench/ by name (bench/ is not a package)."""
     import importlib.util

@@ -157,6 +157,10 @@ def test_numbers_out_of_range_name_their_flag(tmp_path, flag, value, says):
 def test_sweep_and_analyze_numbers(tmp_path):
     _fails("sweep", "--model", "tiny-llama", "--dataset", "rotten-tomatoes", "--jobs", "0",
            "--out", tmp_path / "s", says="--jobs must be at least 1, got 0")
+    _fails("sweep", "--model", "tiny-llama", "--dataset", "rotten-tomatoes", "--save-steps", "0",
+           "--out", tmp_path / "s", says="--save-steps must be at least 1, got 0")
+    _fails("sweep", "--model", "tiny-llama", "--dataset", "rotten-tomatoes", "--cell-timeout", "0",
+           "--out", tmp_path / "s", says="--cell-timeout must be at least 1, got 0")
     _fails("sweep", "--model", "tiny-llama", "--dataset", "rotten-tomatoes", "--cuts", "0,-2",
            "--out", tmp_path / "s", says="--cuts must be at least 0")
     _fails("analyze", "--model", "tiny-llama", "--dataset", "rotten-tomatoes", "--samples", "0",

@@ -374,3 +374,45 @@ def test_a_moving_cuts_cost_is_the_mean_over_its_seeds():
     cells = [dict(quality=0.87, cost=0.75, loss=0.4, step_s=1.0, seed=1),
              dict(quality=0.88, cost=0.81, loss=0.3, step_s=1.0, seed=2)]
     assert measure(cells)["cost"] == pytest.approx(0.78)
+
+
+def test_a_cell_stopped_midway_continues_from_its_checkpoint(tmp_path, monkeypatch, sigint_default):
+    """--save-steps: a cell stopped early (here Ctrl-C at step 3; a timeout or a kill alike)
+    continues from its last checkpoint when the sweep reruns, with the uninterrupted result."""
+    import os
+    import signal
+
+    import torch
+    from transformers import TrainerCallback
+
+    import salf.finetune as finetune
+    from salf.sweep import SweepConfig, cell_spec, run_cell
+
+    class SigintAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = SweepConfig(model="tiny-llama", dataset=str(_csv(tmp_path)), out=str(tmp_path / "s"),
+                      steps=5, batch_size=4, test_samples=8, save_steps=2,
+                      data_kwargs={"text_col": "text", "label_col": "label"})
+    item = {"cut": 1, "layers": None, "selector": None, "seed": 1}
+    monkeypatch.setenv("SALF_THREADS", "1")      # a resume is bit-identical on one thread
+    threads = torch.get_num_threads()
+    try:
+        whole = run_cell(cell_spec(cfg, item, tmp_path / "whole"))
+        spec = cell_spec(cfg, item, tmp_path / "stopped")
+        train = finetune.run_training
+        with monkeypatch.context() as m:
+            m.setattr(finetune, "run_training",
+                      lambda *a, **k: train(*a, **k, callbacks=[SigintAt()]))
+            with pytest.raises(KeyboardInterrupt):
+                run_cell(spec)
+        again = run_cell(spec)
+    finally:
+        torch.set_num_threads(threads)
+    assert whole["resumed_from_step"] is None and again["resumed_from_step"] == 3
+    assert len(again["train_loss_curve"]) == 5
+    assert again["train_loss_curve"] == pytest.approx(whole["train_loss_curve"], abs=1e-6)
+    assert again["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert not (tmp_path / "stopped" / f".work-{spec['key']}").exists()   # cleared once done

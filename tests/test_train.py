@@ -561,15 +561,6 @@ class SigintAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-@pytest.fixture
-def sigint_default():
-    """Python's own Ctrl-C handler for the test, also where pytest started with SIGINT ignored
-    (in the background of a script), which salf respects."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
-
-
 def test_ctrl_c_saves_the_step_and_resume_matches_uninterrupted_run(tmp_path, reference, sigint_default):
     ref_metrics, ref_out = reference
     out = tmp_path / "run"

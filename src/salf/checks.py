@@ -18,7 +18,7 @@ from .io import ensure_out_dir, ensure_parent_dir
 AT_LEAST = {"samples": 1, "max_targets": 1, "batch_size": 1, "max_length": 1, "max_steps": 1,
             "grad_accum": 1, "train_samples": 1, "eval_samples": 0, "eval_steps": 1,
             "save_steps": 1, "save_total_limit": 1, "test_samples": 1, "budget_steps": 1,
-            "jobs": 1, "lora_r": 1, "lora_alpha": 1, "freeze_below": 0}
+            "jobs": 1, "cell_timeout": 1, "lora_r": 1, "lora_alpha": 1, "freeze_below": 0}
 # Options that must be a finite number above 0.
 ABOVE_ZERO = ("epochs", "lr")
 

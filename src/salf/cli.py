@@ -469,6 +469,14 @@ def _add_sweep(sub):
                         "a GPU a small model leaves the card mostly idle: several cells share it; "
                         "with several GPUs, cells are spread over them. On a CPU the cores are "
                         "split between the cells, which rarely beats 1")
+    p.add_argument("--save-steps", type=int, default=None, metavar="N",
+                   help="every cell saves a checkpoint every N steps (in OUT/cells/.work-CELL/, "
+                        "the last one kept); a rerun of the sweep resumes an unfinished cell from "
+                        "it, with the result of an uninterrupted run. Default: none (a cell "
+                        "stopped early starts again); worth it for cells of an hour or more")
+    p.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                   help="stop the sweep when one cell trains longer than this (default: no "
+                        "limit); with --save-steps a rerun continues that cell")
     p.add_argument("--dry-run", action="store_true",
                    help="compute (and keep) the analysis and the selectors' picks, list the "
                         "cells this command would train and those already done; train nothing")

@@ -344,7 +344,8 @@ def cmd_sweep(parser, args) -> int:
                       seeds=checks.parse_int_list(args.seeds, "--seeds"), steps=args.budget_steps,
                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                       test_samples=args.test_samples, samples=args.samples, head=args.head,
-                      data_kwargs=data_kwargs(args), jobs=args.jobs)
+                      data_kwargs=data_kwargs(args), jobs=args.jobs, timeout_s=args.cell_timeout,
+                      save_steps=args.save_steps)
     if run_sweep(cfg, log=lambda m: console.print(m, markup=False), dry_run=args.dry_run) is None:
         return 0  # --dry-run: the cell list is the output
     console.print((Path(args.out) / "sweep.md").read_text(), markup=False)

@@ -110,7 +110,9 @@ class SweepConfig:
     samples: int = 256                       # SALF analysis examples
     head: str = "frozen"
     data_kwargs: dict = field(default_factory=dict)
-    timeout_s: int = 3600                    # per cell
+    timeout_s: int | None = None             # per cell; None: no limit
+    save_steps: int | None = None            # a cell's checkpoint interval (None: none); a
+    #                                          rerun resumes an unfinished cell from it
     jobs: int = 1                            # cells run at once (not a training setting)
 
     def __post_init__(self):
@@ -178,7 +180,7 @@ def cell_spec(cfg: SweepConfig, item: dict, cells_dir: Path) -> dict:
     return dict(item, key=key, model=cfg.model, dataset=cfg.dataset,
                 data_kwargs=cfg.data_kwargs, steps=cfg.steps, batch_size=cfg.batch_size,
                 max_length=cfg.max_length, lr=cfg.lr, test_samples=cfg.test_samples,
-                head=cfg.head, work_dir=str(cells_dir / f".work-{key}"))
+                head=cfg.head, work_dir=str(cells_dir / f".work-{key}"), save_steps=cfg.save_steps)
 
 
 def run_cell(spec: dict) -> dict:
@@ -212,12 +214,18 @@ def run_cell(spec: dict) -> dict:
         dynamic = DynamicSettings.from_dict(spec["dynamic"])
     ds = load_dataset_spec(spec["dataset"], **spec.get("data_kwargs", {}))
     work = Path(spec["work_dir"])
-    shutil.rmtree(work, ignore_errors=True)
+    # an unfinished cell that saved checkpoints continues from its last one (bit-identical
+    # to an uninterrupted run on one thread); otherwise a leftover folder is cleared
+    save_steps = spec.get("save_steps")
+    resume = bool(save_steps) and (work / "run.json").exists()
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
     metrics = run_training(spec["model"], ds, plan, work, loaded=(model, tok, info),
                            eval_samples=0, seed=spec["seed"], progress=False,
                            max_steps=spec["steps"], batch_size=spec["batch_size"],
-                           max_length=spec["max_length"], lr=spec["lr"], dynamic=dynamic)
+                           max_length=spec["max_length"], lr=spec["lr"], dynamic=dynamic,
+                           save_steps=save_steps, save_total_limit=1, resume=resume)
     train_s = time.perf_counter() - t0
     rows = first_rows(ds, "test", spec["test_samples"])
     quality = evaluate(model, tok, ds.task, rows, batch_size=32, max_length=spec["max_length"])
@@ -239,6 +247,8 @@ def run_cell(spec: dict) -> dict:
         "cost": cost, "cost_basis": "trained-layers",
         "step_s": metrics["timing"].get("median_step_s"),
         "peak_mb": peak / 2**20 if peak else None, "train_s": train_s,
+        # a resumed cell's train_s covers the steps after this one only
+        "resumed_from_step": metrics.get("resumed_from_step"),
         "final_train_loss": metrics["train"].get("final_loss"),
         # per-step training loss: within the first epoch each batch is new to the model when
         # its loss is taken, so the curve is a held-out signal too (what a short probe sees)
@@ -260,7 +270,7 @@ def dynamic_record(section: dict) -> dict:
             "cost": section["cost"], "probe": section["probe"], "checks": checks}
 
 
-def run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int,
+def run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int | None,
                         env_extra: dict | None = None) -> dict:
     spec_path = cells_dir / f".{spec['key']}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -520,7 +530,7 @@ def cell_environments(jobs: int) -> list[dict]:
     return envs
 
 
-def run_cells(specs: list[dict], cells_dir: Path, timeout_s: int, jobs: int, finished,
+def run_cells(specs: list[dict], cells_dir: Path, timeout_s: int | None, jobs: int, finished,
               on_start=lambda key: None) -> None:
     """Run cell subprocesses, `jobs` at a time, in the order given; `finished(result)` is
     called in this thread as each one ends. If a cell fails, no new cell starts, the ones
@@ -549,8 +559,9 @@ def run_cells(specs: list[dict], cells_dir: Path, timeout_s: int, jobs: int, fin
                 except (SalfError, subprocess.TimeoutExpired) as e:
                     failure = failure or e
     if failure is not None:
-        raise failure if isinstance(failure, SalfError) else SalfError(f"a sweep cell ran past "
-                                                                      f"{timeout_s} s: {failure}")
+        raise failure if isinstance(failure, SalfError) else SalfError(
+            f"a sweep cell ran past --cell-timeout {timeout_s} s ({failure}); a rerun starts it "
+            "again, or with --save-steps continues it from its last checkpoint")
 
 
 def cell_cost(shape, cut: int, layers: list[int] | None, spec: dict, kind: str) -> float:
