@@ -1,6 +1,7 @@
 """`salf sweep` on a tiny model with 2 cuts: schema, frontier, picks, resumability."""
 
 import json
+import os
 
 import pytest
 
@@ -416,3 +417,41 @@ def test_a_cell_stopped_midway_continues_from_its_checkpoint(tmp_path, monkeypat
     assert again["train_loss_curve"] == pytest.approx(whole["train_loss_curve"], abs=1e-6)
     assert again["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert not (tmp_path / "stopped" / f".work-{spec['key']}").exists()   # cleared once done
+
+
+def test_ctrl_c_stops_a_sweep_and_the_rerun_continues_the_cell(tmp_path):
+    """A terminal's Ctrl-C reaches the sweep and its cell: the cell saves the step it is at,
+    the sweep exits 130 saying how to go on, and the same command continues the cell."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from salf.train.checkpoints import last_checkpoint, step_of
+
+    out = tmp_path / "s"
+    argv = [sys.executable, "-m", "salf", "sweep", "--model", "tiny-llama", "--dataset",
+            str(_csv(tmp_path)), "--text-col", "text", "--label-col", "label", "--cuts", "2",
+            "--selectors", "freeze-half", "--budget-steps", "100", "--batch-size", "4",
+            "--test-samples", "8", "--samples", "8", "--save-steps", "5", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,   # its own group, as a terminal's job is
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    checkpoints = out / "cells" / ".work-full-s1" / "checkpoints"
+    deadline = time.time() + 300
+    while last_checkpoint(checkpoints) is None:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert "rerun the same command to continue, an unfinished cell from its last checkpoint" in err
+    stopped = step_of(last_checkpoint(checkpoints))
+    assert 0 < stopped < 100 and not (out / "cells" / "full-s1.json").exists()
+
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    full = json.loads((out / "cells" / "full-s1.json").read_text())
+    assert full["resumed_from_step"] == stopped and len(full["train_loss_curve"]) == 100

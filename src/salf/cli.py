@@ -501,9 +501,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"salf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("salf: interrupted (checkpoints written so far are kept; rerun with --resume)",
-              file=sys.stderr)
+        print(f"salf: interrupted{interrupted_hint(args)}", file=sys.stderr)
         return 130
+
+
+def interrupted_hint(args) -> str:
+    """How to continue what a Ctrl-C stopped, for the verb that was running."""
+    if hasattr(args, "resume"):
+        return " (checkpoints written so far are kept; rerun with --resume)"
+    if args.verb == "sweep":
+        return (" (finished cells are kept; rerun the same command to continue"
+                + (", an unfinished cell from its last checkpoint)" if args.save_steps else
+                   "; an unfinished cell starts again unless --save-steps was given)"))
+    return ""
 
 
 if __name__ == "__main__":
