@@ -42,8 +42,17 @@ def fmt(x, spec=".3f"):
 
 
 def cell_probe_share(cell: dict) -> tuple[float, float | None]:
-    """(FLOPs share, measured wall-time share) of the probes in one cell."""
-    wall = cell["dynamic"]["probe"]["seconds"] / cell["train_s"] if cell.get("train_s") else None
+    """(FLOPs share, measured wall-time share) of the probes in one cell. The wall share is
+    over the time of all the run's steps (`steps_s_total`, across resumes) where the cell
+    records it, else over its train_s; a resumed cell without it has none (its train_s
+    covers only the steps after the resume, its probe seconds the whole run)."""
+    seconds = cell["dynamic"]["probe"]["seconds"]
+    if cell.get("steps_s_total"):
+        wall = seconds / cell["steps_s_total"]
+    elif cell.get("train_s") and not cell.get("resumed_from_step"):
+        wall = seconds / cell["train_s"]
+    else:
+        wall = None
     return cell["dynamic"]["cost"]["probe_share_of_run"], wall
 
 

@@ -104,3 +104,8 @@ def test_dynamic_verdict_judges_the_dynamic_rows_against_the_static_oracle(tmp_p
     assert "(target <= 1.0) -> NOT MET" in out
     assert "360 steps: cost 0.600 of full fine-tuning (target <= 0.6 on at least one dataset) -> at most 0.6" in out
     assert "variant dyn-salf:probe_rows=8 is safe at a lower cost (0.580 < 0.600)" in out
+
+    # a resumed cell: the probes' wall share over every step's time, or none without it
+    resumed = dict(s["cells"][0], resumed_from_step=76)
+    assert verdict.cell_probe_share(resumed)[1] is None
+    assert verdict.cell_probe_share(dict(resumed, steps_s_total=400.0))[1] == pytest.approx(10.0 / 400.0)

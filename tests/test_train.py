@@ -250,6 +250,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, reference):
     assert _comparable(resumed) == _comparable(ref_metrics)
     a, b = _weights(ref_out / "final"), _weights(out / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the step time of the whole run counts the steps before the kill (each slept 0.3 s)
+    logged = [json.loads(line)["step_s"] for line in (out / "train_log.jsonl").read_text().splitlines()
+              if "step_s" in line]
+    assert len(logged) == 8
+    assert resumed["timing"]["steps_s_total"] == pytest.approx(sum(logged), rel=1e-9)
+    assert resumed["timing"]["steps_s_total"] >= 0.3 * resumed["resumed_from_step"]
 
 
 def test_crash_during_checkpoint_leaves_no_partial_checkpoint(tmp_path, reference):

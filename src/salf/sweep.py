@@ -247,8 +247,10 @@ def run_cell(spec: dict) -> dict:
         "cost": cost, "cost_basis": "trained-layers",
         "step_s": metrics["timing"].get("median_step_s"),
         "peak_mb": peak / 2**20 if peak else None, "train_s": train_s,
-        # a resumed cell's train_s covers the steps after this one only
+        # a resumed cell's train_s covers the steps after this one only; steps_s_total is
+        # the time of every step of the run (the probe reads included), across resumes
         "resumed_from_step": metrics.get("resumed_from_step"),
+        "steps_s_total": metrics["timing"].get("steps_s_total"),
         "final_train_loss": metrics["train"].get("final_loss"),
         # per-step training loss: within the first epoch each batch is new to the model when
         # its loss is taken, so the curve is a held-out signal too (what a short probe sees)

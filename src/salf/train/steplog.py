@@ -67,6 +67,7 @@ class StepLog(TrainerCallback):
         self.last_step_s: float | None = None
         self._t0 = None
         self._tok0 = 0
+        self.earlier_s = 0.0       # a resumed run's steps before its checkpoint, from the log
         self.writes = distributed.is_main()
         if self.writes:
             self._restart(resume_step)
@@ -74,6 +75,7 @@ class StepLog(TrainerCallback):
     def _restart(self, resume_step: int | None) -> None:
         """Keep the rows a resumed run already has (up to its checkpoint); a new run starts empty."""
         kept = [r for r in _read_rows(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        self.earlier_s = sum(r["step_s"] for r in kept if r.get("step_s") is not None)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if self.csv_path is not None:
             atomic_write_text(self.csv_path, _csv_text(kept, header=True))
@@ -112,13 +114,17 @@ class StepLog(TrainerCallback):
                 f.write(_csv_text([row], header=False))
 
     def summary(self) -> dict:
-        """Median and mean step time and tokens/s, skipping warm-up steps."""
+        """Median and mean step time and tokens/s, skipping warm-up steps; `steps_s_total`:
+        every step's time over the whole run, a resumed run's earlier steps included."""
         n = len(self.times)
         skip = 2 if n > 4 else (1 if n > 1 else 0)
         times, tokens = self.times[skip:], self.tokens[skip:]
+        total = self.earlier_s + sum(self.times)
         if not times:
-            return {"steps_timed": 0, "warmup_skipped": skip, "median_step_s": None, "tokens_per_s": None}
+            return {"steps_timed": 0, "warmup_skipped": skip, "median_step_s": None, "tokens_per_s": None,
+                    "steps_s_total": total}
         return {
+            "steps_s_total": total,
             "steps_timed": len(times),
             "warmup_skipped": skip,
             "median_step_s": statistics.median(times),
