@@ -326,3 +326,35 @@ def test_a_replayed_probe_read_equals_a_full_one(family):
     assert (full["from_layer"], replayed["from_layer"]) == (0, 2)
     assert replayed["deviation"] == pytest.approx(full["deviation"], abs=1e-5)
     assert replayed["loss"] == pytest.approx(full["loss"], rel=1e-5)
+
+
+def test_a_resumed_probe_starts_from_its_checkpointed_boundary(tmp_path):
+    """The probe's stored h^k goes into the checkpoint: after a resume the next read starts
+    at the cut, as the uninterrupted run's does, with the same numbers."""
+    from salf.train.checkpoints import TENSOR_FILE, load_callback_states, save_callback_states
+
+    tok = tiny_tokenizer()
+    model = apply_plan(tiny_model("llama"), make_plan(2))
+    batches = [collate(_examples(tok, 4), pad_token_id(tok)), collate(_examples(tok, 3), pad_token_id(tok))]
+
+    def callback():
+        probe = Probe(list(batches), "classification", TASK.label_token_ids(tok))
+        return DynamicFreezeCallback(DynamicSettings(policy="static", checks=3), probe)
+
+    running = callback()
+    running.probe.read(model, cut=2)                   # stores h^2 of both batches
+    save_callback_states(tmp_path, [running])
+    assert (tmp_path / TENSOR_FILE).is_file()
+    with torch.no_grad():                              # training goes on above the cut
+        for p in anatomy(model).layers[2].parameters():
+            p.add_(0.01)
+    resumed = callback()
+    load_callback_states(tmp_path, [resumed])
+    a, b = running.probe.read(model, cut=2), resumed.probe.read(model, cut=2)
+    assert a["from_layer"] == b["from_layer"] == 2
+    assert a["deviation"] == b["deviation"] and a["cosines"] == b["cosines"] and a["loss"] == b["loss"]
+
+    (tmp_path / TENSOR_FILE).unlink()                  # a checkpoint written before the tensors were
+    older = callback()
+    load_callback_states(tmp_path, [older])
+    assert older.probe.read(model, cut=2)["from_layer"] == 0

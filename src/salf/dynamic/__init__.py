@@ -17,7 +17,7 @@ from .settings import CLOCKS, FLAGS, NEEDS, POLICIES, DynamicSettings
 
 _LAZY = {
     "DynamicFreezeCallback": "callback", "check_steps": "callback", "LOG_FILE": "callback",
-    "STATE_FILE": "callback", "schedule_cost": "cost", "cut_per_step": "cost",
+    "schedule_cost": "cost", "cut_per_step": "cost",
     "Check": "policies", "Decision": "policies",
     "RunShape": "policies", "decide": "policies", "Probe": "probe", "probe_rows": "probe",
 }

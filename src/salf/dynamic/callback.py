@@ -37,7 +37,6 @@ from ..train.freeze import freeze_state, move_cut, optimizer_state_bytes
 from .policies import Check, Decision, RunShape, decide
 from .settings import DynamicSettings
 
-STATE_FILE = "salf_dynamic.json"   # inside each checkpoint folder
 LOG_FILE = "dynamic.json"          # in the run folder: settings, checks, decisions, schedule
 
 
@@ -78,6 +77,7 @@ class DynamicFreezeCallback(TrainerCallback):
         self.probe_targets = 0
         self._grad_sums: list[float] | None = None
         self._last_cosines: list[list[float]] | None = None   # the last probe read's, per space
+        self._probe_state: dict | None = None                 # a checkpoint's, until its tensors come
         self._steps: list[int] = []
         self._multipliers: list[float] | None = None
         self._run: RunShape | None = None
@@ -97,7 +97,17 @@ class DynamicFreezeCallback(TrainerCallback):
                 "decisions": self.decisions, "schedule": self.schedule, "frozen_at": self.frozen_at,
                 "probe_reads": self.probe_reads, "probe_seconds": self.probe_seconds,
                 "probe_targets": self.probe_targets, "grad_sums": self._grad_sums,
-                "last_cosines": self._last_cosines}
+                "last_cosines": self._last_cosines,
+                "probe": self.probe.state_dict() if self.probe is not None else None}
+
+    def tensor_state_dict(self) -> dict:
+        """The probe's stored boundary states: a resumed run's next read starts where the
+        uninterrupted run's would (the same cost, the same numbers)."""
+        return self.probe.tensor_state_dict() if self.probe is not None else {}
+
+    def load_tensor_state_dict(self, tensors: dict) -> None:
+        if self.probe is not None and self._probe_state:
+            self.probe.load_state_dict(self._probe_state, tensors)
 
     def load_state_dict(self, state: dict) -> None:
         saved = DynamicSettings.from_dict(state["settings"])
@@ -113,6 +123,7 @@ class DynamicFreezeCallback(TrainerCallback):
         self.probe_targets = int(state.get("probe_targets", 0))
         self._grad_sums = state.get("grad_sums")
         self._last_cosines = state.get("last_cosines")
+        self._probe_state = state.get("probe")     # its tensors follow: load_tensor_state_dict
         if self.model is not None:
             self.restore_cut(self.model)
 

@@ -60,6 +60,27 @@ class Probe:
         self._states: list = [None] * len(batches)   # per batch: layer `boundary`'s output
         self._last = None     # the last read's (D_0..D_L, per-target cosines per space)
 
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        """The stored read (boundary, the last deviations and cosines), without its tensors."""
+        return {"boundary": self._boundary, "last": self._last,
+                "as_tuple": [s[1] if s is not None else None for s in self._states]}
+
+    def tensor_state_dict(self) -> dict:
+        """The stored h^boundary per probe batch (none before the first read past a cut)."""
+        return {f"h{i}": s[0] for i, s in enumerate(self._states) if s is not None}
+
+    def load_state_dict(self, state: dict, tensors: dict) -> None:
+        """Restore a saved read; without all its tensors the next read runs every layer."""
+        if len(state["as_tuple"]) != len(self.batches):
+            raise SalfError("--resume: the checkpoint's probe has another number of batches")
+        states = [(tensors[f"h{i}"], flag) if f"h{i}" in tensors else None
+                  for i, flag in enumerate(state["as_tuple"])]
+        if all(s is not None for s in states):
+            self._states, self._boundary = states, int(state["boundary"])
+            last = state["last"]
+            self._last = (last[0], last[1]) if last is not None else None
+
     @classmethod
     def from_rows(cls, task, tokenizer, rows: list[dict], max_length: int, batch_size: int = 8) -> "Probe":
         """Encode `rows` of `task` once into the probe's batches."""

@@ -30,6 +30,7 @@ from . import extensions
 from .progress import say
 
 STATE_FILE = "salf_state.json"      # the callbacks' states (see salf.train.extensions)
+TENSOR_FILE = "salf_tensors.safetensors"   # their tensors, named "<callback key>/<name>"
 _CHECKPOINT = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
 _STAGING = re.compile(r"^tmp-" + PREFIX_CHECKPOINT_DIR + r"-\d+$")
 _WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
@@ -254,17 +255,34 @@ def resume_point(folder: str | os.PathLike, state_keys: tuple[str, ...] = (),
 
 
 def save_callback_states(ckpt: str | os.PathLike, callbacks) -> None:
-    """Write the stateful callbacks' `state_dict()`s into the checkpoint (if any)."""
+    """Write the stateful callbacks' `state_dict()`s (and `tensor_state_dict()`s) into the
+    checkpoint (if any)."""
     states = {key: cb.state_dict() for key, cb in extensions.stateful(callbacks).items()}
     if states:
         atomic_write_json(Path(ckpt) / STATE_FILE, states)
+    tensors = {f"{key}/{name}": t.detach().cpu().contiguous()
+               for key, cb in extensions.with_tensors(callbacks).items()
+               for name, t in cb.tensor_state_dict().items()}
+    if tensors:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(Path(ckpt) / TENSOR_FILE))   # inside the staging folder
 
 
 def load_callback_states(ckpt: str | os.PathLike, callbacks) -> None:
-    """Hand each stateful callback the state it saved in `ckpt` (checked by resume_point)."""
+    """Hand each stateful callback the state it saved in `ckpt` (checked by resume_point),
+    then its tensors ({} from a checkpoint written without them)."""
     stateful = extensions.stateful(callbacks)
-    if not stateful:
-        return
-    states = json.loads((Path(ckpt) / STATE_FILE).read_text(encoding="utf-8"))
-    for key, cb in stateful.items():
-        cb.load_state_dict(states[key])
+    if stateful:
+        states = json.loads((Path(ckpt) / STATE_FILE).read_text(encoding="utf-8"))
+        for key, cb in stateful.items():
+            cb.load_state_dict(states[key])
+    with_tensors = extensions.with_tensors(callbacks)
+    if with_tensors:
+        from safetensors.torch import load_file
+
+        path = Path(ckpt) / TENSOR_FILE
+        tensors = load_file(str(path)) if path.is_file() else {}
+        for key, cb in with_tensors.items():
+            cb.load_tensor_state_dict({name.split("/", 1)[1]: t for name, t in tensors.items()
+                                       if name.startswith(key + "/")})

@@ -1,9 +1,11 @@
 """What a `TrainerCallback` passed to `train(callbacks=[...])` may add to a run.
 
-A callback takes part by defining any of these methods (all JSON in, JSON out):
+A callback takes part by defining any of these methods (JSON in, JSON out, but tensors):
 
     state_dict() / load_state_dict(state)  saved into every checkpoint (salf_state.json, staged
                                            with the rest) and handed back before a resume
+    tensor_state_dict() /                  tensors saved beside it (salf_tensors.safetensors,
+      load_tensor_state_dict(tensors)      {name: tensor}); a checkpoint without them hands {}
     run_settings()                         recorded in run.json; a resume with other settings is refused
     metrics_section()                      added to metrics.json
 
@@ -34,6 +36,12 @@ def stateful(callbacks) -> dict:
     """{key: callback} for callbacks with state_dict() and load_state_dict()."""
     return {k: cb for k, cb in _with(callbacks, "state_dict").items()
             if callable(getattr(cb, "load_state_dict", None))}
+
+
+def with_tensors(callbacks) -> dict:
+    """{key: callback} for callbacks with tensor_state_dict() and load_tensor_state_dict()."""
+    return {k: cb for k, cb in _with(callbacks, "tensor_state_dict").items()
+            if callable(getattr(cb, "load_tensor_state_dict", None))}
 
 
 def run_settings(callbacks) -> dict:
