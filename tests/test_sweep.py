@@ -217,6 +217,9 @@ def test_a_narrower_rerun_adds_to_the_folder_and_drops_nothing(tmp_path, capsys)
     first = {c["key"] for c in json.loads((out / "sweep.json").read_text())["cells"]}
     assert first == {"full-s1", "cut01-s1", "cut02-s1"}
     capsys.readouterr()
+    # --cuts none: full and the selectors' picks only (freeze-half's eof 2), no grid cut
+    assert main(base + ["--cuts", "none", "--selectors", "freeze-half", "--dry-run"]) == 0
+    assert "2 of the 2 cells asked for are done" in capsys.readouterr().out
     assert main(base + ["--cuts", "3", "--selectors", "freeze-half", "--dry-run"]) == 0
     said = capsys.readouterr().out
     assert "2 of the 3 cells asked for are done; 1 to train: cut03-s1" in said

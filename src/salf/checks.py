@@ -154,6 +154,18 @@ def parse_int_list(text: str, what: str, least: int | None = None) -> list[int]:
     return values
 
 
+def parse_cuts(text: str) -> list[int] | None:
+    """The sweep's --cuts: None for 'all' (every cut), [] for 'none' (full fine-tuning and
+    the selectors' picks only, e.g. to compare a selector with full on a long run), else
+    the listed eof values."""
+    word = text.strip().lower()
+    if word == "all":
+        return None
+    if word == "none":
+        return []
+    return parse_int_list(text, "--cuts", least=0)
+
+
 # ---------------------------------------------------------------- one check per verb
 def check_analyze(args) -> None:
     check_numbers(args)
@@ -217,8 +229,7 @@ def check_sweep(args) -> None:
     if args.report_only:  # reads OUT/sweep.json only
         return
     check_numbers(args)
-    if args.cuts != "all":
-        parse_int_list(args.cuts, "--cuts", least=0)
+    parse_cuts(args.cuts)
     parse_int_list(args.seeds, "--seeds")
     check_model_spec(args.model)
     check_dataset_spec(args.dataset)

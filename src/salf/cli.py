@@ -446,7 +446,8 @@ def _add_sweep(sub):
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--cuts", default="all",
-                   help="'all' or comma-separated eof values (default %(default)s)")
+                   help="'all', comma-separated eof values, or 'none' (only full fine-tuning and the "
+                        "selectors' picks) (default %(default)s)")
     p.add_argument("--selectors", default="salf,max-gain,paper,onset,freeze-half",
                    help="comma-separated selectors (see docs/selectors.md; default %(default)s)")
     p.add_argument("--seeds", default="1", help="comma-separated seeds (default %(default)s)")

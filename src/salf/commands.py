@@ -339,7 +339,7 @@ def cmd_sweep(parser, args) -> int:
         return 0
 
     cfg = SweepConfig(model=args.model, dataset=args.dataset, out=args.out,
-                      cuts=None if args.cuts == "all" else checks.parse_int_list(args.cuts, "--cuts"),
+                      cuts=checks.parse_cuts(args.cuts),
                       selectors=[s.strip() for s in args.selectors.split(",") if s.strip()],
                       seeds=checks.parse_int_list(args.seeds, "--seeds"), steps=args.budget_steps,
                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
