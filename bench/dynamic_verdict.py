@@ -17,7 +17,11 @@ wall time), and the seed-1 cut schedule. Then the targets, per dataset, as measu
 
 A longer run's folder (e.g. `--budget-steps 360`) holds full fine-tuning, the 120-step
 oracle's static cut and dyn-salf at one seed; its "cheapest safe static" is then the
-cheapest of the static cuts it holds that is safe at its own length.
+cheapest of the static cuts it holds that is safe at its own length. A folder that holds
+no static cut (`salf sweep --cuts none`) is judged against the oracle of the folder named
+by --static-from (the 120-step sweep): a static cut's FLOPs are the same at every length,
+its safety at this length is then unmeasured (were it unsafe, the static oracle would be a
+shallower cut or full fine-tuning, which only lowers dyn-salf's ratio).
 
     python bench/dynamic_verdict.py bench/results/sweep-smollm2-135m-{rotten-tomatoes,bbc-news,chatterbot}
 
@@ -136,16 +140,43 @@ def targets(s: dict) -> list[str]:
     return out
 
 
+def borrow_oracle(s: dict, other: dict, source: str) -> None:
+    """Judge a sweep that trained no static cut against another sweep's static oracle (same
+    model, data and cost model): the FLOPs of a static cut do not depend on the run's length."""
+    if any(c.get("cut") is not None and not c.get("dynamic") for c in s["cells"]):
+        return                                    # it has static cuts of its own
+    o = other["oracle"]
+    s["oracle"] = dict(s["oracle"], cheapest_safe_cut=f"{o['cheapest_safe_cut']} (from {source}, "
+                       f"not trained at {s['settings']['steps']} steps)",
+                       cheapest_safe_cost=o["cheapest_safe_cost"])
+    for d in s["pick_details"].values():
+        if d.get("dynamic") and d.get("cost") is not None:
+            d["cost_vs_cheapest_safe"] = d["cost"] / o["cheapest_safe_cost"]
+
+
+def read_sweep(folder: str) -> dict | None:
+    path = Path(folder) / "sweep.json"
+    if not path.is_file():
+        print(f"dynamic_verdict: {path} does not exist", file=sys.stderr)
+        return None
+    return json.loads(path.read_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+")
+    ap.add_argument("--static-from", metavar="DIR",
+                    help="a sweep folder whose oracle judges folders that hold no static cut")
     args = ap.parse_args(argv)
+    other = read_sweep(args.static_from) if args.static_from else None
+    if args.static_from and other is None:
+        return 2
     for folder in args.folders:
-        path = Path(folder) / "sweep.json"
-        if not path.is_file():
-            print(f"dynamic_verdict: {path} does not exist", file=sys.stderr)
+        s = read_sweep(folder)
+        if s is None:
             return 2
-        s = json.loads(path.read_text())
+        if other is not None:
+            borrow_oracle(s, other, args.static_from)
         print("\n".join(table(s) + [""] + targets(s) + [""]))
     return 0
 

@@ -105,6 +105,20 @@ def test_dynamic_verdict_judges_the_dynamic_rows_against_the_static_oracle(tmp_p
     assert "360 steps: cost 0.600 of full fine-tuning (target <= 0.6 on at least one dataset) -> at most 0.6" in out
     assert "variant dyn-salf:probe_rows=8 is safe at a lower cost (0.580 < 0.600)" in out
 
+    # a folder without static cuts (--cuts none) borrows the 120-step sweep's oracle
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "sweep.json").write_text(json.dumps(
+        {"oracle": {"cheapest_safe_cut": 20, "cheapest_safe_cost": 0.5}}))
+    for d in s["pick_details"].values():
+        d.pop("cost_vs_cheapest_safe", None)
+    s["oracle"].update(cheapest_safe_cut=None, cheapest_safe_cost=None)
+    (tmp_path / "sweep.json").write_text(json.dumps(s))
+    assert verdict.main([str(tmp_path), "--static-from", str(tmp_path / "short")]) == 0
+    out = capsys.readouterr().out
+    assert "static cut eof 20 (from " in out and "not trained at 360 steps) at 0.500)" in out
+    assert "cost 0.600 = 1.20x the cheapest safe static cut (target <= 1.0) -> NOT MET" in out
+    assert verdict.main([str(tmp_path), "--static-from", str(tmp_path / "nowhere")]) == 2
+
     # a resumed cell: the probes' wall share over every step's time, or none without it
     resumed = dict(s["cells"][0], resumed_from_step=76)
     assert verdict.cell_probe_share(resumed)[1] is None
