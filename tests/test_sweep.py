@@ -7,6 +7,7 @@ import pytest
 
 from salf.cli import main
 from salf.defaults import DEFAULT_POLICY
+from salf.sweep import write_sweep_report
 
 
 def _csv(tmp_path, n=80):
@@ -365,6 +366,10 @@ def test_dynamic_cells_beside_the_static_frontier(tmp_path):
     assert row["costs"] == {"1": cell["cost"]} and row["cost"] == cell["cost"]
     assert s["picks"][name] is None                                 # not a point of the frontier
     assert (out / "frontier.png").stat().st_size > 10_000
+    # a folder without static cuts (--cuts none) still gets its plot: full and the picks
+    (tmp_path / "no-cuts").mkdir()
+    write_sweep_report(tmp_path / "no-cuts", dict(s, cuts=[]))
+    assert (tmp_path / "no-cuts" / "frontier.png").stat().st_size > 10_000
     # a later run asking the same selector with other settings under the same name is refused
     (out / "cells" / f"{cell['key']}.json").write_text(json.dumps(dict(cell, dynamic=dict(
         cell["dynamic"], settings=dict(cell["dynamic"]["settings"], checks=3)))))

@@ -842,7 +842,8 @@ def write_sweep_report(out: Path, s: dict) -> None:
                      f"safe {d.get('safe')}, cost / cheapest safe "
                      f"{'–' if ratio is None else f'{ratio:.2f}'} — {d.get('reason', '')}")
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
-    if s["cuts"] and s["full"]["seeds"]:
+    # drawn once full fine-tuning is measured, with or without static cuts (--cuts none)
+    if s["full"]["seeds"]:
         plot_frontier(out / "frontier.png", title=f"{s['model']} on {s['dataset']}",
                       metric=s["metric"], full=s["full"], cut_points=s["cuts"],
                       picks={k: v for k, v in s["pick_details"].items() if "quality" in v},
