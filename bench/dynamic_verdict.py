@@ -143,8 +143,8 @@ def targets(s: dict) -> list[str]:
 def borrow_oracle(s: dict, other: dict, source: str) -> None:
     """Judge a sweep that trained no static cut against another sweep's static oracle (same
     model, data and cost model): the FLOPs of a static cut do not depend on the run's length."""
-    if any(c.get("cut") is not None and not c.get("dynamic") for c in s["cells"]):
-        return                                    # it has static cuts of its own
+    if s.get("cuts"):
+        return                                    # its own frontier of static cuts
     o = other["oracle"]
     s["oracle"] = dict(s["oracle"], cheapest_safe_cut=f"{o['cheapest_safe_cut']} (from {source}, "
                        f"not trained at {s['settings']['steps']} steps)",

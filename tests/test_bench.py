@@ -118,6 +118,9 @@ def test_dynamic_verdict_judges_the_dynamic_rows_against_the_static_oracle(tmp_p
     assert "static cut eof 20 (from " in out and "not trained at 360 steps) at 0.500)" in out
     assert "cost 0.600 = 1.20x the cheapest safe static cut (target <= 1.0) -> NOT MET" in out
     assert verdict.main([str(tmp_path), "--static-from", str(tmp_path / "nowhere")]) == 2
+    own = dict(s, cuts=[{"cut": 8}])                  # a folder with its own static cuts keeps them
+    verdict.borrow_oracle(own, {"oracle": {"cheapest_safe_cut": 20, "cheapest_safe_cost": 0.5}}, "x")
+    assert own["oracle"]["cheapest_safe_cost"] is None
 
     # a resumed cell: the probes' wall share over every step's time, or none without it
     resumed = dict(s["cells"][0], resumed_from_step=76)
