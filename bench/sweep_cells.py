@@ -19,7 +19,7 @@ from pathlib import Path
 
 from salf.errors import SalfError
 from salf.sweep import (SweepConfig, cell_kind, cell_spec, cell_stem, folder_config,
-                        parse_cell_key, refresh_report, run_cell_subprocess)
+                        folder_lock, parse_cell_key, refresh_report, run_cell_subprocess)
 
 
 def named_cell_spec(cfg: SweepConfig, sweep_dir: Path, key: str) -> dict:
@@ -45,18 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.sweep_dir / "config.json").is_file():
         raise SalfError(f"{args.sweep_dir} has no config.json: run `salf sweep --out` there first")
-    cfg = folder_config(args.sweep_dir)  # an older folder's selectors are renamed first
-    cells_dir = args.sweep_dir / "cells"
-    specs = [named_cell_spec(cfg, args.sweep_dir, k) for k in args.cells]  # all names checked first
-    for spec in specs:
-        if (cells_dir / f"{spec['key']}.json").exists():
-            print(f"{spec['key']}: done before, kept", flush=True)
-            continue
-        done = run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
-        print(f"{spec['key']}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
-              f"train {done['train_s']:.0f} s", flush=True)
+    with folder_lock(args.sweep_dir):  # not beside a sweep training the same cells
+        cfg = folder_config(args.sweep_dir)  # an older folder's selectors are renamed first
+        cells_dir = args.sweep_dir / "cells"
+        # every name is checked before any cell trains
+        specs = [named_cell_spec(cfg, args.sweep_dir, k) for k in args.cells]
+        for spec in specs:
+            if (cells_dir / f"{spec['key']}.json").exists():
+                print(f"{spec['key']}: done before, kept", flush=True)
+                continue
+            done = run_cell_subprocess(spec, cells_dir, cfg.timeout_s)
+            print(f"{spec['key']}: quality {done['quality']:.4f}, cost {done['cost']:.3f}, "
+                  f"train {done['train_s']:.0f} s", flush=True)
+            refresh_report(args.sweep_dir)
         refresh_report(args.sweep_dir)
-    refresh_report(args.sweep_dir)
     return 0
 
 

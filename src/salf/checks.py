@@ -15,10 +15,14 @@ from .errors import SalfError
 from .io import ensure_out_dir, ensure_parent_dir
 
 # Smallest accepted value of each integer option (argparse dest); unset (None) is fine.
-AT_LEAST = {"samples": 1, "max_targets": 1, "batch_size": 1, "max_length": 1, "max_steps": 1,
+AT_LEAST = {"samples": 1, "max_targets": 1, "batch_size": 1, "max_length": 2, "max_steps": 1,
             "grad_accum": 1, "train_samples": 1, "eval_samples": 0, "eval_steps": 1,
             "save_steps": 1, "save_total_limit": 1, "test_samples": 1, "budget_steps": 1,
-            "jobs": 1, "cell_timeout": 1, "lora_r": 1, "lora_alpha": 1, "freeze_below": 0}
+            "jobs": 1, "cell_timeout": 1, "lora_r": 1, "lora_alpha": 1, "freeze_below": 0,
+            "seed": 0}
+# Largest accepted value; a seed must fit numpy's 32-bit generator, which transformers seeds.
+MAX_SEED = 2**32 - 1
+AT_MOST = {"seed": MAX_SEED}
 # Options that must be a finite number above 0.
 ABOVE_ZERO = ("epochs", "lr")
 
@@ -28,19 +32,24 @@ def flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def check_numbers(args) -> None:
-    """Every numeric option the verb has, against AT_LEAST and ABOVE_ZERO."""
+def check_numbers(args, name=flag) -> None:
+    """Every numeric option the verb has, against AT_LEAST and ABOVE_ZERO; `name(dest)` is how
+    a message names it (the flag; LoraSettings names its fields)."""
     for dest, least in AT_LEAST.items():
         value = getattr(args, dest, None)
         if value is not None and value < least:
-            raise SalfError(f"{flag(dest)} must be at least {least}, got {value}")
+            raise SalfError(f"{name(dest)} must be at least {least}, got {value}")
+    for dest, most in AT_MOST.items():
+        value = getattr(args, dest, None)
+        if value is not None and value > most:
+            raise SalfError(f"{name(dest)} must be at most {most}, got {value}")
     for dest in ABOVE_ZERO:
         value = getattr(args, dest, None)
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise SalfError(f"{flag(dest)} must be a number above 0, got {value}")
+            raise SalfError(f"{name(dest)} must be a number above 0, got {value}")
     dropout = getattr(args, "lora_dropout", None)
     if dropout is not None and not 0 <= dropout < 1:
-        raise SalfError(f"--lora-dropout must be at least 0 and below 1, got {dropout}")
+        raise SalfError(f"{name('lora_dropout')} must be at least 0 and below 1, got {dropout}")
 
 
 def check_policy(policy: str) -> None:
@@ -97,10 +106,13 @@ def check_model_spec(spec: str, trained_ok: bool = False) -> None:
 def check_dataset_spec(spec: str, flag: str = "--dataset") -> None:
     """A built-in dataset, an existing data file or folder, or a hub dataset (hf:NAME, org/name)."""
     from .data import BUILTIN_DATASETS
-    from .data.files import FILE_EXTENSIONS
+    from .data.files import FILE_EXTENSIONS, check_saved_dataset
 
     path = Path(spec).expanduser()
-    if spec in BUILTIN_DATASETS or path.is_dir():  # a folder: a datasets.save_to_disk copy
+    if spec in BUILTIN_DATASETS:
+        return
+    if path.is_dir():
+        check_saved_dataset(path, flag)
         return
     if path.is_file():
         if path.suffix.lower() not in FILE_EXTENSIONS:
@@ -117,6 +129,32 @@ def check_plan_file(path: str) -> None:
     from .plan import FreezePlan
 
     FreezePlan.from_json(path)  # one SalfError naming the file unless it is a readable plan
+
+
+def _plan_eof(path: str | None) -> int | None:
+    """The cut of a plan file (None without one, or for a plan without a cut)."""
+    if not path:
+        return None
+    from .plan import FreezePlan
+
+    plan = FreezePlan.from_json(path)
+    return None if plan.train_embeddings or plan.layers is not None else plan.eof
+
+
+# Names only one verb writes into its --out folder: a folder holding one of them belongs to
+# that verb, and another verb writing there would replace its plan.json or mix two runs.
+OWN_OUTPUTS = {"analyze": ("trace.json",), "train": ("run.json", "checkpoints", "final"),
+               "finetune": ("summary.json",), "sweep": ("sweep.json", "cells")}
+
+
+def check_out_owner(out: str, verb: str) -> None:
+    """--out may be new, empty, or a folder of this same verb; not another verb's outputs."""
+    path = Path(out)
+    for other, names in OWN_OUTPUTS.items():
+        found = next((n for n in names if (path / n).exists()), None) if other != verb else None
+        if found:
+            raise SalfError(f"--out {out} holds the outputs of `salf {other}` ({found}); "
+                            f"choose another folder for `salf {verb}`")
 
 
 def check_no_checkpoints(out: Path, resume: bool) -> None:
@@ -173,6 +211,7 @@ def check_analyze(args) -> None:
     check_split(args.split)
     check_model_spec(args.model)
     check_dataset_spec(args.dataset)
+    check_out_owner(args.out, "analyze")
     ensure_out_dir(args.out, "--out")
 
 
@@ -191,9 +230,38 @@ def check_plan(args) -> None:
             raise SalfError("--engine applies with --ranks only")
 
 
+def check_deepest_cut(settings, start_eof: int | None) -> None:
+    """--deepest-cut below the starting cut is refused from the flags alone (its upper bound,
+    the model's depth, is checked when the model is loaded)."""
+    if settings is not None and settings.max_eof is not None and start_eof is not None \
+            and settings.max_eof < start_eof:
+        raise SalfError(f"--deepest-cut must be at least the starting cut {start_eof}, "
+                        f"got {settings.max_eof}")
+
+
+def check_report_to(report_to: str) -> None:
+    if report_to == "tensorboard":
+        import importlib.util
+
+        if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+            raise SalfError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
+
+
+def check_training_flags(args) -> None:
+    """What train and finetune refuse from their flags alone (the library repeats these for
+    callers that skip the CLI, after the model loads)."""
+    check_report_to(args.report_to)
+    if args.cache_prefix and getattr(args, "full", False):
+        raise SalfError("--cache-prefix needs a cut: full fine-tuning has no frozen prefix")
+    if args.cache_prefix and args.loss == "lm":
+        raise SalfError("--cache-prefix supports the label/SFT loss, not the full-sequence "
+                        "'lm' loss (its extra label token has no cached state)")
+
+
 def check_train(args) -> None:
     check_numbers(args)
-    dynamic_settings(args)
+    check_training_flags(args)
+    settings = dynamic_settings(args)
     if args.allow_different_weights and not args.plan:
         raise SalfError("--allow-different-weights applies to --plan only")
     if args.full and args.dynamic:
@@ -202,6 +270,9 @@ def check_train(args) -> None:
     check_dataset_spec(args.dataset)
     if args.plan:
         check_plan_file(args.plan)
+    check_deepest_cut(settings, args.freeze_below if args.freeze_below is not None
+                      else _plan_eof(args.plan))
+    check_out_owner(args.out, "train")
     check_no_checkpoints(Path(args.out), args.resume)
     ensure_out_dir(args.out, "--out")
 
@@ -217,10 +288,12 @@ def check_evaluate(args) -> None:
 
 def check_finetune(args) -> None:
     check_numbers(args)
+    check_training_flags(args)
     dynamic_settings(args)
     check_policy(args.policy)
     check_model_spec(args.model)
     check_dataset_spec(args.dataset)
+    check_out_owner(args.out, "finetune")
     check_no_checkpoints(Path(args.out) / "train", args.resume)
     ensure_out_dir(args.out, "--out")
 
@@ -230,14 +303,21 @@ def check_sweep(args) -> None:
         return
     check_numbers(args)
     parse_cuts(args.cuts)
-    parse_int_list(args.seeds, "--seeds")
+    from .sweep import check_sweep_arguments
+
+    check_sweep_arguments(args)  # launcher, --seeds, --selectors
     check_model_spec(args.model)
     check_dataset_spec(args.dataset)
+    check_out_owner(args.out, "sweep")
     ensure_out_dir(args.out, "--out")
 
 
 def check_export(args) -> None:
+    from .export import check_layers_path
+
     check_plan_file(args.plan)
+    if args.layers_path is not None:
+        check_layers_path(args.layers_path)
     if args.out:
         ensure_parent_dir(args.out, "--out")
 

@@ -449,7 +449,9 @@ def _add_sweep(sub):
                    help="'all', comma-separated eof values, or 'none' (only full fine-tuning and the "
                         "selectors' picks) (default %(default)s)")
     p.add_argument("--selectors", default="salf,max-gain,paper,onset,freeze-half",
-                   help="comma-separated selectors (see docs/selectors.md; default %(default)s)")
+                   help="comma-separated selectors (see docs/selectors.md), or 'none' (full "
+                        "fine-tuning and the --cuts cells only; with --cuts none, full fine-tuning "
+                        "only) (default %(default)s)")
     p.add_argument("--seeds", default="1", help="comma-separated seeds (default %(default)s)")
     p.add_argument("--budget-steps", type=int, default=120, metavar="N",
                    help="optimizer steps per cell (default %(default)s)")
@@ -499,11 +501,24 @@ def main(argv: list[str] | None = None) -> int:
 
         return commands.dispatch(parser, args) or 0
     except SalfError as e:
-        print(f"salf: error: {e}", file=sys.stderr)
+        _final_line(f"salf: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(f"salf: interrupted{interrupted_hint(args)}", file=sys.stderr)
+        _final_line(f"salf: interrupted{interrupted_hint(args)}")
         return 130
+
+
+def _final_line(text: str) -> None:
+    """The closing error/interrupt line on a line of its own (not after a half-drawn progress
+    bar), from rank 0 only under a launcher (every rank fails alike)."""
+    from . import distributed
+
+    if not distributed.is_main():
+        return
+    tqdm = sys.modules.get("tqdm")  # bars exist only if tqdm was imported
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    print(text, file=sys.stderr)
 
 
 def interrupted_hint(args) -> str:

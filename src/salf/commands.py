@@ -203,27 +203,36 @@ def _lora(args):
         return None
     from .train import LoraSettings
 
-    targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
     return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                        target_modules=targets)
+                        target_modules=_lora_targets(args))
+
+
+def _lora_targets(args) -> list[str] | None:
+    if not (args.lora and args.lora_targets):
+        return None
+    return [t.strip() for t in args.lora_targets.split(",") if t.strip()]
 
 
 def cmd_train(parser, args) -> int:
     from .data import load_dataset_spec
     from .models import anatomy, load_model
-    from .finetune import resolve_plan, run_training
+    from .finetune import check_probe_rows, resolve_plan, run_training
+    from .train.freeze import check_lora_targets
 
     ds = load_dataset_spec(args.dataset, **data_kwargs(args))  # data errors before the model loads
+    check_probe_rows(ds, checks.dynamic_settings(args))
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model, _, info = loaded
     anat = anatomy(model)
+    check_lora_targets(anat, _lora_targets(args))
     plan = resolve_plan(info, anat.num_layers, plan_path=args.plan, freeze_below=args.freeze_below,
                         full=args.full, head=args.head, tied=anat.tied,
                         allow_different_weights=args.allow_different_weights)
     console.print(f"[bold]plan:[/bold] {plan.describe()}" + (" + LoRA" if args.lora else ""))
     metrics = run_training(args.model, ds, plan, args.out, loaded=loaded, lora=_lora(args),
                            train_samples=args.train_samples, eval_samples=args.eval_samples,
-                           seed=args.seed, **_train_kwargs(args))
+                           seed=args.seed, allow_different_weights=args.allow_different_weights,
+                           **_train_kwargs(args))
     print_train_summary(metrics, args.out)
     return 0
 
@@ -328,7 +337,7 @@ def print_finetune_summary(s: dict) -> None:
 
 # ---------------------------------------------------------------- sweep
 def cmd_sweep(parser, args) -> int:
-    from .sweep import SweepConfig, refresh_report, run_sweep
+    from .sweep import SweepConfig, parse_selectors, refresh_report, run_sweep
 
     if args.report_only:
         if not (Path(args.out) / "sweep.json").exists():
@@ -340,7 +349,7 @@ def cmd_sweep(parser, args) -> int:
 
     cfg = SweepConfig(model=args.model, dataset=args.dataset, out=args.out,
                       cuts=checks.parse_cuts(args.cuts),
-                      selectors=[s.strip() for s in args.selectors.split(",") if s.strip()],
+                      selectors=parse_selectors(args.selectors),
                       seeds=checks.parse_int_list(args.seeds, "--seeds"), steps=args.budget_steps,
                       batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                       test_samples=args.test_samples, samples=args.samples, head=args.head,

@@ -38,6 +38,28 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# What a launcher sets in each process it starts: torchrun (and accelerate launch of several
+# processes, which runs it) its place and rendezvous; accelerate its engine's settings.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+                      "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "FSDP_")
+
+
+def launched() -> bool:
+    """Whether a launcher placed this process among others (torchrun, accelerate launch,
+    deepspeed all set these; a shell seldom does). MASTER_ADDR alone is no sign: cluster
+    scripts export it for the launcher they then call."""
+    return any(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def without_launcher(env: dict) -> dict:
+    """`env` less every launcher variable: for a process salf starts itself, which would
+    otherwise wait to join the launcher's process group, or train under its engine."""
+    return {k: v for k, v in env.items()
+            if k not in LAUNCHER_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)}
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() == "true"
 

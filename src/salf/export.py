@@ -14,6 +14,7 @@ is in docs/interop.md.
 from __future__ import annotations
 
 import json
+import re
 
 from .errors import SalfError
 from .plan import FreezePlan
@@ -65,9 +66,21 @@ def _model_type(plan: FreezePlan) -> str | None:
     return (plan.model or {}).get("model_type")
 
 
+# A dotted module path (model.layers, transformer.h): it goes into regexes and PEFT's
+# layers_pattern, so anything else would write a config that matches nothing or is invalid.
+LAYERS_PATH_RE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def check_layers_path(layers_path: str) -> str:
+    if not LAYERS_PATH_RE.fullmatch(layers_path):
+        raise SalfError(f"--layers-path must be a dotted module path such as model.layers, "
+                        f"got {layers_path!r}")
+    return layers_path
+
+
 def _layers_path(plan: FreezePlan, layers_path: str | None) -> str:
     if layers_path:
-        return layers_path
+        return check_layers_path(layers_path)
     mt = _model_type(plan)
     if mt not in LAYERS_PATHS:
         raise SalfError(f"don't know the layer path of model_type {mt!r}; pass --layers-path "

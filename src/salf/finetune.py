@@ -62,6 +62,7 @@ def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
     (the cut moves while training) or None; `train_kwargs` go to `salf.train.train`.
     """
     from .train import train
+    from .train.progress import say
 
     model, tokenizer, info = loaded or load_model(model_spec)
     splits, probe = _probe_split(ds, dynamic)
@@ -70,9 +71,17 @@ def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
     # --samples N` then reproduces the eval recorded in metrics.json exactly
     eval_rows = (first_rows(ds, "validation", eval_samples)
                  if eval_samples and ds.splits.get("validation") else [])
+    if eval_samples and not eval_rows:
+        say(f"{ds.name} has no validation rows: training without evaluation "
+            "(metrics.json eval: null)")
     return train(model, tokenizer, ds.task, train_rows, eval_rows, plan, out_dir, lora=lora,
                  seed=seed, progress=progress, base_spec=model_spec, dynamic=dynamic,
                  probe_rows=probe, **train_kwargs)
+
+
+def check_probe_rows(ds, dynamic) -> None:
+    """A probe the dataset cannot hold is refused before the model loads."""
+    _probe_split(ds, dynamic)
 
 
 def _probe_split(ds, dynamic) -> tuple[dict, list[dict] | None]:
@@ -110,13 +119,17 @@ def finetune(model_spec: str, dataset_spec: str, out_dir, *,
              train_samples=None, eval_samples=500, **train_kwargs) -> dict:
     """The whole job: analyze -> plan -> evaluate zero-shot -> train -> evaluate; summary.json."""
     from .train import evaluate
+    from .train.freeze import check_lora_targets
 
     out = ensure_out_dir(out_dir)
     t0 = time.perf_counter()
     progress = progress and distributed.is_main()
+    ds = load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
+    check_probe_rows(ds, train_kwargs.get("dynamic"))  # data errors before the model loads
     loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
     model, tokenizer, info = loaded
-    ds = load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
+    if lora is not None:  # a typo in a target costs no analysis
+        check_lora_targets(anatomy(model), lora.target_modules)
     result = analyze(model_spec, dataset_spec, out_dir=out / "analysis", samples=samples,
                      policy=policy, head=head, max_targets=max_targets, logit_lens=logit_lens,
                      seed=seed, train_batch_size=batch_size * train_kwargs.get("grad_accum", 1),

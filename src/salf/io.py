@@ -6,19 +6,57 @@
     atomic_path(path)                 a temporary name renamed over path (fig.savefig)
     read_json(path, "trace")          parsed JSON, or one clear SalfError
     publish_dir(staging, final)       move a fully written folder into place
+    disk_full_is_an_error(path)       a full disk while writing path: one SalfError naming it
 
-A crash or Ctrl-C leaves the previous version of a file (or none), never half of one.
+A crash, Ctrl-C or a full disk leaves the previous version of a file (or none), never half of one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
 from .errors import SalfError
+
+# How a write that ran out of space fails: OSError with its errno; safetensors' errors carry
+# the OS message but no errno; torch.save's stream writer reports neither, only that the
+# stream broke ("basic_ios::clear", "unexpected pos N vs M", "file write failed").
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+_STREAM_BROKE = ("basic_ios::clear", "unexpected pos", "file write failed")
+
+
+def _no_space(exc: Exception) -> str | None:
+    """What to add to "no space left on device" for `exc` ("" when it says so plainly), or
+    None if it is not a full disk."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return "" if exc.errno in _NO_SPACE_ERRNOS else None
+    text = (str(exc).strip().splitlines() or [""])[-1]
+    if any(s in text for s in _NO_SPACE_TEXT):
+        return ""
+    if isinstance(exc, RuntimeError) and any(s in text for s in _STREAM_BROKE):
+        return f" (most likely: torch.save says only {text.strip(' .')!r})"
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(path: str | os.PathLike):
+    """Run a block that writes `path`; if the disk fills up meanwhile, raise one SalfError
+    naming `path` instead of the writer's own exception (any other error passes as it is)."""
+    try:
+        yield
+    except SalfError:
+        raise
+    except Exception as exc:   # safetensors' and torch's errors have their own types; others re-raised
+        note = _no_space(exc)
+        if note is None:
+            raise
+        raise SalfError(f"cannot write {path}: no space left on device{note}; what was written "
+                        "before is intact: free some space and run again") from None
 
 
 def ensure_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -55,7 +93,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with disk_full_is_an_error(path), open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -74,7 +112,8 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        yield tmp
+        with disk_full_is_an_error(path):
+            yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():

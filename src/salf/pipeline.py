@@ -145,10 +145,11 @@ def _plan_from_trace(tr: Trace, policy: str, head: str, cost: dict) -> Analysis:
 
 
 def write_outputs(out: Path, tr: Trace, plan: FreezePlan, choice: dict, cost: dict) -> None:
-    """trace.png and report.md for one analysis."""
+    """report.md and trace.png for one analysis (the text first: a disk that fills up while
+    the larger plot is drawn still leaves it)."""
     fit = fit_depth_law(tr)
-    write_trace_plot(out / "trace.png", tr, plan, choice, cost, fit)
     write_analysis_report(out / "report.md", tr, plan, choice, cost, fit)
+    write_trace_plot(out / "trace.png", tr, plan, choice, cost, fit)
 
 
 # ------------------------------------------------------------------------- replan

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,6 +94,13 @@ def check_cut(eof, num_layers, head="frozen", tied: bool | None = None, train_em
     elif k == L and head == "frozen":
         raise SalfError(f"{context}: eof {k} freezes all {L} layers and the head, so nothing "
                         "would train; choose eof < num_layers or head 'untied-copy'/'trainable'")
+
+
+def layer_span(first: int, last: int) -> str:
+    """Decoder layers first..last (1-based) in words: 'layer 3', 'layers 3-5', 'no layer'."""
+    if last < first:
+        return "no layer"
+    return f"layer {first}" if first == last else f"layers {first}-{last}"
 
 
 @dataclass
@@ -184,31 +192,30 @@ class FreezePlan:
     def describe(self) -> str:
         """One line, e.g. 'freeze embeddings + layers 1-22 of 30, train 23-30, head frozen (tied)'."""
         L, k = self.num_layers, self.eof
-
-        def span(a: int, b: int) -> str:
-            return f"{a}" if a == b else f"{a}-{b}"
-
+        frozen = f"embeddings + {layer_span(1, k)} of {L}" if k else "embeddings"
         if self.layers is not None:
-            return (f"freeze embeddings + layers 1-{k} of {L}, train only layers "
+            noun = "layer" if len(self.layers) == 1 else "layers"
+            return (f"freeze {frozen}, train only {noun} "
                     f"{', '.join(str(i + 1) for i in self.layers)}, {self._head_text()}")
         if self.train_embeddings:
             tied = " (tied)" if self.tied else ""
-            return f"full fine-tuning: train embeddings + layers 1-{L} of {L} + head{tied}"
-        if k == 0:
-            return f"freeze embeddings, train layers 1-{L} of {L}, {self._head_text()}"
-        noun = "layer" if k == 1 else "layers"
+            return f"full fine-tuning: train embeddings + {layer_span(1, L)} of {L} + head{tied}"
         if k == L:
             what = "an untied copy of the head" if self.head == "untied-copy" else "the head"
-            return f"freeze embeddings + layers 1-{L} of {L}, train only {what}"
-        return (f"freeze embeddings + {noun} {span(1, k)} of {L}, train {span(k + 1, L)}, "
-                f"{self._head_text()}")
+            return f"freeze {frozen}, train only {what}"
+        if k == 0:
+            return f"freeze embeddings, train {layer_span(1, L)} of {L}, {self._head_text()}"
+        trained = f"{k + 1}" if k + 1 == L else f"{k + 1}-{L}"
+        return f"freeze {frozen}, train {trained}, {self._head_text()}"
 
-    def check_model(self, model_info, num_layers: int, allow_different_weights: bool = False) -> None:
+    def check_model(self, model_info, num_layers: int, allow_different_weights: bool = False,
+                    override: str = "--allow-different-weights") -> None:
         """Raise SalfError if this plan does not belong to the given model.
 
         A layer-count mismatch is always an error. A weights-hash mismatch (same
         layer count) is an error unless `allow_different_weights=True` — e.g. a plan
-        made on the base model applied to its instruct variant.
+        made on the base model applied to its instruct variant. `override` is how the
+        caller's user says that (the CLI flag, or apply_plan's keyword).
         """
         info = _info_dict(model_info)
         name = info.get("name_or_path") or info.get("spec") or "the model"
@@ -221,7 +228,7 @@ class FreezePlan:
         if ours and theirs and ours != theirs and not allow_different_weights:
             raise SalfError(f"plan mismatch: weights_hash differs — the plan was made for {planned_for} "
                             f"({str(ours)[:12]}) but {name} has {str(theirs)[:12]}; re-run `salf plan`, "
-                            "or pass --allow-different-weights to apply it anyway")
+                            f"or pass {override} to apply it anyway")
         tied = info.get("tied")
         if tied is not None:
             self.validate(tied=bool(tied))
@@ -266,4 +273,10 @@ class FreezePlan:
 
     @classmethod
     def from_json(cls, path) -> "FreezePlan":
+        """A plan from its JSON file (str or Path), or from that file already parsed (a dict)."""
+        if isinstance(path, dict):
+            return cls.from_dict(path)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"FreezePlan.from_json: path must be a plan.json path (str or Path) "
+                            f"or its parsed dict, got {type(path).__name__}")
         return cls.from_dict(read_json(path, "freeze plan"), source=f"freeze plan {path}")

@@ -13,6 +13,8 @@ OUT/frontier.png.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .defaults import DEFAULT_POLICY
+from .distributed import launched, without_launcher
 from .errors import SalfError
 from .io import atomic_write_json, atomic_write_text, read_json
 
@@ -43,6 +46,8 @@ DYNAMIC_PREFIX = "dyn-"
 # "salf-e0"; salf renames them when it opens such a folder (upgrade_folder).
 FOLDER_VERSION = 2
 OLD_SELECTOR_NAMES = {"salf": "max-gain", "salf-e0": "max-gain-e0"}
+# OUT/<this>: flock'ed by the sweep writing the folder, and holding its PID
+LOCK_FILE = ".sweep.lock"
 
 
 def is_salf_policy(name: str) -> bool:
@@ -82,6 +87,13 @@ def resolve_selectors(names: list[str], default: str) -> list[str]:
             raise SalfError(f"sweep selector {name!r} is now {OLD_SELECTOR_NAMES[name]!r} "
                             f"(selectors are named after their policies; {DEFAULT_ALIAS!r} "
                             f"is the default policy, {default})")
+        if name.startswith("budget="):  # B read as `salf plan --policy budget=B` reads it
+            from .analysis.gains import _parse_policy
+
+            try:
+                _parse_policy(name)
+            except SalfError as exc:
+                raise SalfError(f"sweep selector {name!r}: {exc}") from None
         if not (is_salf_policy(name) or name in PREFIX_SELECTORS or name in SET_SELECTORS
                 or dynamic_settings(name) is not None):
             raise SalfError(f"unknown selector {name!r} for sweep; choose from {DEFAULT_ALIAS} "
@@ -90,6 +102,36 @@ def resolve_selectors(names: list[str], default: str) -> list[str]:
         if name not in resolved:
             resolved.append(name)
     return resolved
+
+
+def parse_selectors(text: str) -> list[str]:
+    """The sweep's --selectors: the names listed, or [] for 'none' (full fine-tuning and the
+    --cuts cells only). An empty list is refused, as --cuts refuses one: it is more often a
+    script's unset variable than a choice."""
+    if text.strip().lower() == "none":
+        return []
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise SalfError("--selectors names no selector; give 'none' for full fine-tuning and "
+                        "the --cuts cells only")
+    return names
+
+
+def check_sweep_arguments(args) -> None:
+    """The sweep's own checks of `salf sweep` arguments, before any model loads (from
+    salf.checks.check_sweep): no launcher, --seeds in set_seed's range, every --selectors name
+    known and its settings valid (budget=B, dyn-POLICY:key=value)."""
+    from .checks import MAX_SEED, parse_int_list
+
+    if launched():  # every rank would run the whole sweep, and its cells join no group
+        raise SalfError("salf sweep runs its own cells, one process each: run `salf sweep "
+                        "--jobs N` without torchrun or accelerate launch (this process has "
+                        "a launcher's RANK/LOCAL_RANK/WORLD_SIZE)")
+    bad = [s for s in parse_int_list(args.seeds, "--seeds") if not 0 <= s <= MAX_SEED]
+    if bad:
+        raise SalfError(f"--seeds must be integers from 0 to {MAX_SEED} (2**32 - 1, what "
+                        f"transformers.set_seed accepts), got {bad[0]}")
+    resolve_selectors(parse_selectors(args.selectors), DEFAULT_POLICY)
 
 
 @dataclass
@@ -272,13 +314,24 @@ def dynamic_record(section: dict) -> dict:
             "cost": section["cost"], "probe": section["probe"], "checks": checks}
 
 
+def cell_process_env(env_extra: dict | None = None) -> dict:
+    """A cell subprocess's environment: this process's without a launcher's variables (a cell
+    is one process: it would wait for ranks that never come, or train under the launcher's
+    engine unlike the sweep's other cells), the sweep's PID for die_with_parent, `env_extra`."""
+    return dict(without_launcher(os.environ), PYTHONUNBUFFERED="1",
+                SALF_SWEEP_PID=str(os.getpid()), **(env_extra or {}))
+
+
 def run_cell_subprocess(spec: dict, cells_dir: Path, timeout_s: int | None,
                         env_extra: dict | None = None) -> dict:
-    spec_path = cells_dir / f".{spec['key']}.spec.json"
+    # the spec goes in the cell's work folder, which the cell's next run clears or resumes
+    # from: one left by a killed sweep lies nowhere the folder's cells are read from
+    spec_path = Path(spec["work_dir"]) / "spec.json"
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-m", "salf.sweep", str(spec_path)],
-                          capture_output=True, text=True, timeout=timeout_s, env=env)
+                          capture_output=True, text=True, timeout=timeout_s,
+                          env=cell_process_env(env_extra))
     spec_path.unlink(missing_ok=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -415,12 +468,41 @@ def merged_config(saved: dict | None, cfg: SweepConfig) -> SweepConfig:
                    seeds=sorted(set(old.seeds) | set(cfg.seeds)))
 
 
+@contextlib.contextmanager
+def folder_lock(out: Path):
+    """Hold OUT/.sweep.lock while writing the sweep folder `out`: another sweep into it is
+    refused, naming the holder's PID (two sweeps would train the same cells in the same work
+    folders). The kernel drops an flock when its holder dies, however it dies, so a killed
+    sweep never blocks the rerun; the descriptor is not inherited (PEP 446), so no cell holds it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise SalfError(f"{out} is in use by another sweep (PID {holder}); wait for it to "
+                            "end, or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_sweep(cfg: SweepConfig, progress: bool = True, log=print,
               dry_run: bool = False) -> dict | None:
     """Train the cells `cfg` asks for that the folder lacks; report on every cell it holds.
 
     dry_run: compute the analysis and picks (both kept), list the cells, train nothing.
+    The folder is locked meanwhile (folder_lock).
     """
+    with folder_lock(Path(cfg.out)):
+        return _run_sweep(cfg, progress, log, dry_run)
+
+
+def _run_sweep(cfg: SweepConfig, progress: bool, log, dry_run: bool) -> dict | None:
     from .models import anatomy, load_model
 
     out = Path(cfg.out)
@@ -615,7 +697,7 @@ def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
 def load_cells(cells_dir: Path) -> list[dict]:
     """Finished cells on disk, in key order."""
     return [read_json(p, "sweep cell") for p in sorted(Path(cells_dir).glob("*.json"))
-            if not p.name.startswith(".")]  # .<key>.spec.json: a cell being computed
+            if not p.name.startswith(".")]  # .<key>.spec.json: a spec (until 2026-12-05)
 
 
 def refresh_report(out: Path) -> dict:
@@ -850,15 +932,37 @@ def write_sweep_report(out: Path, s: dict) -> None:
                       default=default, total_steps=s["settings"].get("steps"))
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this cell when the sweep that started it dies, however it dies
+    (a SIGKILL'ed sweep forwards nothing): an orphaned cell would train on, holding the device
+    and its work folder while a rerun trains the same cell. Linux's PR_SET_PDEATHSIG, set here
+    after exec: a preexec_fn is unsafe in a process with threads (run_cells has), and a
+    polling thread needs the GIL, which a long native call holds. The signal comes when the
+    thread that started the cell ends; run_cells' thread waits for the cell, so that is the
+    sweep's death. A cell run by hand (no SALF_SWEEP_PID) is left alone."""
+    parent = os.environ.get("SALF_SWEEP_PID")
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(parent):  # the sweep died before the prctl: no signal will come
+        raise SystemExit(1)
+
+
 def _cell_main(spec_path: str) -> int:
+    """Run the cell a spec file describes; its result goes beside its work folder (a sweep's
+    OUT/cells/<key>.json)."""
     spec = read_json(spec_path, "sweep cell spec")
     result = run_cell(spec)
-    cells_dir = Path(spec_path).parent
-    atomic_write_json(cells_dir / f"{spec['key']}.json", result)
+    atomic_write_json(Path(spec["work_dir"]).parent / f"{spec['key']}.json", result)
     return 0
 
 
 if __name__ == "__main__":
+    die_with_parent()
     try:
         raise SystemExit(_cell_main(sys.argv[1]))
     except SalfError as e:

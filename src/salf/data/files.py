@@ -224,11 +224,15 @@ def build_from_records(records: list[dict], source: str, text_col=None, label_co
         split_of = [None] * len(records)
 
     rows, where, dropped = [], [], 0
-    for r, s in zip(records, split_of):
+    for i, (r, s) in enumerate(zip(records, split_of)):
         a, b = r.get(col_a), r.get(col_b)
         if _missing(a) or _missing(b):
             dropped += 1
             continue
+        for col, value in ((col_a, a), (col_b, b)):
+            if isinstance(value, (dict, list, tuple)):  # str() would make a label of "{'x': 1}"
+                raise SalfError(f"{source}: row {i + 1}, column {col!r} holds a "
+                                f"{type(value).__name__} ({str(value)[:40]}), not a text or a label")
         if kind == "classification":
             rows.append({"text": str(a).strip(), "label": _as_label(b)})
         else:
@@ -247,6 +251,9 @@ def build_from_records(records: list[dict], source: str, text_col=None, label_co
             if unknown:
                 raise SalfError(f"label {unknown[0]!r} in {source} is not in the verbalizer; "
                                 f"known labels: {', '.join(verbalizer)}")
+        if len(verbalizer) < 2:
+            raise SalfError(f"{source}: classification needs at least two labels, found only "
+                            f"{', '.join(map(repr, found))}")
         task = ClassificationTask(template or DEFAULT_CLASSIFICATION_TEMPLATE, verbalizer)
     else:
         if labels:
@@ -270,15 +277,22 @@ def build_from_records(records: list[dict], source: str, text_col=None, label_co
     return task, splits, info
 
 
+def check_saved_dataset(folder: Path, flag: str = "--dataset") -> None:
+    """A data folder must be a `datasets` save_to_disk copy (docs/datasets.md)."""
+    if not ((folder / "dataset_dict.json").exists() or (folder / "dataset_info.json").exists()):
+        raise SalfError(f"{flag} {folder}: a folder without dataset_dict.json or dataset_info.json, "
+                        f"so not a `datasets` save_to_disk folder; pass one, or a "
+                        f"{'/'.join(FILE_EXTENSIONS)} file")
+
+
 def load_file(path, **kw):
     """(task, splits, provenance) from a local file or a `datasets.save_to_disk` folder."""
     p = Path(path).expanduser()
     if not p.exists():
         raise SalfError(f"data file {str(path)!r} not found")
     if p.is_dir():
-        if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
-            return _load_hf(p, kw, from_disk=True)
-        raise SalfError(f"{p} is a folder; pass a {'/'.join(FILE_EXTENSIONS)} file")
+        check_saved_dataset(p)
+        return _load_hf(p, kw, from_disk=True)
     if p.suffix.lower() not in FILE_EXTENSIONS:
         raise SalfError(f"unknown file extension {p.suffix!r} for {p}; use one of {', '.join(FILE_EXTENSIONS)}")
     if p.stat().st_size == 0:

@@ -152,7 +152,7 @@ class DynamicFreezeCallback(TrainerCallback):
             raise SalfError("DynamicFreezeCallback needs a model with a plan applied "
                             "(salf.train.apply_plan) before the Trainer is built")
         L = anatomy(unwrap(model)).num_layers
-        max_eof = L - 1 if self.settings.max_eof is None else min(self.settings.max_eof, L - 1)
+        max_eof = self.settings.deepest_cut(L, int(self.schedule[0][1]) if self.schedule else fs.eof)
         self._multipliers = (_lr_multipliers(lr_scheduler, total)
                              if self.settings.clock == "lr-area" else None) or [1.0] * total
         self._run = RunShape(num_layers=L, total_steps=total,

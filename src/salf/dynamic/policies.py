@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ..analysis.gains import fit_power_law
 from ..errors import SalfError
+from ..plan import layer_span
 from .settings import DynamicSettings
 
 @dataclass
@@ -202,7 +203,7 @@ def _decide_autofreeze(settings, history, run) -> Decision:
     while depth < run.max_eof and rates.get(depth, math.inf) < threshold:
         depth += 1
     return Decision(depth, f"autofreeze: rate threshold {threshold:.3f} (p{settings.percentile:g}); "
-                           f"layers {k + 1}..{depth} under it", {"rates": rates, "threshold": threshold})
+                           f"{layer_span(k + 1, depth)} under it", {"rates": rates, "threshold": threshold})
 
 
 def _percentile(values: list[float], q: float) -> float:

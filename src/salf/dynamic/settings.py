@@ -84,6 +84,18 @@ class DynamicSettings:
             raise SalfError(f"{_named('max_eof')} must be a non-negative integer, got {self.max_eof!r}")
         return self
 
+    def deepest_cut(self, num_layers: int, start_eof: int) -> int:
+        """The deepest cut this run may reach on a model of `num_layers` layers starting at
+        `start_eof`; a max_eof outside [start_eof, num_layers - 1] is refused, not capped."""
+        if self.max_eof is None:
+            return num_layers - 1
+        low, high = start_eof, num_layers - 1
+        if not low <= self.max_eof <= high:
+            raise SalfError(f"{_named('max_eof')} must be in [{low}, {high}] (from the starting cut "
+                            f"{start_eof} to one below the model's {num_layers} layers), "
+                            f"got {self.max_eof}")
+        return self.max_eof
+
     @property
     def needs(self) -> set[str]:
         return NEEDS[self.policy]

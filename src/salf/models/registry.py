@@ -168,24 +168,29 @@ def resolve_path(spec: str) -> str:
                     "tiny-<family>), not an existing folder, not a hub id org/name")
 
 
-def load_model(spec: str, dtype=None, trust_remote_code: bool = False, revision: str | None = None):
-    """Load (model, tokenizer, ModelInfo) for a spec; model in eval mode.
+def load_model(spec: str | os.PathLike, dtype=None, trust_remote_code: bool = False,
+               revision: str | None = None):
+    """Load (model, tokenizer, ModelInfo) for a spec (a str, or a Path to a model folder);
+    model in eval mode.
 
-    dtype: torch dtype or None (fp32 on CPU; the checkpoint's own dtype is not
-    trusted on CPU because bf16 matmuls there are slow and lossy). Under a launcher the
-    model goes to the process's device (see `_place`).
+    dtype: a floating-point torch dtype, its name ("bfloat16") or None (fp32: the
+    checkpoint's own dtype is not trusted on CPU because bf16 matmuls there are slow and
+    lossy); tiny models honour it too. Under a launcher the model goes to the process's
+    device (see `_place`).
     """
-    import torch
-
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"load_model: spec must be a model name, folder or hub id (str or path), "
+                        f"got {type(spec).__name__}")
+    spec = os.fspath(spec)
+    dtype = _torch_dtype(dtype)
     if spec.startswith("tiny-"):
         family = spec[len("tiny-"):]
-        model = _place(tiny_model(family))
+        model = _place(tiny_model(family).to(dtype))
         tokenizer = tiny_tokenizer()
         return model, tokenizer, _info(spec, model, spec, None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_path(spec)
-    dtype = dtype or torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, revision=revision,
                                                   trust_remote_code=trust_remote_code)
@@ -202,6 +207,19 @@ def load_model(spec: str, dtype=None, trust_remote_code: bool = False, revision:
         tokenizer.pad_token = tokenizer.eos_token
     model = _place(model.eval())
     return model, tokenizer, _info(spec, model, target, revision)
+
+
+def _torch_dtype(dtype):
+    """load_model's dtype argument as a torch dtype (None: fp32); TypeError naming it otherwise."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise TypeError(f"load_model: dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), "
+                        f"its name or None, got {dtype!r}")
+    return resolved
 
 
 def _place(model):

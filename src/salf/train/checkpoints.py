@@ -3,7 +3,7 @@
     staged_checkpoint(run_dir, name)   the Trainer writes into tmp-<name>/<name>; renamed on success
     last_checkpoint(folder)            the newest complete checkpoint-N (staging never counts)
     checkpoint_problem(path)           why a checkpoint cannot be resumed from, or None
-    resume_point(folder)               the newest good checkpoint; damaged newer ones set aside
+    resume_point(folder, callbacks)    the newest good checkpoint; damaged newer ones set aside
     rotate(folder, keep, protect)      delete all but the `keep` newest complete checkpoints
 
 Under several processes rank 0 creates and publishes the staging folder; every rank writes
@@ -25,7 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
 from ..errors import SalfError
-from ..io import atomic_write_json, publish_dir
+from ..io import atomic_write_json, disk_full_is_an_error, publish_dir
 from . import extensions
 from .progress import say
 
@@ -69,8 +69,9 @@ def clean_staging(folder: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def staged_checkpoint(run_dir: str, name: str, callbacks):
     """Yield a staging folder; the Trainer writes `name` inside it, the callbacks' states
-    join it, and only then is it renamed to run_dir/name (a crash leaves no partial one).
-    Rank 0 creates and publishes it, once every rank has written its part."""
+    join it, and only then is it renamed to run_dir/name (a crash leaves no partial one; a
+    full disk is one SalfError naming it). Rank 0 creates and publishes it, once every rank
+    has written its part."""
     staging = os.path.join(run_dir, f"tmp-{name}")
 
     def create() -> None:
@@ -83,10 +84,17 @@ def staged_checkpoint(run_dir: str, name: str, callbacks):
         publish_dir(written, os.path.join(run_dir, name))
         shutil.rmtree(staging, ignore_errors=True)
 
-    distributed.on_main(create)
-    yield staging
-    distributed.barrier()
-    distributed.on_main(publish)
+    try:
+        with disk_full_is_an_error(os.path.join(run_dir, name)):
+            distributed.on_main(create)
+            yield staging
+            distributed.barrier()
+            distributed.on_main(publish)
+    except SalfError:
+        # a full disk: the partial checkpoint goes (freeing its space); the earlier ones stay
+        if distributed.is_main():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def rotate(folder: str | os.PathLike, keep: int | None, protect: str | os.PathLike | None = None) -> list[Path]:
@@ -198,8 +206,8 @@ def checkpoint_problem(ckpt: str | os.PathLike, state_keys: tuple[str, ...] = ()
     """Why `ckpt` cannot be resumed from, or None. Checks what a crash or a full disk
     damages: weights loadable (safetensors header and size; FSDP's and DeepSpeed's states
     present), trainer_state.json, optimizer, scheduler and RNG files loadable (one per process
-    of the run that wrote it), and the callbacks' states present. There are no checksums: a
-    flipped byte inside tensor data is not caught."""
+    of the run that wrote it), the callbacks' states present and their tensors loadable. There
+    are no checksums: a flipped byte inside tensor data is not caught."""
     ckpt = Path(ckpt)
     checks = [lambda: _engine_problem(ckpt, engine),
               lambda: _json_problem(ckpt / "trainer_state.json", ("global_step", "log_history"))]
@@ -208,6 +216,8 @@ def checkpoint_problem(ckpt: str | os.PathLike, state_keys: tuple[str, ...] = ()
                                          else _torch_file_problem(ckpt / name)))
     if state_keys:
         checks.append(lambda: _json_problem(ckpt / STATE_FILE, state_keys))
+    if (ckpt / TENSOR_FILE).is_file():     # only callbacks that had tensors wrote one
+        checks.append(lambda: _safetensors_problem(ckpt / TENSOR_FILE))
     for check in checks:
         problem = check()
         if problem:
@@ -227,16 +237,19 @@ def _set_aside(ckpt: Path) -> Path:
     return target
 
 
-def resume_point(folder: str | os.PathLike, state_keys: tuple[str, ...] = (),
-                 processes: int = 1, engine: str | None = None) -> str | None:
+def resume_point(folder: str | os.PathLike, callbacks=(), processes: int = 1,
+                 engine: str | None = None) -> str | None:
     """The newest checkpoint that passes `checkpoint_problem` (written by `processes`
-    processes of `engine`), or None if there is none at all.
+    processes of `engine`) and whose states `callbacks` take back, or None if there is none
+    at all.
 
     Damaged newer ones are named in one line each and set aside (damaged-checkpoint-N);
     if every checkpoint is damaged, one SalfError names them and nothing is renamed."""
+    state_keys = tuple(extensions.stateful(callbacks))
     damaged = []
     for ckpt in reversed(complete_checkpoints(folder)):
-        problem = checkpoint_problem(ckpt, state_keys, processes, engine)
+        problem = (checkpoint_problem(ckpt, state_keys, processes, engine)
+                   or callback_state_problem(ckpt, callbacks))
         if problem is None:
             for bad, why in damaged:
                 kept = _set_aside(bad)
@@ -267,6 +280,18 @@ def save_callback_states(ckpt: str | os.PathLike, callbacks) -> None:
         from safetensors.torch import save_file
 
         save_file(tensors, str(Path(ckpt) / TENSOR_FILE))   # inside the staging folder
+
+
+def callback_state_problem(ckpt: str | os.PathLike, callbacks) -> str | None:
+    """Why `callbacks` cannot take back the states saved in `ckpt`, or None. Each is handed
+    its state, as the resume hands it again later: a state of the wrong shape (a list that
+    is a string, a key missing) is a damaged file like a truncated one, not a salf bug. A
+    SalfError (a state saved under other settings) is the user's to see, and passes."""
+    try:
+        load_callback_states(ckpt, callbacks)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        return f"{STATE_FILE} does not load ({type(exc).__name__}: {_short(exc)})"
+    return None
 
 
 def load_callback_states(ckpt: str | os.PathLike, callbacks) -> None:

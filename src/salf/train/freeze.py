@@ -29,9 +29,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import numbers
 import types
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ from torch import nn
 
 from ..errors import SalfError
 from ..models.anatomy import Anatomy, anatomy, unwrap  # noqa: F401 (unwrap re-exported)
-from ..plan import check_cut
+from ..models.registry import weights_hash
+from ..plan import FreezePlan, check_cut
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +51,51 @@ _STATE_ATTR = "_salf_freeze"
 @dataclass
 class LoraSettings:
     """LoRA on the trainable layers (eof+1..L). `target_modules=None` picks every
-    linear projection (attention + MLP) found in those layers."""
+    linear projection (attention + MLP) found in those layers. Checked when made (`validate`)."""
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | None = None
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "LoraSettings":
+        """Raise SalfError naming the field unless every field has its type and is within the
+        CLI's limits for --lora-r, --lora-alpha and --lora-dropout; returns self."""
+        from ..checks import check_numbers
+
+        for name in ("r", "alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise SalfError(f"lora.{name} must be an integer, got {value!r}")
+        if not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool):
+            raise SalfError(f"lora.dropout must be a number, got {self.dropout!r}")
+        targets = self.target_modules
+        # a bare string would be split into letters by list(targets)
+        if targets is not None and not (isinstance(targets, (list, tuple))
+                                        and all(isinstance(t, str) for t in targets)):
+            raise SalfError(f"lora.target_modules must be a list of module names or None, got {targets!r}")
+        check_numbers(types.SimpleNamespace(lora_r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout),
+                      name=lambda dest: "lora." + dest.removeprefix("lora_"))
+        return self
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "LoraSettings | None":
-        return None if d is None else cls(**{k: d[k] for k in ("r", "alpha", "dropout", "target_modules")
-                                             if k in d})
+        if d is None:
+            return None
+        unknown = sorted(str(k) for k in d if k not in LORA_FIELDS)
+        if unknown:
+            raise SalfError(f"unknown LoRA setting(s) {', '.join(unknown)}; the settings are "
+                            f"{', '.join(LORA_FIELDS)}")
+        return cls(**d)
+
+
+LORA_FIELDS = tuple(f.name for f in fields(LoraSettings))
 
 
 @dataclass
@@ -242,21 +275,54 @@ def default_target_modules(anat: Anatomy, eof: int) -> tuple[list[str], bool]:
     return sorted(names), conv1d
 
 
+def check_lora_targets(anat: Anatomy, targets: list[str] | None) -> None:
+    """LoRA target names must be linear projections of the decoder layers; checked before any
+    analysis or training, naming what the model has (PEFT would fail later, less clearly)."""
+    if not targets:
+        return
+    known, _ = default_target_modules(anat, 0)
+    paths = {name for name, _ in anat.layers[0].named_modules() if name}
+    # PEFT matches a name or a dotted suffix of a module's path (q_proj, self_attn.q_proj)
+    unknown = [t for t in targets
+               if not any(p == t or p.endswith("." + t) for p in paths) or t.rsplit(".", 1)[-1] not in known]
+    if unknown:
+        raise SalfError(f"LoRA targets (--lora-targets) {', '.join(unknown)}: not a linear module of "
+                        f"the model's decoder layers; they have {', '.join(known)}")
+
+
 # --------------------------------------------------------------------------- public API
 
 
-def apply_plan(model: nn.Module, plan, lora: LoraSettings | None = None,
-               gradient_checkpointing: bool = False) -> nn.Module:
+def apply_plan(model: nn.Module, plan, lora: LoraSettings | dict | None = None,
+               gradient_checkpointing: bool = False, allow_different_weights: bool = False) -> nn.Module:
     """Freeze `model` per `plan` and truncate backward at the cut.
 
-    Returns the model (the PEFT-wrapped one when `lora` is given). The plan is
-    stored as `model.salf_plan`; `assert_truncated(model)` re-checks the result.
+    `plan` is a FreezePlan or its dict (`json.load` of a plan.json); `lora` a LoraSettings,
+    a dict of its fields, or None. As `salf train --plan` does, a plan is refused for a model
+    with another layer count, or (an fp32 model) with other weights than the plan records
+    (its model.weights_hash) unless `allow_different_weights=True`. Returns the model (the PEFT-wrapped one when
+    `lora` is given). The plan is stored as `model.salf_plan`; `assert_truncated(model)`
+    re-checks the result.
     """
+    plan = _as_plan(plan)
     if isinstance(lora, dict):
         lora = LoraSettings.from_dict(lora)
+    elif isinstance(lora, LoraSettings):
+        lora.validate()  # its fields may have changed since it was made
+    elif lora is not None:
+        raise TypeError(f"apply_plan: lora must be a LoraSettings, a dict of its fields "
+                        f"({', '.join(LORA_FIELDS)}) or None, got {type(lora).__name__}")
     if freeze_state(model) is not None:
         raise SalfError("a freeze plan is already applied to this model; load a fresh model to apply another")
     anat = anatomy(model)
+    if isinstance(plan, FreezePlan):  # the model it records, if any (a hand-built plan may record none)
+        # plans are made on fp32 weights; a bf16/fp16 copy of the same weights hashes otherwise,
+        # so for those only the layer count is compared
+        check_weights = (plan.model.get("weights_hash") and not allow_different_weights
+                         and all(p.dtype == torch.float32 for p in model.parameters()))
+        plan.check_model({"name_or_path": model.config.name_or_path or "this model",
+                          "weights_hash": weights_hash(model) if check_weights else None},
+                         anat.num_layers, allow_different_weights, override="allow_different_weights=True")
     state = _checked_state(plan, anat, lora, gradient_checkpointing)
     _set_requires_grad(model, anat, state)
     _neutralise_input_grad_hooks(model, anat)
@@ -268,6 +334,16 @@ def apply_plan(model: nn.Module, plan, lora: LoraSettings | None = None,
         assert_truncated(model)
         return model
     return _wrap_lora(model, anat, state)
+
+
+def _as_plan(plan, caller: str = "apply_plan"):
+    """A FreezePlan from its dict; a FreezePlan (or an object with its fields) as it is."""
+    if isinstance(plan, dict):
+        return FreezePlan.from_dict(plan, source="plan")
+    if not hasattr(plan, "eof"):
+        raise TypeError(f"{caller}: plan must be a FreezePlan or its dict (json.load of a "
+                        f"plan.json), got {type(plan).__name__}")
+    return plan
 
 
 def _checked_state(plan, anat: Anatomy, lora: LoraSettings | None,
@@ -348,6 +424,7 @@ def _wrap_lora(model: nn.Module, anat: Anatomy, state: FreezeState) -> nn.Module
     lora = state.lora
     targets, conv1d = default_target_modules(anat, state.eof)
     if lora.target_modules:
+        check_lora_targets(anat, lora.target_modules)
         targets = list(lora.target_modules)
     state.target_modules = targets
     config = LoraConfig(
@@ -545,7 +622,7 @@ class SalfFreezeCallback(_TrainerCallback):
     """
 
     def __init__(self, plan=None, gradient_checkpointing: bool | None = None):
-        self.plan = plan
+        self.plan = None if plan is None else _as_plan(plan, "SalfFreezeCallback")
         self.gradient_checkpointing = gradient_checkpointing
         self._checked_grads = False
 

@@ -30,8 +30,9 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
+from ..checks import check_report_to
 from ..errors import SalfError
-from ..io import atomic_write_json, publish_dir, read_json
+from ..io import atomic_write_json, disk_full_is_an_error, publish_dir, read_json
 from . import extensions
 from .audit import _plan_dict, compare, snapshot, write_audit
 from .checkpoints import clean_staging, last_checkpoint, load_callback_states, resume_point, step_of
@@ -72,7 +73,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
           report_to: str = "none", progress: bool = True, weight_decay: float = 0.0,
           warmup_steps: int = 0, save_total_limit: int | None = 2,
           base_spec: str | None = None, callbacks: list | None = None,
-          dynamic=None, probe_rows: list | None = None) -> dict:
+          dynamic=None, probe_rows: list | None = None, allow_different_weights: bool = False) -> dict:
     """Apply `plan` to `model`, fine-tune it, save it and return the metrics (also in metrics.json).
 
     `lr` defaults to 2e-4 with LoRA, 5e-5 otherwise. `max_steps` (if given)
@@ -86,6 +87,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     `dynamic` (a salf.dynamic.DynamicSettings or its dict) moves the cut while training,
     reading `probe_rows` (held out of `train_rows`) where its policy probes; its schedule,
     checks and integrated cost go to metrics.json["dynamic"] and OUT/dynamic.json.
+    `allow_different_weights` applies a plan made for other weights (see `apply_plan`).
     Under a launcher every process calls `train` with the same arguments; `batch_size` is per
     process; rank 0 writes OUT and every rank returns the metrics.
     """
@@ -108,7 +110,8 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     out = Path(out_dir)
     distributed.init()
     resume_from = distributed.on_main(lambda: prepare_run_folder(out, run, resume, callbacks))
-    model = _apply_plan(model, plan, plan_dict, lora, gradient_checkpointing, seed, out)
+    model = _apply_plan(model, plan, plan_dict, lora, gradient_checkpointing, seed, out,
+                        allow_different_weights)
     data = encode_data(task, tokenizer, train_rows, eval_rows, max_length)
     progress = progress and distributed.is_main()
     evaluate = _evaluator(task, data, batch_size, progress) if data.eval else None
@@ -166,11 +169,7 @@ def check_arguments(train_rows: list, *, loss: str, report_to: str, batch_size: 
         raise SalfError(f"--loss must be 'label' or 'lm', not {loss!r}")
     if report_to not in REPORT_TO:
         raise SalfError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {report_to!r}")
-    if report_to == "tensorboard":
-        import importlib.util
-
-        if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-            raise SalfError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
+    check_report_to(report_to)
     if int(batch_size) < 1:
         raise SalfError(f"--batch-size must be at least 1, got {batch_size}")
     if int(grad_accum) < 1:
@@ -204,17 +203,28 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _differences(name: str, old, new):
+    """(dotted name, old, new) of each differing leaf: a nested setting (plan, lora, a
+    callback's settings) is named down to the field that changed, not dumped whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            yield from _differences(f"{name}.{key}", old.get(key), new.get(key))
+    elif _canonical(old) != _canonical(new):
+        yield name, old, new
+
+
 def check_resume(run_file: Path, run: dict, keys) -> None:
-    """Refuse to continue a run (run.json) whose `keys` differ from this one's."""
+    """Refuse to continue a run (run.json) whose `keys` differ from this one's; without
+    run.json there is nothing to compare (prepare_run_folder refuses checkpoints without one)."""
     if not run_file.is_file():
         return
     old = read_json(run_file, "--resume:")
     if not isinstance(old, dict):
         raise SalfError(f"--resume: {run_file} is not a salf run.json (expected a JSON object)")
     old = {**RESUME_DEFAULTS, **old}
-    diffs = [k for k in keys if _canonical(old.get(k)) != _canonical(run.get(k))]
+    diffs = [d for k in keys for d in _differences(k, old.get(k), run.get(k))]
     if diffs:
-        shown = "; ".join(f"{k} {_canonical(old.get(k))} (now {_canonical(run.get(k))})" for k in diffs)
+        shown = "; ".join(f"{name} {_canonical(a)} (now {_canonical(b)})" for name, a, b in diffs)
         raise SalfError(f"--resume: the run in {run_file.parent} used other settings: {shown}; "
                         "resume with the same settings or choose another --out folder")
 
@@ -226,10 +236,16 @@ def prepare_run_folder(out: Path, run: dict, resume: bool, callbacks) -> str | N
     ckpt_dir = out / CHECKPOINTS
     resume_from = None
     if resume:
+        if not (out / "run.json").is_file() and last_checkpoint(ckpt_dir) is not None:
+            # a checkpoint brings back its own learning-rate schedule, optimizer and data order
+            # whatever this run asks for; only run.json says which settings wrote it
+            raise SalfError(f"--resume: {out / 'run.json'} is missing, so the settings of the run "
+                            f"that wrote the checkpoints in {ckpt_dir} cannot be checked against "
+                            "this one's; restore that run.json, or start a new run in another "
+                            "--out folder")
         check_resume(out / "run.json", run, RESUME_KEYS)
         clean_staging(ckpt_dir)
-        resume_from = resume_point(ckpt_dir, tuple(extensions.stateful(callbacks)), run["processes"],
-                                   run["engine"])
+        resume_from = resume_point(ckpt_dir, callbacks, run["processes"], run["engine"])
         if resume_from:
             say(f"salf: resuming from {Path(resume_from).name}")
     elif last_checkpoint(ckpt_dir) is not None:
@@ -240,14 +256,15 @@ def prepare_run_folder(out: Path, run: dict, resume: bool, callbacks) -> str | N
 
 
 def _apply_plan(model: nn.Module, plan, plan_dict, lora, gradient_checkpointing: bool, seed: int,
-                out: Path) -> nn.Module:
+                out: Path, allow_different_weights: bool) -> nn.Module:
     """Apply the plan (seeded: LoRA's initial weights come from the RNG) and write plan.json."""
     from transformers import set_seed
 
     set_seed(int(seed))
     applied = freeze_state(model)
     if applied is None:
-        model = apply_plan(model, plan, lora=lora, gradient_checkpointing=gradient_checkpointing)
+        model = apply_plan(model, plan, lora=lora, gradient_checkpointing=gradient_checkpointing,
+                           allow_different_weights=allow_different_weights)
     elif applied.eof != int(plan.eof) or (applied.lora is None) != (lora is None):
         raise SalfError("the model already has a different plan applied; pass a freshly loaded model")
     distributed.on_main(lambda: atomic_write_json(out / "plan.json", plan_dict))
@@ -375,10 +392,15 @@ def _save_final(model: nn.Module, tokenizer, out: Path, meta: dict, state_dict: 
     def save() -> None:
         staging = out / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
-        with quiet_saves():
-            model.save_pretrained(str(staging), state_dict=state_dict)
-        tokenizer.save_pretrained(str(staging))
-        atomic_write_json(staging / META_FILE, meta)
+        try:
+            with disk_full_is_an_error(out / "final"):
+                with quiet_saves():
+                    model.save_pretrained(str(staging), state_dict=state_dict)
+                tokenizer.save_pretrained(str(staging))
+                atomic_write_json(staging / META_FILE, meta)
+        except SalfError:
+            shutil.rmtree(staging, ignore_errors=True)   # a full disk: free what was staged
+            raise
         publish_dir(staging, out / "final")
 
     distributed.on_main(save)

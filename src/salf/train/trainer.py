@@ -112,6 +112,15 @@ class SalfTrainer(Trainer):
             optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
         return optimizer
 
+    def _run_epoch(self, *args, **kwargs):
+        """The Trainer's epoch, unless the run is already at its last step: resumed from the
+        checkpoint of that step it would still train one more (it looks for the end only after
+        a step), at learning rate 0, and save a checkpoint of it."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         if self.salf_eval is None:
             return {}
