@@ -54,10 +54,10 @@ def check_numbers(args, name=flag) -> None:
 
 def check_policy(policy: str) -> None:
     # the library's own parser, so the CLI accepts exactly what choose_cut does
-    from .analysis.gains import _parse_policy
+    from .analysis.gains import parse_policy
 
     try:
-        _parse_policy(policy)
+        parse_policy(policy)
     except SalfError as exc:
         raise SalfError(f"--policy: {exc}") from None
 

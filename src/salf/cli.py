@@ -18,8 +18,9 @@ import textwrap
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
+from .choices import CUT_POLICIES
 from .defaults import (DEFAULT_ANALYSIS_SAMPLES, DEFAULT_FINETUNE_STEPS, DEFAULT_POLICY,
-                       DEFAULT_SAVE_TOTAL_LIMIT, default_save_steps)
+                       DEFAULT_SAVE_TOTAL_LIMIT, REPORT_TO, default_save_steps)
 from .errors import SalfError
 from .plan import HEADS
 
@@ -52,8 +53,7 @@ Errors are one line on stderr with exit code 2.
 # alike, so the flags leave out "trainable" (refused on tied models; plans may hold it).
 CLI_HEADS = tuple(h for h in HEADS if h != "trainable")
 
-POLICY_CHOICES = "max-gain-e0 | max-gain | paper | onset | knee | budget=B"
-REPORT_TO = ("none", "tensorboard", "csv")
+POLICY_CHOICES = " | ".join(CUT_POLICIES.labels())
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):

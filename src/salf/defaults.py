@@ -15,6 +15,9 @@ DEFAULT_ANALYSIS_SAMPLES = 64
 # Optimizer steps of `salf finetune` without --max-steps (`salf train` lets --epochs decide).
 DEFAULT_FINETUNE_STEPS = 100
 
+# Where training also logs (--report-to): nowhere else, tensorboard, or a CSV.
+REPORT_TO = ("none", "tensorboard", "csv")
+
 # Checkpoints `salf train` / `salf finetune` keep (the newest ones; older ones are deleted).
 DEFAULT_SAVE_TOTAL_LIMIT = 2
 

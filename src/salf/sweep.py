@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .choices import BASELINE_SELECTORS, CUT_POLICIES
 from .defaults import DEFAULT_POLICY
 from .distributed import launched, without_launcher
 from .errors import SalfError
@@ -34,10 +35,9 @@ from .io import atomic_write_json, atomic_write_text, read_json
 
 # SALF's cut policies, each a selector under its own name (budget=B too); `salf` stands for
 # the default policy (salf.defaults.DEFAULT_POLICY), resolved when a sweep is configured.
-SALF_POLICIES = ("max-gain", "max-gain-e0", "paper", "onset", "knee")
 DEFAULT_ALIAS = "salf"
-PREFIX_SELECTORS = ("freeze-half", "random", "block-influence-cut", "grad-norm")
-SET_SELECTORS = ("spectrum", "block-influence")
+PREFIX_SELECTORS = tuple(BASELINE_SELECTORS.names(kind="prefix", sweep=True))
+SET_SELECTORS = tuple(BASELINE_SELECTORS.names(kind="set", sweep=True))
 # Dynamic freezing: "dyn-<policy>" (salf.dynamic POLICIES), optionally with settings
 # "dyn-salf:tau=0.2:epsilon=0.1"; every dynamic cell starts from the default policy's cut.
 DYNAMIC_PREFIX = "dyn-"
@@ -51,7 +51,7 @@ LOCK_FILE = ".sweep.lock"
 
 
 def is_salf_policy(name: str) -> bool:
-    return name in SALF_POLICIES or name.startswith("budget=")
+    return name in CUT_POLICIES
 
 
 def dynamic_settings(name: str) -> dict | None:
@@ -79,7 +79,7 @@ def dynamic_settings(name: str) -> dict | None:
 def resolve_selectors(names: list[str], default: str) -> list[str]:
     """The selectors a sweep runs, in order: `salf` becomes the default policy `default`,
     repeats are dropped, unknown names are refused."""
-    known = [*SALF_POLICIES, "budget=B", *PREFIX_SELECTORS, *SET_SELECTORS]
+    known = [*CUT_POLICIES.labels(), *BASELINE_SELECTORS.labels(sweep=True)]
     resolved: list[str] = []
     for name in names:
         name = default if name == DEFAULT_ALIAS else name
@@ -88,10 +88,10 @@ def resolve_selectors(names: list[str], default: str) -> list[str]:
                             f"(selectors are named after their policies; {DEFAULT_ALIAS!r} "
                             f"is the default policy, {default})")
         if name.startswith("budget="):  # B read as `salf plan --policy budget=B` reads it
-            from .analysis.gains import _parse_policy
+            from .analysis.gains import parse_policy
 
             try:
-                _parse_policy(name)
+                parse_policy(name)
             except SalfError as exc:
                 raise SalfError(f"sweep selector {name!r}: {exc}") from None
         if not (is_salf_policy(name) or name in PREFIX_SELECTORS or name in SET_SELECTORS

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..choices import CUT_POLICIES
 from ..defaults import DEFAULT_POLICY  # noqa: F401  (re-exported)
 from ..errors import SalfError
 
@@ -37,8 +38,9 @@ MIN_FIT_POINTS = 4            # a 3-parameter law needs more than 3 spaces to sa
 _GRID_POINTS = 241
 _FLAT_EPS = 1e-9
 
-VALID_POLICIES = ("paper", "max-gain", "max-gain-e0", "budget=B", "knee", "onset")
+VALID_POLICIES = tuple(CUT_POLICIES.labels())
 BENEFIT_SOURCES = ("depth", "prior", "given")
+_RULES_NEEDING_COST = {c.kind for c in CUT_POLICIES if "cost" in c.needs}
 
 
 # --------------------------------------------------------------------------- input
@@ -252,28 +254,34 @@ def transition_onset(trace, fraction: float = ONSET_FRACTION) -> int:
 # --------------------------------------------------------------------------- policies
 
 
-def _parse_policy(policy: str) -> tuple[str, dict]:
+def parse_policy(policy: str) -> tuple[str, dict]:
+    """(the choose_cut rule, its settings) of a policy as typed (salf.choices.CUT_POLICIES)."""
     if not isinstance(policy, str):
         raise SalfError(f"policy must be a string; valid: {', '.join(VALID_POLICIES)}")
     p = policy.strip().lower().replace("_", "-")
-    if p in ("paper", "max-gain", "knee", "onset"):
-        return p, {}
-    if p == "max-gain-e0":
-        # variant: the fine-tuned floor E is 0 (perfect alignment), not min D of the
-        # pretrained trace — see docs/method.md "Variants under test"
-        return "max-gain", {"floor": 0.0, "variant": "e0"}
-    if p.startswith("budget"):
-        rest = p[len("budget"):].lstrip()
-        if rest[:1] in ("=", ":"):
-            try:
-                b = float(rest[1:])
-            except ValueError:
-                b = float("nan")
-            if math.isfinite(b) and b > 0:
-                return "budget", {"budget": b}
-        raise SalfError(f"invalid budget policy {policy!r}: use budget=B with B > 0, a fraction of "
-                        "full fine-tuning cost (e.g. budget=0.5)")
-    raise SalfError(f"unknown policy {policy!r}; valid policies: {', '.join(VALID_POLICIES)}")
+    if p.startswith("budget") and p[len("budget"):].lstrip()[:1] == ":":
+        p = "budget=" + p[len("budget"):].lstrip()[1:]      # budget:0.5 reads as budget=0.5
+    found = CUT_POLICIES.find(p.replace(" ", ""))
+    if found is None:
+        if p.startswith("budget"):
+            raise _bad_budget(policy)
+        raise SalfError(f"unknown policy {policy!r}; valid policies: {', '.join(VALID_POLICIES)}")
+    choice, value = found
+    params = dict(choice.options)
+    if choice.param:   # budget=B: B > 0, a fraction of full fine-tuning's cost
+        try:
+            b = float(value)
+        except ValueError:
+            b = float("nan")
+        if not (math.isfinite(b) and b > 0):
+            raise _bad_budget(policy)
+        params["budget"] = b
+    return choice.kind, params
+
+
+def _bad_budget(policy: str) -> SalfError:
+    return SalfError(f"invalid budget policy {policy!r}: use budget=B with B > 0, a fraction of "
+                     "full fine-tuning cost (e.g. budget=0.5)")
 
 
 def _check_cost(cost, L: int, needed_by: str | None) -> np.ndarray | None:
@@ -336,10 +344,10 @@ def choose_cut(trace, policy: str, cost: Sequence[float] | None = None, *,
     k = 0..L-1 (a list for k = 0..L is accepted; entry L is ignored).
     Returns {eof, policy, params, reason, benefit, predicted, cost, curve}.
     """
-    name, params = _parse_policy(policy)
+    name, params = parse_policy(policy)
     D = deviations(trace)
     L = len(D) - 1
-    c = _check_cost(cost, L, needed_by=name if name in ("budget", "knee") else None)
+    c = _check_cost(cost, L, needed_by=name if name in _RULES_NEEDING_COST else None)
     if floor is None and "floor" in params:
         floor = params["floor"]
     curve = benefit_curve(D, benefit_source, alpha=alpha, floor=floor)

@@ -23,6 +23,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from ..analysis.gains import fit_power_law
+from ..choices import DYNAMIC_POLICIES
 from ..errors import SalfError
 from ..plan import layer_span
 from .settings import DynamicSettings
@@ -68,8 +69,7 @@ def decide(settings: DynamicSettings, history: list[Check], run: RunShape) -> De
     """The cut to hold after the last check of `history` (never shallower than it)."""
     if not history:
         raise SalfError("a dynamic decision needs at least one check")
-    rule = {"salf": _decide_salf, "autofreeze": _decide_autofreeze, "linear": _decide_linear,
-            "freezeout": _decide_freezeout, "static": _decide_static}[settings.policy]
+    rule = DYNAMIC_POLICIES.get(settings.policy)[0].function
     decision = rule(settings, history, run)
     current = history[-1].eof
     if decision.eof < current:      # a rule bug must never unfreeze
@@ -140,7 +140,7 @@ def _previous_probe(history: list[Check]) -> Check | None:
     return probes[-1] if probes else None
 
 
-def _decide_salf(settings, history, run) -> Decision:
+def decide_salf(settings, history, run) -> Decision:
     k = history[-1].eof
     law = step_law(history, run, settings)
     depth = settled_depth(history, settings.tau, run.max_eof, settings.plasticity)
@@ -155,11 +155,11 @@ def _decide_salf(settings, history, run) -> Decision:
 # --------------------------------------------------------------------------- baselines
 
 
-def _decide_static(settings, history, run) -> Decision:
+def decide_static(settings, history, run) -> Decision:
     return Decision(history[-1].eof, "static: the cut never moves")
 
 
-def _decide_linear(settings, history, run) -> Decision:
+def decide_linear(settings, history, run) -> Decision:
     """Composer's LayerFreezing: nothing moves before `start` (default 0.5) of the run; then
     the cut grows linearly to max_eof at the last step."""
     start = 0.5 if settings.start is None else settings.start
@@ -171,7 +171,7 @@ def _decide_linear(settings, history, run) -> Decision:
     return Decision(max(now.eof, target), f"linear: {share:.0%} of the run -> eof {target}")
 
 
-def _decide_freezeout(settings, history, run) -> Decision:
+def decide_freezeout(settings, history, run) -> Decision:
     """FreezeOut's cubic schedule: decoder layer i (1-based) leaves training at
     T·(t0 + (1 - t0)·(i-1)/(L-1))³ (t0 = 0.8 by default: the first at 51% of the run)."""
     t0 = 0.8 if settings.start is None else settings.start
@@ -184,7 +184,7 @@ def _decide_freezeout(settings, history, run) -> Decision:
     return Decision(max(history[-1].eof, frozen), f"freezeout: {share:.0%} of the run -> eof {frozen}")
 
 
-def _decide_autofreeze(settings, history, run) -> Decision:
+def decide_autofreeze(settings, history, run) -> Decision:
     """AutoFreeze: rate r_l = |G_prev - G_now| / G_prev of each trainable layer's gradient
     norm over the last two intervals; the new cut is below the first layer at or above the
     rate percentile of the trainable layers."""

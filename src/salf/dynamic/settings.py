@@ -6,9 +6,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..choices import DYNAMIC_POLICIES
 from ..errors import SalfError
 
-POLICIES = ("salf", "autofreeze", "linear", "freezeout", "static")
+POLICIES = tuple(DYNAMIC_POLICIES.names())     # salf.choices: each policy's function and needs
 # the `salf train/finetune/sweep` flag of each setting (docs/method.md lists them all)
 FLAGS = {"policy": "--dynamic", "tau": "--plasticity-share", "epsilon": "--remaining-share",
          "plasticity": "--plasticity-measure", "clock": "--law-clock", "checks": "--checks",
@@ -17,10 +18,8 @@ FLAGS = {"policy": "--dynamic", "tau": "--plasticity-share", "epsilon": "--remai
          "percentile": "--rate-percentile"}
 CLOCKS = ("lr-area", "steps")
 PLASTICITY = ("shift", "deviation")
-# what each policy needs measured at a check (the probe costs a forward pass; gradient
-# norms are read from the gradients training computes anyway)
-NEEDS = {"salf": {"probe"}, "autofreeze": {"grad_norms"}, "linear": set(), "freezeout": set(),
-         "static": {"probe"}}
+# what each policy needs measured at a check
+NEEDS = {c.name: set(c.needs) for c in DYNAMIC_POLICIES}
 
 
 @dataclass
@@ -62,8 +61,7 @@ class DynamicSettings:
         self.validate()
 
     def validate(self) -> "DynamicSettings":
-        if self.policy not in POLICIES:
-            raise SalfError(f"unknown dynamic policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        DYNAMIC_POLICIES.get(self.policy)    # unknown: one SalfError listing the policies
         if self.plasticity not in PLASTICITY:
             raise SalfError(f"{_named('plasticity')} must be one of {', '.join(PLASTICITY)}, "
                             f"got {self.plasticity!r}")
@@ -98,7 +96,7 @@ class DynamicSettings:
 
     @property
     def needs(self) -> set[str]:
-        return NEEDS[self.policy]
+        return set(DYNAMIC_POLICIES.get(self.policy)[0].needs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from ..choices import BASELINE_SELECTORS
 from ..errors import SalfError
 from .base import Selection, SelectorContext, training_loss
 from .gradnorm import layer_grad_norms, select_grad_norm
@@ -18,20 +19,11 @@ from .simple import (select_freeze_first_k, select_freeze_half, select_full, sel
                      select_random)
 from .spectrum import matrix_snr, select_spectrum, singular_value_snr
 
-SELECTORS: dict[str, Callable[..., Selection]] = {
-    "full": select_full,
-    "lora": select_lora,
-    "freeze-half": select_freeze_half,
-    "freeze-first-k": select_freeze_first_k,
-    "random": select_random,
-    "spectrum": select_spectrum,
-    "block-influence": select_block_influence,
-    "block-influence-cut": select_block_influence_cut,
-    "grad-norm": select_grad_norm,
-}
+# salf.choices.BASELINE_SELECTORS names them, says what each needs and what it picks
+SELECTORS: dict[str, Callable[..., Selection]] = {c.name: c.function for c in BASELINE_SELECTORS}
 
 # Selectors that run the model on data (the others read only the layer count or weights).
-NEEDS_DATA = frozenset({"block-influence", "block-influence-cut", "grad-norm"})
+NEEDS_DATA = frozenset(c.name for c in BASELINE_SELECTORS if "data" in c.needs)
 
 
 def selector_params(name: str) -> list[str]:

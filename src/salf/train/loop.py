@@ -31,6 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
 from ..checks import check_report_to
+from ..defaults import REPORT_TO
 from ..errors import SalfError
 from ..io import atomic_write_json, disk_full_is_an_error, publish_dir, read_json
 from . import extensions
@@ -46,7 +47,6 @@ from .steplog import StepLog
 from .trainer import build_trainer, check_engine, training_arguments
 
 CHECKPOINTS = "checkpoints"
-REPORT_TO = ("none", "tensorboard", "csv")
 # settings a resumed run must share with the run it continues; callbacks add theirs
 # through run_settings() (salf.train.extensions), a new train() argument adds its name here
 RESUME_KEYS = ("plan", "lora", "loss", "lr", "batch_size", "grad_accum", "max_length", "epochs",
