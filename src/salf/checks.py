@@ -11,6 +11,7 @@ import math
 import re
 from pathlib import Path
 
+from .defaults import check_report_to
 from .errors import SalfError
 from .io import ensure_out_dir, ensure_parent_dir
 
@@ -237,14 +238,6 @@ def check_deepest_cut(settings, start_eof: int | None) -> None:
             and settings.max_eof < start_eof:
         raise SalfError(f"--deepest-cut must be at least the starting cut {start_eof}, "
                         f"got {settings.max_eof}")
-
-
-def check_report_to(report_to: str) -> None:
-    if report_to == "tensorboard":
-        import importlib.util
-
-        if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-            raise SalfError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
 
 
 def check_training_flags(args) -> None:

@@ -87,7 +87,7 @@ def resolve_selectors(names: list[str], default: str) -> list[str]:
             raise SalfError(f"sweep selector {name!r} is now {OLD_SELECTOR_NAMES[name]!r} "
                             f"(selectors are named after their policies; {DEFAULT_ALIAS!r} "
                             f"is the default policy, {default})")
-        if name.startswith("budget="):  # B read as `salf plan --policy budget=B` reads it
+        if is_salf_policy(name):  # read as `salf plan --policy` reads it (budget=B's B too)
             from .analysis.gains import parse_policy
 
             try:

@@ -30,8 +30,7 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
-from ..checks import check_report_to
-from ..defaults import REPORT_TO
+from ..defaults import REPORT_TO, check_report_to
 from ..errors import SalfError
 from ..io import atomic_write_json, disk_full_is_an_error, publish_dir, read_json
 from . import extensions
