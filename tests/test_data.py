@@ -331,7 +331,8 @@ def test_file_errors(tmp_path):
     fails("either", str(p), text_col="review", prompt_col="review")
     p2 = write_csv(tmp_path / "blank.csv", ["text", "label"], [("", "a"), ("  ", "b")])
     fails("all 2 rows have an empty", str(p2))
-    fails("unknown dataset 'no-such-set'.*rotten-tomatoes, bbc-news, chatterbot", "no-such-set")
+    fails("unknown dataset 'no-such-set'.*rotten-tomatoes, bbc-news, chatterbot, trec-questions",
+          "no-such-set")
 
 
 def test_empty_rows_dropped_and_counted(tmp_path):
@@ -392,9 +393,10 @@ def test_seeded_order_is_input_order_independent():
 
 
 def test_builtin_registry():
-    assert set(BUILTIN_DATASETS) == {"rotten-tomatoes", "bbc-news", "chatterbot"}
+    assert set(BUILTIN_DATASETS) == {"rotten-tomatoes", "bbc-news", "chatterbot", "trec-questions"}
     assert [d["name"] for d in list_datasets()] == list(BUILTIN_DATASETS)
-    assert [d["task"] for d in list_datasets()] == ["classification", "classification", "sft"]
+    assert [d["task"] for d in list_datasets()] == ["classification", "classification", "sft",
+                                                    "classification"]
     with pytest.raises(SalfError, match="do not apply"):
         load_dataset_spec("rotten-tomatoes", text_col="x")
 
@@ -406,6 +408,7 @@ EXPECTED = {
     "rotten-tomatoes": {"train": 10252, "validation": 500, "test": 2000},
     "bbc-news": {"train": 1276, "validation": 213, "test": 638},
     "chatterbot": {"train": 941, "validation": 118, "test": 117},
+    "trec-questions": {"train": 3881, "validation": 500, "test": 1000},
 }
 
 
@@ -450,6 +453,12 @@ def test_builtin_specifics():
     assert bbc.task.template.endswith("\nTopic:")
     cb = load_dataset_spec("chatterbot")
     assert cb.task.kind == "sft" and cb.task.template == "Question: {prompt}\nAnswer:"
+    trec = load_dataset_spec("trec-questions")
+    assert trec.task.labels == ["abbreviation", "description", "entity", "human", "location", "number"]
+    texts = [r["text"] for rows in trec.splits.values() for r in rows]
+    # the Penn Treebank tokens are undone: no "`` ", " ''", " 's" or a space before "?"
+    assert not any(t in q for q in texts for t in ("`` ", " ''", " 's ", " ?"))
+    assert trec.provenance["cleaning"]["duplicates_dropped"] == 10071
     # overriding the verbalizer of a built-in keeps its label order
     rt2 = load_dataset_spec("rotten-tomatoes", labels='negative=" bad",positive=" good"')
     assert rt2.task.labels == ["positive", "negative"] and rt2.task.verbalizer["negative"] == " bad"
@@ -465,7 +474,7 @@ def test_builtin_verbalizers_with_real_tokenizer():
     from salf.models.registry import resolve_path
 
     real = AutoTokenizer.from_pretrained(resolve_path("smollm2-135m"))
-    for name in ("rotten-tomatoes", "bbc-news"):
+    for name in ("rotten-tomatoes", "bbc-news", "trec-questions"):
         ds = load_dataset_spec(name)
         got = ds.task.label_token_ids(real)
         assert got == [real.encode(w, add_special_tokens=False)[0] for w in ds.task.verbalizer.values()]

