@@ -98,7 +98,8 @@ def table(s: dict) -> list[str]:
              f"{s['full']['seeds']} seeds, noise {s['oracle']['noise']:.4f}; oracle's cheapest safe "
              f"static cut eof {s['oracle']['cheapest_safe_cut']} at {fmt(oracle)})", "",
              "| dynamic selector | from eof | quality at FLOPs vs full, per seed | Δ vs full, same seeds | "
-             "safe | FLOPs vs full (mean) | / cheapest safe static | probes: FLOPs, wall, per seed | schedule (seed 1) |",
+             "safe | FLOPs vs full (mean) | / cheapest safe static | probes: FLOPs, wall, per seed "
+             "| schedule (seed 1) |",
              "|---|---:|---|---:|:---:|---:|---:|---|---|"]
     for r in dynamic_rows(s):
         per_seed = ", ".join(f"{c['quality']:.4f} at {c['cost']:.3f} (s{c['seed']})"

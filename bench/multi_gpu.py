@@ -67,7 +67,8 @@ def check(args, engine: str, root: Path, reference: list[float]) -> dict:
     return {"engine": engine, "ok": True,
             "recorded": f"{metrics['settings']['processes']} x {metrics['settings']['engine']}",
             "max_dloss": max(abs(a - b) for a, b in zip(whole, reference, strict=True)),
-            "audit": metrics["audit"]["ok"] and metrics["audit"]["frozen_unchanged"] == metrics["audit"]["frozen_count"],
+            "audit": (metrics["audit"]["ok"]
+                      and metrics["audit"]["frozen_unchanged"] == metrics["audit"]["frozen_count"]),
             "one_set": {p.name for p in out.iterdir()} == OUTPUTS,
             "resume_equal": resumed and losses(out) == whole}
 

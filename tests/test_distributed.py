@@ -406,7 +406,8 @@ def _fsdp_part(rank: int, out: Path) -> dict:
     report = compare(before, distributed.gathered_snapshot(model), None, strict=False)
     return {
         "layer_units": [isinstance(layer, FSDPModule) for layer in model.model.layers],
-        "root_unit": isinstance(model, FSDPModule), "losses": losses, "leaked": sorted(leaked), "missing": sorted(missing),
+        "root_unit": isinstance(model, FSDPModule), "losses": losses, "leaked": sorted(leaked),
+        "missing": sorted(missing),
         "optimizer_state": sorted(names[id(p)] for p in optimizer.state),
         "trainable": sorted(before.trainable), "frozen": report["frozen"],
         "trainable_changed": report["trainable"]["changed"]}

@@ -53,5 +53,7 @@ def run_selector(name: str, context: SelectorContext, **params) -> Selection:
 __all__ = [
     "NEEDS_DATA", "SELECTORS", "Selection", "SelectorContext", "block_influence",
     "layer_grad_norms", "matrix_snr", "run_selector", "selector_params", "singular_value_snr",
-    "training_loss", *[f.__name__ for f in SELECTORS.values()],
+    "training_loss", "select_block_influence", "select_block_influence_cut", "select_freeze_first_k",
+    "select_freeze_half", "select_full", "select_grad_norm", "select_lora", "select_random",
+    "select_spectrum",
 ]

@@ -41,11 +41,6 @@ class Selection:
     eof_equivalent: int = 0          # cut with as many trainable layers (for cost comparison)
     num_layers: int = 0
 
-    @property
-    def frozen_layers(self) -> list[int]:
-        trainable = set(self.trainable_layers)
-        return [i for i in range(self.num_layers) if i not in trainable]
-
     def to_dict(self) -> dict:
         return asdict(self)
 
