@@ -403,7 +403,7 @@ def _fsdp_part(rank: int, out: Path) -> dict:
         optimizer.zero_grad()
         losses.append(sum(distributed.all_gather(loss.item())) / 2)
     names = {id(p): n for n, p in model.named_parameters()}
-    report = compare(before, distributed.gathered_snapshot(model), None, strict=False)
+    report = compare(before, snapshot(model, whole=distributed.whole_tensor), None, strict=False)
     return {
         "layer_units": [isinstance(layer, FSDPModule) for layer in model.model.layers],
         "root_unit": isinstance(model, FSDPModule), "losses": losses, "leaked": sorted(leaked),

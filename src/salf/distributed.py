@@ -12,7 +12,7 @@ Trainer's, through accelerate; salf only decides who writes and hands rank 0's d
     barrier(), all_gather(obj)
     on_main(fn)                       fn() on rank 0 only; every rank gets its result or its SalfError
     from_main(obj)                    rank 0's obj on every rank (a decision all must share)
-    gathered_snapshot(model)          the audit's snapshot of a sharded model, every tensor whole
+    whole_tensor(p)                   a parameter's full tensor (FSDP2 DTensor, ZeRO-3 partition)
 
 See docs/multi-gpu.md.
 """
@@ -143,8 +143,9 @@ def on_main(fn):
     return value
 
 
-def _whole(p):
-    """A parameter's full tensor: FSDP2 shards are DTensors, ZeRO-3 partitions have ds_id."""
+def whole_tensor(p):
+    """A parameter's full tensor (a collective for a sharded one): FSDP2 shards are
+    DTensors, ZeRO-3 partitions have ds_id."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(p, DTensor):
@@ -155,22 +156,6 @@ def _whole(p):
         with deepspeed.zero.GatheredParameters([p]):
             return p.detach().clone()
     return p
-
-
-def gathered_snapshot(model):
-    """salf.train.audit.snapshot of `model` with every sharded parameter gathered whole
-    (a collective: every rank calls it; every rank gets the same hashes)."""
-    import torch
-
-    from .train.audit import Snapshot, tensor_digest
-
-    hashes, trainable = {}, []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            hashes[name] = tensor_digest(_whole(p))
-            if p.requires_grad:
-                trainable.append(name)
-    return Snapshot(hashes, trainable)
 
 
 def from_main(obj):

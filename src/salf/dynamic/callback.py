@@ -58,6 +58,7 @@ def _lr_multipliers(lr_scheduler, total_steps: int) -> list[float] | None:
 
 class DynamicFreezeCallback(TrainerCallback):
     salf_key = "dynamic"     # its section of run.json, metrics.json and each checkpoint's state
+    moves_cut = True         # freezes layers after DDP built its buckets (training_arguments)
 
     def __init__(self, settings: DynamicSettings | None = None, probe=None, *,
                  out_dir: str | Path | None = None, prefix_cache=None, log=None):

@@ -34,7 +34,7 @@ from ..defaults import REPORT_TO, check_report_to
 from ..errors import SalfError
 from ..io import atomic_write_json, disk_full_is_an_error, publish_dir, read_json
 from . import extensions
-from .audit import _plan_dict, compare, snapshot, write_audit
+from .audit import compare, plan_as_dict, snapshot, write_audit
 from .checkpoints import clean_staging, last_checkpoint, load_callback_states, resume_point, step_of
 from .evaluate import META_FILE, evaluate_examples
 from .freeze import (LoraSettings, SalfFreezeCallback, apply_plan, assert_truncated, freeze_state,
@@ -96,7 +96,7 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     train_rows, eval_rows = list(train_rows), list(eval_rows or [])
     check_arguments(train_rows, loss=loss, report_to=report_to, batch_size=batch_size, grad_accum=grad_accum,
                     max_steps=max_steps, save_total_limit=save_total_limit)
-    plan_dict = _plan_dict(plan)
+    plan_dict = plan_as_dict(plan)
     mover = _dynamic_callback(dynamic, plan_dict, probe_rows, task, tokenizer, max_length, Path(out_dir))
     callbacks = [SalfFreezeCallback(), *(callbacks or []), *([mover] if mover else [])]
     run = run_settings(plan_dict, lora, callbacks, loss=loss, lr=lr, batch_size=batch_size,
@@ -124,7 +124,8 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
 
     args = training_arguments(out / CHECKPOINTS, run, do_eval=bool(eval_steps) and bool(data.eval),
                               weight_decay=weight_decay, warmup_steps=warmup_steps,
-                              tensorboard=report_to == "tensorboard")
+                              tensorboard=report_to == "tensorboard",
+                              moving_cut=any(getattr(cb, "moves_cut", False) for cb in callbacks))
     stopper = StopOnInterrupt()
     trainer = build_trainer(model, args, data.train, data.eval, data.pad_id, loss=loss, evaluate=evaluate,
                             cache=cache, callbacks=[*callbacks, stopper], keep=save_total_limit,
@@ -371,7 +372,7 @@ def _trained_model(trainer, cache) -> tuple[nn.Module, dict | None]:
 def _audit(before, model: nn.Module, plan, out: Path) -> dict:
     """Compare the weights with those at apply_plan time (sharded ones gathered whole first);
     rank 0 writes audit.json, every rank fails on a violation."""
-    after = distributed.gathered_snapshot(model) if distributed.sharded() else snapshot(model)
+    after = snapshot(model, whole=distributed.whole_tensor if distributed.sharded() else None)
     report = compare(before, after, plan, strict=False)
     distributed.on_main(lambda: write_audit(out / "audit.json", report))
     if not report["ok"]:

@@ -161,7 +161,7 @@ class SalfTrainer(Trainer):
 
 
 def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: float, warmup_steps: int,
-                       tensorboard: bool) -> TrainingArguments:
+                       tensorboard: bool, moving_cut: bool = False) -> TrainingArguments:
     """TrainingArguments for `run` (run.json's settings). Progress output, rotation and
     activation checkpointing are salf's, so the Trainer's are off.
 
@@ -169,8 +169,9 @@ def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: floa
     accelerate finds no accelerator for torchrun's LOCAL_RANK and every process trains alone.
     No parameter that requires grad is ever unused (the frozen ones do not require it), so
     DDP does not look for unused ones (the Trainer's default would walk the graph every step)
-    -- unless the cut moves (`--dynamic`): parameters frozen after DDP built its buckets get
-    no gradient, and DDP must find them unused at every step instead of waiting for them."""
+    -- unless the cut moves (`moving_cut`: a callback says `moves_cut`): parameters frozen
+    after DDP built its buckets get no gradient, and DDP must find them unused at every step
+    instead of waiting for them."""
     bf16 = run["bf16"]
     cpu = not torch.cuda.is_available()
     return TrainingArguments(
@@ -188,7 +189,7 @@ def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: floa
         bf16=bf16,
         # bf16 without an accelerator must say so explicitly (CPU autocast), else TrainingArguments refuses
         use_cpu=cpu and (bf16 or distributed.world_size() > 1),
-        ddp_find_unused_parameters="dynamic" in (run.get("callbacks") or {}),
+        ddp_find_unused_parameters=moving_cut,
         seed=run["seed"],
         data_seed=run["seed"],
         logging_strategy="steps",
