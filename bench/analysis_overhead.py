@@ -22,7 +22,8 @@ import torch
 from salf.analysis import trace
 from salf.data import load_dataset_spec
 from salf.models import anatomy, load_model
-from salf.pipeline import analyze, make_batches, replan, sample_rows
+from salf.data import make_batches, sample_rows
+from salf.pipeline import analyze, replan
 
 
 def main():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from salf.cost import ModelShape, cost_curve
 from salf.data import load_dataset_spec
 from salf.models import anatomy, load_model
-from salf.pipeline import make_batches, sample_rows
+from salf.data import make_batches, sample_rows
 from salf.plan import FreezePlan
 from salf.train import LoraSettings, apply_plan
 from salf.train.metrics import peak_rss_bytes

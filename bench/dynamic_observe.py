@@ -24,7 +24,7 @@ from salf.data import load_dataset_spec
 from salf.dynamic import DynamicFreezeCallback, DynamicSettings, Probe, probe_rows
 from salf.io import atomic_write_json
 from salf.models import anatomy, load_model
-from salf.pipeline import make_batches
+from salf.data import make_batches
 from salf.plan import FreezePlan
 from salf.train import evaluate, train
 

@@ -25,7 +25,7 @@ import torch
 from salf.data import load_dataset_spec
 from salf.errors import SalfError
 from salf.models import load_model
-from salf.pipeline import make_batches, sample_rows
+from salf.data import make_batches, sample_rows
 
 
 @torch.no_grad()

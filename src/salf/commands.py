@@ -277,7 +277,8 @@ def print_dynamic_summary(d: dict) -> None:
 
 def cmd_evaluate(parser, args) -> int:
     from .data import load_dataset_spec
-    from .finetune import first_rows, load_for_eval
+    from .data import first_rows
+    from .finetune import load_for_eval
     from .train import evaluate
 
     ds = load_dataset_spec(args.dataset, **data_kwargs(args))

@@ -1,8 +1,8 @@
 """Training on a plan, as library calls: which plan a run uses, one training run, the whole job.
 
 `resolve_plan` turns the CLI's choices (a plan file, a manual cut, full fine-tuning)
-into a FreezePlan; `run_training` fine-tunes with it; `load_for_eval` and `first_rows`
-are what evaluation reads; `finetune` is analyze -> plan -> evaluate zero-shot ->
+into a FreezePlan; `run_training` fine-tunes with it; `load_for_eval` is what evaluation
+loads (its rows: salf.data.first_rows); `finetune` is analyze -> plan -> evaluate zero-shot ->
 train -> evaluate, with summary.json. The analysis side lives in `salf.pipeline`.
 Under torchrun / accelerate launch every process runs the job and rank 0 writes (see
 salf.distributed).
@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from . import distributed
-from .data import load_dataset_spec
+from .data import first_rows, load_dataset_spec, sample_rows
 from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .errors import SalfError
 from .io import atomic_write_json, ensure_out_dir
 from .models import anatomy, load_model
-from .pipeline import analyze, sample_rows
+from .pipeline import analyze
 from .plan import FreezePlan
 
 
@@ -39,18 +39,6 @@ def resolve_plan(info, num_layers: int, *, plan_path=None, freeze_below=None, fu
     if head is not None:
         plan.head = head
     return plan
-
-
-def first_rows(ds, split: str = "test", samples: int | None = None) -> list[dict]:
-    """The first `samples` rows of a split (the split order is already seeded and fixed)."""
-    if split not in ds.splits:
-        raise SalfError(f"dataset {ds.name} has no split {split!r} (has: {', '.join(ds.splits)})")
-    rows = ds.splits[split]
-    if not rows:
-        raise SalfError(f"dataset {ds.name}: split {split!r} is empty")
-    if samples is not None and samples <= 0:
-        raise SalfError(f"--samples must be positive, got {samples}")
-    return rows[:samples] if samples else list(rows)
 
 
 def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,

@@ -12,14 +12,13 @@ reduces the statistics exactly (every rank gets the one-process trace); rank 0 w
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
 from .analysis import Trace, choose_cut, fit_depth_law, trace
 from .cost import ModelShape, cost_table, plan_prediction
-from .data import collate, encode, load_dataset_spec, pad_token_id, sample_hash
+from .data import encode, load_dataset_spec, make_batches, sample_hash, sample_rows
 from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .errors import SalfError
 from .io import ensure_out_dir, ensure_parent_dir
@@ -39,25 +38,6 @@ class Analysis:
     cost: dict                     # the cost table the plan was priced with
     out_dir: Path | None = None    # the folder `analyze` wrote its outputs to
     plan_path: Path | None = None  # the plan file written (OUT/plan.json, or replan's `out`)
-
-
-def sample_rows(rows: list[dict], n: int | None, seed: int, what: str) -> list[dict]:
-    """A seeded sample of n rows (all rows when n is None or >= len)."""
-    if n is not None and n <= 0:
-        raise SalfError(f"{what}: the number of examples must be positive, got {n}")
-    if not rows:
-        raise SalfError(f"{what}: the split is empty")
-    if n is None or n >= len(rows):
-        return list(rows)
-    return random.Random(seed).sample(rows, n)
-
-
-def make_batches(task, tokenizer, rows, batch_size: int, max_length: int) -> list[dict]:
-    encoded = encode(task, tokenizer, rows, max_length)
-    if not encoded:
-        raise SalfError("no example left after tokenization (all responses empty or too long?)")
-    pad = pad_token_id(tokenizer)
-    return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]
 
 
 # ------------------------------------------------------------------------- analyze

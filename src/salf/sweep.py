@@ -232,7 +232,8 @@ def run_cell(spec: dict) -> dict:
     from .cost import ModelShape
     from .data import load_dataset_spec
     from .models import anatomy, load_model
-    from .finetune import first_rows, run_training
+    from .data import first_rows
+    from .finetune import run_training
     from .plan import FreezePlan
     from .train import evaluate
 
@@ -350,7 +351,8 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
     """
     from .analysis import Trace, choose_cut
     from .models import anatomy, load_model
-    from .pipeline import analyze, make_batches, sample_rows
+    from .data import make_batches, sample_rows
+    from .pipeline import analyze
     from .selectors import SelectorContext, run_selector
 
     out = Path(cfg.out)
@@ -672,7 +674,7 @@ def backfill_cells(cfg: SweepConfig, cells_dir: Path) -> None:
     n = None
     if no_rows:
         from .data import load_dataset_spec
-        from .finetune import first_rows
+        from .data import first_rows
 
         ds = load_dataset_spec(cfg.dataset, **cfg.data_kwargs)
         n = len(first_rows(ds, "test", cfg.test_samples))

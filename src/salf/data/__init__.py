@@ -18,13 +18,15 @@ from pathlib import Path
 from ..errors import SalfError
 from .builtin import BUILTIN_DATASETS, SPLITS, list_datasets, load_builtin
 from .files import FILE_EXTENSIONS, load_file, load_hub, parse_labels
+from .rows import first_rows, make_batches, sample_rows
 from .tasks import (IGNORE_INDEX, ClassificationTask, Encoded, SFTTask, batch_task, batches, collate,
                     encode, pad_token_id, task_from_dict)
 
 __all__ = [
     "TaskDataset", "load_dataset_spec", "describe", "sample_hash", "BUILTIN_DATASETS", "list_datasets",
     "ClassificationTask", "SFTTask", "task_from_dict", "encode", "collate", "batches", "batch_task",
-    "pad_token_id", "parse_labels", "Encoded", "IGNORE_INDEX", "SPLITS",
+    "pad_token_id", "parse_labels", "Encoded", "IGNORE_INDEX", "SPLITS", "first_rows", "sample_rows",
+    "make_batches",
 ]
 
 
