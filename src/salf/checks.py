@@ -167,7 +167,7 @@ def check_no_checkpoints(out: Path, resume: bool) -> None:
                         "continue it, or choose another --out")
 
 
-def dynamic_settings(args):
+def dynamic_settings_of(args):
     """The DynamicSettings of --dynamic and its options (None without --dynamic)."""
     from .dynamic.settings import FLAGS, DynamicSettings
 
@@ -254,7 +254,7 @@ def check_training_flags(args) -> None:
 def check_train(args) -> None:
     check_numbers(args)
     check_training_flags(args)
-    settings = dynamic_settings(args)
+    settings = dynamic_settings_of(args)
     if args.allow_different_weights and not args.plan:
         raise SalfError("--allow-different-weights applies to --plan only")
     if args.full and args.dynamic:
@@ -282,7 +282,7 @@ def check_evaluate(args) -> None:
 def check_finetune(args) -> None:
     check_numbers(args)
     check_training_flags(args)
-    dynamic_settings(args)
+    dynamic_settings_of(args)
     check_policy(args.policy)
     check_model_spec(args.model)
     check_dataset_spec(args.dataset)

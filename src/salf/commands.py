@@ -194,7 +194,7 @@ def _train_kwargs(args) -> dict:
                 save_total_limit=args.save_total_limit, resume=args.resume,
                 gradient_checkpointing=args.gradient_checkpointing, loss=args.loss,
                 cache_prefix=args.cache_prefix, report_to=args.report_to,
-                dynamic=checks.dynamic_settings(args))
+                dynamic=checks.dynamic_settings_of(args))
 
 
 def _lora(args):
@@ -220,7 +220,7 @@ def cmd_train(parser, args) -> int:
     from .train.freeze import check_lora_targets
 
     ds = load_dataset_spec(args.dataset, **data_kwargs(args))  # data errors before the model loads
-    check_probe_rows(ds, checks.dynamic_settings(args))
+    check_probe_rows(ds, checks.dynamic_settings_of(args))
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model, _, info = loaded
     anat = anatomy(model)

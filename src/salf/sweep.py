@@ -54,7 +54,7 @@ def is_salf_policy(name: str) -> bool:
     return name in CUT_POLICIES
 
 
-def dynamic_settings(name: str) -> dict | None:
+def selector_dynamic_settings(name: str) -> dict | None:
     """The DynamicSettings (as a dict) a "dyn-<policy>[:key=value...]" selector runs (keys:
     DynamicSettings fields); None for a static selector. SalfError for an unknown policy or
     setting."""
@@ -95,7 +95,7 @@ def resolve_selectors(names: list[str], default: str) -> list[str]:
             except SalfError as exc:
                 raise SalfError(f"sweep selector {name!r}: {exc}") from None
         if not (is_salf_policy(name) or name in PREFIX_SELECTORS or name in SET_SELECTORS
-                or dynamic_settings(name) is not None):
+                or selector_dynamic_settings(name) is not None):
             raise SalfError(f"unknown selector {name!r} for sweep; choose from {DEFAULT_ALIAS} "
                             f"(the default policy, {default}), {', '.join(known)}, "
                             f"{DYNAMIC_PREFIX}<policy>")
@@ -390,9 +390,9 @@ def selector_picks(cfg: SweepConfig, progress: bool = True) -> tuple[dict, dict]
     picks, L = {}, tr.num_layers
     ctx = None
     for name in cfg.selectors:
-        if dynamic_settings(name) is not None:
+        if selector_dynamic_settings(name) is not None:
             start = choose_cut(tr, cfg.default_selector, cost=flops)["eof"]
-            picks[name] = {"cut": start, "dynamic": dynamic_settings(name), "selector": name,
+            picks[name] = {"cut": start, "dynamic": selector_dynamic_settings(name), "selector": name,
                            "reason": f"starts at {cfg.default_selector}'s eof {start}, moves while "
                                      "training"}
         elif is_salf_policy(name):
