@@ -73,32 +73,16 @@ class _KillAfterSaving(TrainerCallback):
 
 
 def test_a_sweep_cell_killed_at_its_final_checkpoint_resumes_to_the_same_record(tmp_path, monkeypatch):
-    from test_sweep import _csv
+    from test_sweep import one_thread, stop_a_cell
 
-    from salf import finetune
-    from salf.sweep import SweepConfig, cell_spec, run_cell
+    from salf.sweep import run_cell
 
-    cfg = SweepConfig(model="tiny-llama", dataset=str(_csv(tmp_path)), out=str(tmp_path / "s"),
-                      steps=4, batch_size=4, test_samples=8, save_steps=2,
-                      data_kwargs={"text_col": "text", "label_col": "label"})
-    item = {"cut": 1, "layers": None, "selector": None, "seed": 1}
-    monkeypatch.setenv("SALF_THREADS", "1")      # a resume is bit-identical on one thread
-    threads = torch.get_num_threads()
-    try:
-        whole = run_cell(cell_spec(cfg, item, tmp_path / "whole"))
-        spec = cell_spec(cfg, item, tmp_path / "killed")
-        run_training = finetune.run_training
-        with monkeypatch.context() as m:
-            m.setattr(finetune, "run_training",
-                      lambda *a, **k: run_training(*a, **k, callbacks=[_KillAfterSaving(4)]))
-            with pytest.raises(_Killed):
-                run_cell(spec)
-        work = tmp_path / "killed" / f".work-{spec['key']}"
+    with one_thread():
+        cfg, whole, spec = stop_a_cell(tmp_path, monkeypatch, 4, _KillAfterSaving(4), _Killed)
+        work = tmp_path / "stopped" / f".work-{spec['key']}"
         assert last_checkpoint(work / "checkpoints").endswith("checkpoint-4")
         assert not (work / "metrics.json").exists()
         again = run_cell(spec)
-    finally:
-        torch.set_num_threads(threads)
     assert again["resumed_from_step"] == 4
     assert len(again["train_loss_curve"]) == len(whole["train_loss_curve"]) == cfg.steps
     assert again["train_loss_curve"] == pytest.approx(whole["train_loss_curve"], abs=1e-6)

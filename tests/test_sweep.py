@@ -1,5 +1,6 @@
 """`salf sweep` on a tiny model with 2 cuts: schema, frontier, picks, resumability."""
 
+import contextlib
 import json
 import os
 
@@ -385,41 +386,58 @@ def test_a_moving_cuts_cost_is_the_mean_over_its_seeds():
     assert measure(cells)["cost"] == pytest.approx(0.78)
 
 
+def stop_a_cell(tmp_path, monkeypatch, steps, callback, error):
+    """A tiny cut-1 cell (save_steps 2) run whole, then run again and stopped by `callback`
+    raising `error`: (its SweepConfig, the whole cell's record, the stopped cell's spec).
+    One thread, so that a resume is bit-identical; callers restore the count (one_thread)."""
+    import salf.finetune as finetune
+    from salf.sweep import SweepConfig, cell_spec, run_cell
+
+    cfg = SweepConfig(model="tiny-llama", dataset=str(_csv(tmp_path)), out=str(tmp_path / "s"),
+                      steps=steps, batch_size=4, test_samples=8, save_steps=2,
+                      data_kwargs={"text_col": "text", "label_col": "label"})
+    item = {"cut": 1, "layers": None, "selector": None, "seed": 1}
+    monkeypatch.setenv("SALF_THREADS", "1")
+    whole = run_cell(cell_spec(cfg, item, tmp_path / "whole"))
+    spec = cell_spec(cfg, item, tmp_path / "stopped")
+    run_training = finetune.run_training
+    with monkeypatch.context() as m:
+        m.setattr(finetune, "run_training",
+                  lambda *a, **k: run_training(*a, **k, callbacks=[callback]))
+        with pytest.raises(error):
+            run_cell(spec)
+    return cfg, whole, spec
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Put torch's thread count back after a cell ran with SALF_THREADS=1."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_cell_stopped_midway_continues_from_its_checkpoint(tmp_path, monkeypatch, sigint_default):
     """--save-steps: a cell stopped early (here Ctrl-C at step 3; a timeout or a kill alike)
     continues from its last checkpoint when the sweep reruns, with the uninterrupted result."""
-    import os
     import signal
 
-    import torch
     from transformers import TrainerCallback
 
-    import salf.finetune as finetune
-    from salf.sweep import SweepConfig, cell_spec, run_cell
+    from salf.sweep import run_cell
 
     class SigintAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    cfg = SweepConfig(model="tiny-llama", dataset=str(_csv(tmp_path)), out=str(tmp_path / "s"),
-                      steps=5, batch_size=4, test_samples=8, save_steps=2,
-                      data_kwargs={"text_col": "text", "label_col": "label"})
-    item = {"cut": 1, "layers": None, "selector": None, "seed": 1}
-    monkeypatch.setenv("SALF_THREADS", "1")      # a resume is bit-identical on one thread
-    threads = torch.get_num_threads()
-    try:
-        whole = run_cell(cell_spec(cfg, item, tmp_path / "whole"))
-        spec = cell_spec(cfg, item, tmp_path / "stopped")
-        train = finetune.run_training
-        with monkeypatch.context() as m:
-            m.setattr(finetune, "run_training",
-                      lambda *a, **k: train(*a, **k, callbacks=[SigintAt()]))
-            with pytest.raises(KeyboardInterrupt):
-                run_cell(spec)
+    with one_thread():
+        _, whole, spec = stop_a_cell(tmp_path, monkeypatch, 5, SigintAt(), KeyboardInterrupt)
         again = run_cell(spec)
-    finally:
-        torch.set_num_threads(threads)
     assert whole["resumed_from_step"] is None and again["resumed_from_step"] == 3
     assert len(again["train_loss_curve"]) == 5
     assert again["train_loss_curve"] == pytest.approx(whole["train_loss_curve"], abs=1e-6)
