@@ -267,6 +267,13 @@ def question_group(row: dict) -> str:
     return " ".join("".join(c for c in row["prompt"].lower() if c.isalnum() or c.isspace()).split())
 
 
+def _counted_split(rows: list[dict], seed: int, n_validation: int, n_test: int) -> tuple[dict, str]:
+    """split_by_counts and how provenance says it."""
+    return (split_by_counts(rows, seed, n_validation, n_test),
+            f"sha256(seed, row) order; test = first {n_test}, validation = next {n_validation}, "
+            "train = rest")
+
+
 def load_builtin(name: str, seed: int = 0):
     """(task, splits, provenance) for built-in dataset `name`."""
     if name not in _SOURCES:
@@ -276,9 +283,7 @@ def load_builtin(name: str, seed: int = 0):
     if name == "rotten-tomatoes":
         rows, cleaning = _read_rotten_tomatoes(folder)
         task = ClassificationTask(ROTTEN_TOMATOES_TEMPLATE, ROTTEN_TOMATOES_VERBALIZER)
-        splits = split_by_counts(rows, seed, ROTTEN_TOMATOES_VALIDATION, ROTTEN_TOMATOES_TEST)
-        method = (f"sha256(seed, row) order; test = first {ROTTEN_TOMATOES_TEST}, "
-                  f"validation = next {ROTTEN_TOMATOES_VALIDATION}, train = rest")
+        splits, method = _counted_split(rows, seed, ROTTEN_TOMATOES_VALIDATION, ROTTEN_TOMATOES_TEST)
     elif name == "bbc-news":
         rows, cleaning = _read_bbc(folder)
         task = ClassificationTask(BBC_TEMPLATE, BBC_VERBALIZER)
@@ -287,9 +292,7 @@ def load_builtin(name: str, seed: int = 0):
     elif name == "trec-questions":
         rows, cleaning = _read_trec(folder)
         task = ClassificationTask(TREC_TEMPLATE, TREC_VERBALIZER)
-        splits = split_by_counts(rows, seed, TREC_VALIDATION, TREC_TEST)
-        method = (f"sha256(seed, row) order; test = first {TREC_TEST}, "
-                  f"validation = next {TREC_VALIDATION}, train = rest")
+        splits, method = _counted_split(rows, seed, TREC_VALIDATION, TREC_TEST)
     else:
         rows, cleaning = _read_chatterbot(folder)
         task = SFTTask(CHATTERBOT_TEMPLATE, response_prefix=" ")
