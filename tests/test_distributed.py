@@ -246,10 +246,10 @@ def test_checkpoints_in_an_engines_layout_are_checked(tmp_path, engine, layout, 
 DYNAMIC = dict(eof=1, steps=8)
 
 
-def _dynamic_settings():
-    from salf.dynamic import DynamicSettings
+def _moving_cut(folder):
+    from salf.dynamic import DynamicSettings, moving_cut
 
-    return DynamicSettings(policy="linear", checks=8)
+    return moving_cut(DynamicSettings(policy="linear", checks=8), out_dir=folder)
 
 
 def _dynamic_part(rank: int, out: Path) -> dict:
@@ -273,16 +273,16 @@ def _dynamic_part(rank: int, out: Path) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             control.should_training_stop = state.global_step == 6
 
-    whole = _ddp_run(out / "whole", [Record()], dynamic=_dynamic_settings(), **DYNAMIC)
-    _ddp_run(out / "resumed", [StopAt6()], dynamic=_dynamic_settings(), **DYNAMIC)
-    resumed = _ddp_run(out / "resumed", resume=True, dynamic=_dynamic_settings(), **DYNAMIC)
+    whole = _ddp_run(out / "whole", [Record(), _moving_cut(out / "whole")], **DYNAMIC)
+    _ddp_run(out / "resumed", [StopAt6(), _moving_cut(out / "resumed")], **DYNAMIC)
+    resumed = _ddp_run(out / "resumed", [_moving_cut(out / "resumed")], resume=True, **DYNAMIC)
     return dict(record, whole=whole["train"]["loss_curve"], resumed=resumed["train"]["loss_curve"],
                 schedule=whole["dynamic"]["schedule"], resumed_schedule=resumed["dynamic"]["schedule"],
                 audit=whole["dynamic"]["audit"]["ok"])
 
 
 def test_a_moving_cut_under_ddp_is_the_one_process_run_and_resumes_exactly(ranks, tmp_path):
-    one = _ddp_run(tmp_path / "one", dynamic=_dynamic_settings(), batch_size=4, **DYNAMIC)
+    one = _ddp_run(tmp_path / "one", [_moving_cut(tmp_path / "one")], batch_size=4, **DYNAMIC)
     schedule = one["dynamic"]["schedule"]
     assert len(schedule) >= 2 and schedule[1][0] == 6          # the resume point's move
     out = ranks / "dynamic"
@@ -456,12 +456,12 @@ def _tiny_run(tmp_path, **kwargs):
 @pytest.mark.parametrize("env, engine", [({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
                                          ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed")])
 def test_dynamic_under_a_sharding_engine_is_refused_naming_it(tmp_path, monkeypatch, env, engine):
-    from salf.dynamic import DynamicSettings
+    from salf.dynamic import DynamicSettings, moving_cut
 
     for k, v in {"WORLD_SIZE": "2", "RANK": "0", **env}.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(SalfError, match=f"^--dynamic runs in one process or under DDP: under {engine} "):
-        _tiny_run(tmp_path, dynamic=DynamicSettings(policy="linear"))
+        _tiny_run(tmp_path, callbacks=[moving_cut(DynamicSettings(policy="linear"))])
     assert not (tmp_path / "out").exists()           # refused before anything was written
 
 

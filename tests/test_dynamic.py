@@ -20,7 +20,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from salf.cost import ModelShape, forward_flops
 from salf.data import ClassificationTask, collate, encode, pad_token_id
-from salf.dynamic import DynamicFreezeCallback, DynamicSettings, Probe, check_steps, schedule_cost
+from salf.dynamic import (DynamicFreezeCallback, DynamicSettings, Probe, check_steps, moving_cut,
+                          schedule_cost)
 from salf.models.anatomy import anatomy
 from salf.models.tiny import tiny_model, tiny_tokenizer
 from salf.train import apply_plan
@@ -198,8 +199,8 @@ def run_dynamic(out, resume=False, callbacks=None):
         tok = tiny_tokenizer()
         return train(tiny_model("gpt2"), tok, TASK, _rows(24), [], make_plan(0), out, max_steps=8,
                      lr=1e-2, batch_size=4, max_length=32, save_steps=2, resume=resume, seed=0,
-                     progress=False, callbacks=callbacks,
-                     dynamic=DynamicSettings(policy="linear", start=0.0, checks=4))
+                     progress=False, callbacks=[*(callbacks or []), moving_cut(
+                         DynamicSettings(policy="linear", start=0.0, checks=4), out_dir=out)])
     finally:
         torch.set_num_threads(threads)
 
@@ -278,8 +279,8 @@ def test_the_prefix_cache_follows_a_moving_cut(tmp_path):
         model = tiny_model("llama")
         metrics = train(model, tok, TASK, _rows(24), [], make_plan(1), tmp_path / str(cached),
                         epochs=2, batch_size=4, max_length=32, seed=0, progress=False,
-                        cache_prefix=cached, dynamic=DynamicSettings(policy="linear", start=0.0,
-                                                                     checks=4))
+                        cache_prefix=cached, callbacks=[moving_cut(
+                            DynamicSettings(policy="linear", start=0.0, checks=4))])
         results[cached] = ([p["loss"] for p in metrics["train"]["loss_curve"]],
                            {n: p.detach().clone() for n, p in model.named_parameters()},
                            metrics)

@@ -15,7 +15,7 @@ from test_train import (CKPT_RUN, RELOAD_RTOL, TASK, _ckpt_run, _copy_without_fi
                         make_plan, rows)
 from transformers import TrainerCallback
 
-from salf.dynamic import DynamicSettings
+from salf.dynamic import DynamicSettings, moving_cut
 from salf.errors import SalfError
 from salf.io import disk_full_is_an_error
 from salf.models.tiny import tiny_model, tiny_tokenizer
@@ -120,7 +120,9 @@ def test_resume_without_run_json_is_refused_in_one_line(tmp_path, capsys):
 def _dynamic_run(out, resume=False):
     """A dynamic run whose probe keeps tensors (salf_tensors.safetensors in each checkpoint)."""
     return train(tiny_model("llama"), tiny_tokenizer(), TASK, rows(), rows(4), make_plan(1), out,
-                 resume=resume, dynamic=DynamicSettings(policy="static", checks=2), probe_rows=rows(4),
+                 resume=resume, callbacks=[moving_cut(DynamicSettings(policy="static", checks=2), TASK,
+                                                      tiny_tokenizer(), rows(4), out_dir=out,
+                                                      max_length=CKPT_RUN["max_length"])],
                  **CKPT_RUN)
 
 

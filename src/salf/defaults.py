@@ -15,6 +15,9 @@ DEFAULT_ANALYSIS_SAMPLES = 64
 # Optimizer steps of `salf finetune` without --max-steps (`salf train` lets --epochs decide).
 DEFAULT_FINETUNE_STEPS = 100
 
+# Tokens per example of the library's train() (the CLI's --max-length defaults to 96).
+DEFAULT_MAX_LENGTH = 128
+
 # Where training also logs (--report-to): nowhere else, tensorboard, or a CSV.
 REPORT_TO = ("none", "tensorboard", "csv")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import distributed
 from .data import first_rows, load_dataset_spec, sample_rows
-from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
+from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_MAX_LENGTH, DEFAULT_POLICY
 from .errors import SalfError
 from .io import atomic_write_json, ensure_out_dir
 from .models import anatomy, load_model
@@ -52,8 +52,10 @@ def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
     from .train import train
     from .train.progress import say
 
+    from .dynamic.setup import moving_cut, split_off_probe
+
     model, tokenizer, info = loaded or load_model(model_spec)
-    splits, probe = _probe_split(ds, dynamic)
+    splits, probe = split_off_probe(ds.splits, dynamic)
     train_rows = sample_rows(splits["train"], train_samples, seed, f"{ds.name}/train")
     # the first N validation rows (not a random sample): `salf evaluate --split validation
     # --samples N` then reproduces the eval recorded in metrics.json exactly
@@ -62,25 +64,20 @@ def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
     if eval_samples and not eval_rows:
         say(f"{ds.name} has no validation rows: training without evaluation "
             "(metrics.json eval: null)")
+    callbacks = list(train_kwargs.pop("callbacks", None) or [])
+    if dynamic is not None:
+        callbacks.append(moving_cut(dynamic, ds.task, tokenizer, probe, plan=plan, out_dir=out_dir,
+                                    max_length=train_kwargs.get("max_length", DEFAULT_MAX_LENGTH)))
     return train(model, tokenizer, ds.task, train_rows, eval_rows, plan, out_dir, lora=lora,
-                 seed=seed, progress=progress, base_spec=model_spec, dynamic=dynamic,
-                 probe_rows=probe, **train_kwargs)
+                 seed=seed, progress=progress, base_spec=model_spec, callbacks=callbacks,
+                 **train_kwargs)
 
 
 def check_probe_rows(ds, dynamic) -> None:
     """A probe the dataset cannot hold is refused before the model loads."""
-    _probe_split(ds, dynamic)
+    from .dynamic.setup import split_off_probe
 
-
-def _probe_split(ds, dynamic) -> tuple[dict, list[dict] | None]:
-    """(the splits training reads, the dynamic probe's rows or None): the probe comes from the
-    validation split, so the training rows and their order stay those of a static run."""
-    if dynamic is None or "probe" not in dynamic.needs:
-        return ds.splits, None
-    from .dynamic import probe_rows
-
-    probe, splits = probe_rows(ds.splits, dynamic.probe_rows, seed=0)
-    return splits, probe
+    split_off_probe(ds.splits, dynamic)
 
 
 def load_for_eval(spec: str, trust_remote_code: bool = False):

@@ -3,6 +3,7 @@
     settings = DynamicSettings(policy="salf")           # or autofreeze, linear, freezeout, static
     probe = Probe.from_rows(task, tokenizer, held_out_rows, max_length=96)
     callback = DynamicFreezeCallback(settings, probe)    # add to any Trainer of a planned model
+    callback = moving_cut(settings, task, tokenizer, rows, plan=plan)   # checked, for salf.train.train
 
 `salf train --dynamic` / `salf finetune --dynamic` wire it up; `schedule_cost` integrates the
 cost model over the schedule. See docs/method.md, "Dynamic freezing".
@@ -20,6 +21,7 @@ _LAZY = {
     "schedule_cost": "cost", "cut_per_step": "cost",
     "Check": "policies", "Decision": "policies",
     "RunShape": "policies", "decide": "policies", "Probe": "probe", "probe_rows": "probe",
+    "moving_cut": "setup", "split_off_probe": "setup",
 }
 
 __all__ = ["DynamicSettings", "POLICIES", "CLOCKS", "FLAGS", "NEEDS", *_LAZY]

@@ -8,6 +8,10 @@ A callback takes part by defining any of these methods (JSON in, JSON out, but t
       load_tensor_state_dict(tensors)      {name: tensor}); a checkpoint without them hands {}
     run_settings()                         recorded in run.json; a resume with other settings is refused
     metrics_section()                      added to metrics.json
+    attach(model, prefix_cache, cost)      handed the planned model, its prefix cache (or None)
+                                           and the cost model's settings of a step, before training
+    moves_cut = True                       it freezes layers while training (DDP then looks
+                                           for unused parameters at every step)
 
 each under the callback's key: `callback.salf_key`, or its class name. The Trainer's own
 `ExportableState` is not used: on resume it rebuilds a callback from its constructor
@@ -52,3 +56,11 @@ def run_settings(callbacks) -> dict:
 def metrics_sections(callbacks) -> dict:
     """{key: section} the callbacks add to metrics.json."""
     return {k: cb.metrics_section() for k, cb in _with(callbacks, "metrics_section").items()}
+
+
+def attach(callbacks, model, prefix_cache, cost_settings: dict) -> None:
+    """Hand every callback with an `attach` method the planned model, its prefix cache and
+    the cost settings of a step (a moving cut needs all three)."""
+    for cb in callbacks:
+        if callable(getattr(cb, "attach", None)):
+            cb.attach(model, prefix_cache, cost_settings)

@@ -30,7 +30,7 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
-from ..defaults import REPORT_TO, check_report_to
+from ..defaults import DEFAULT_MAX_LENGTH, REPORT_TO, check_report_to
 from ..errors import SalfError
 from ..io import atomic_write_json, disk_full_is_an_error, publish_dir, read_json
 from . import extensions
@@ -65,14 +65,14 @@ class Data:
 
 def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_dir, *,
           lora: LoraSettings | None = None, max_steps: int | None = None, epochs: float = 1,
-          lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_length: int = 128,
+          lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_length: int = DEFAULT_MAX_LENGTH,
           bf16: bool = False, seed: int = 0, eval_steps: int | None = None, save_steps: int | None = None,
           resume: bool = False, gradient_checkpointing: bool = False, loss: str = "label",
           cache_prefix: bool = False,
           report_to: str = "none", progress: bool = True, weight_decay: float = 0.0,
           warmup_steps: int = 0, save_total_limit: int | None = 2,
           base_spec: str | None = None, callbacks: list | None = None,
-          dynamic=None, probe_rows: list | None = None, allow_different_weights: bool = False) -> dict:
+          allow_different_weights: bool = False) -> dict:
     """Apply `plan` to `model`, fine-tune it, save it and return the metrics (also in metrics.json).
 
     `lr` defaults to 2e-4 with LoRA, 5e-5 otherwise. `max_steps` (if given)
@@ -82,10 +82,9 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     bit-identical to an uninterrupted run on CPU). Ctrl-C saves a checkpoint at the
     end of the step and raises KeyboardInterrupt. `report_to`: "none", "tensorboard"
     or "csv" (OUT/train_log.csv). `callbacks` are extra `TrainerCallback`s; see
-    salf.train.extensions for what they may add to checkpoints, run.json and metrics.json.
-    `dynamic` (a salf.dynamic.DynamicSettings or its dict) moves the cut while training,
-    reading `probe_rows` (held out of `train_rows`) where its policy probes; its schedule,
-    checks and integrated cost go to metrics.json["dynamic"] and OUT/dynamic.json.
+    salf.train.extensions for what they may add to checkpoints, run.json and metrics.json; a
+    moving cut is one of them (salf.dynamic.moving_cut: its schedule, checks and integrated
+    cost go to metrics.json["dynamic"] and OUT/dynamic.json).
     `allow_different_weights` applies a plan made for other weights (see `apply_plan`).
     Under a launcher every process calls `train` with the same arguments; `batch_size` is per
     process; rank 0 writes OUT and every rank returns the metrics.
@@ -97,8 +96,9 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     check_arguments(train_rows, loss=loss, report_to=report_to, batch_size=batch_size, grad_accum=grad_accum,
                     max_steps=max_steps, save_total_limit=save_total_limit)
     plan_dict = plan_as_dict(plan)
-    mover = _dynamic_callback(dynamic, plan_dict, probe_rows, task, tokenizer, max_length, Path(out_dir))
-    callbacks = [SalfFreezeCallback(), *(callbacks or []), *([mover] if mover else [])]
+    # a callback that moves the cut comes last: it acts on what the others saw at a step
+    callbacks = [SalfFreezeCallback(), *sorted(callbacks or [], key=_moves_cut)]
+    moving = any(map(_moves_cut, callbacks))
     run = run_settings(plan_dict, lora, callbacks, loss=loss, lr=lr, batch_size=batch_size,
                        grad_accum=grad_accum, max_length=max_length, epochs=epochs, max_steps=max_steps,
                        seed=seed, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
@@ -115,17 +115,16 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
     progress = progress and distributed.is_main()
     evaluate = _evaluator(task, data, batch_size, progress) if data.eval else None
     before, counts = snapshot(model), parameter_counts(model)
-    cache = _prefix_cache(model, plan_dict, loss, moving=mover is not None) if cache_prefix else None
-    if mover is not None:
-        mover.attach(model, cache, _cost_settings(model, task, plan_dict, lora, loss, max_length,
-                                                   batch_size * grad_accum, gradient_checkpointing))
+    cache = _prefix_cache(model, plan_dict, loss, moving=moving) if cache_prefix else None
+    extensions.attach(callbacks, model, cache, _cost_settings(
+        model, task, plan_dict, lora, loss, max_length, batch_size * grad_accum, gradient_checkpointing))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
     args = training_arguments(out / CHECKPOINTS, run, do_eval=bool(eval_steps) and bool(data.eval),
                               weight_decay=weight_decay, warmup_steps=warmup_steps,
                               tensorboard=report_to == "tensorboard",
-                              moving_cut=any(getattr(cb, "moves_cut", False) for cb in callbacks))
+                              moving_cut=moving)
     stopper = StopOnInterrupt()
     trainer = build_trainer(model, args, data.train, data.eval, data.pad_id, loss=loss, evaluate=evaluate,
                             cache=cache, callbacks=[*callbacks, stopper], keep=save_total_limit,
@@ -290,25 +289,8 @@ def _evaluator(task, data: Data, batch_size: int, progress: bool):
     return evaluate
 
 
-def _dynamic_callback(dynamic, plan_dict, probe_rows, task, tokenizer, max_length: int, out: Path):
-    """The DynamicFreezeCallback a `dynamic` run adds (None for a static run)."""
-    if dynamic is None:
-        return None
-    distributed.refuse_sharded_dynamic()
-    from ..dynamic import DynamicFreezeCallback, DynamicSettings, Probe
-
-    settings = DynamicSettings.from_dict(dynamic) if isinstance(dynamic, dict) else dynamic
-    if plan_dict and plan_dict.get("train_embeddings"):
-        raise SalfError("--dynamic needs a plan with a cut to move; full fine-tuning has none")
-    if plan_dict and plan_dict.get("layers") is not None:
-        raise SalfError("--dynamic moves a contiguous cut; a plan with a layer set cannot move")
-    probe = None
-    if "probe" in settings.needs:
-        if not probe_rows:
-            raise SalfError(f"--dynamic {settings.policy} reads a held-out probe set, but no probe "
-                            "rows were given")
-        probe = Probe.from_rows(task, tokenizer, probe_rows, max_length)
-    return DynamicFreezeCallback(settings, probe, out_dir=out, log=say)
+def _moves_cut(callback) -> bool:
+    return bool(getattr(callback, "moves_cut", False))
 
 
 def _cost_settings(model, task, plan_dict, lora, loss: str, max_length: int, batch_size: int,
