@@ -52,21 +52,28 @@ def _join(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _two_ranks(rank: int, port: int, out: str) -> None:
+def _two_ranks(rank: int, port: int, out: str, done) -> None:
     """One of the 2 processes every in-process test reads (one start for all: each costs
-    seconds of imports): DDP training, the sharded analysis, FSDP2; rank<r>-<part>.json."""
+    seconds of imports): DDP training, the sharded analysis, FSDP2; rank<r>-<part>.json.
+    Neither exits before both have ended their process group (`done`, a 2-party barrier): a
+    rank that exits first can make gloo abort the other mid-teardown (SIGABRT, seen in CI)."""
+    from salf import distributed
+
     _join(rank, port)
     for part, run in (("ddp", _ddp_part), ("dynamic", _dynamic_part), ("analysis", _analysis_part),
                       ("fsdp", _fsdp_part)):
         folder = Path(out, part)
         folder.mkdir(exist_ok=True)
         Path(folder, f"rank{rank}.json").write_text(json.dumps(run(rank, folder)))
+    distributed.finish()
+    done.wait(timeout=120)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two-ranks")
-    mp.spawn(_two_ranks, args=(_free_port(), str(out)), nprocs=2)
+    done = mp.get_context("spawn").Barrier(2)
+    mp.spawn(_two_ranks, args=(_free_port(), str(out), done), nprocs=2)
     return out
 
 

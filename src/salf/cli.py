@@ -497,9 +497,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        from . import commands
+        from . import commands, distributed
 
-        return commands.dispatch(parser, args) or 0
+        code = commands.dispatch(parser, args) or 0
+        distributed.finish()        # under a launcher: every rank done before any exits
+        return code
     except SalfError as e:
         _final_line(f"salf: error: {e}")
         return 2

@@ -112,6 +112,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish() -> None:
+    """End a launched run's process group once every rank is done with it. A rank that exits
+    with its group alive can take down a peer still tearing its own down: gloo's transport
+    thread sees the closed connection and aborts that process (SIGABRT)."""
+    if _active():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] (a one-element list for one process)."""
     if not _active():
