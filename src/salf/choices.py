@@ -126,8 +126,12 @@ _reg("grad-norm", "the cut below most of the gradient norm",
 # read from the gradients training computes anyway)
 DYNAMIC_POLICIES = Registry("dynamic policy")
 _reg = DYNAMIC_POLICIES.register
-_reg("salf", "freeze the settled prefix once the step law is past its knee (docs/method.md)",
-     impl="salf.dynamic.policies:decide_salf", needs={"probe"})
+_reg("salf-budget", "freeze what the rest of the run can spare: the loss a move gives up of the "
+     "improvement ahead within a budget, a FLOPs floor, probes on demand, an undo guard "
+     "(docs/method.md)", impl="salf.dynamic.budget:decide_salf_budget",
+     needs={"probe", "probe_on_demand", "train_loss"})
+_reg("salf", "freeze the settled prefix once the step law is past its knee (the first "
+     "controller; docs/method.md)", impl="salf.dynamic.policies:decide_salf", needs={"probe"})
 _reg("autofreeze", "freeze layers whose gradient norm stopped changing (AutoFreeze)",
      impl="salf.dynamic.policies:decide_autofreeze", needs={"grad_norms"})
 _reg("linear", "freeze linearly up to the deepest cut from a start (Composer)",

@@ -33,7 +33,8 @@ from ..errors import SalfError
 from ..io import atomic_write_json
 from ..models.anatomy import anatomy, unwrap
 from ..train.audit import tensor_digest
-from ..train.freeze import freeze_state, move_cut, optimizer_state_bytes
+from ..train.freeze import freeze_state, move_cut, move_cut_back, optimizer_state_bytes
+from .budget import probe_wanted
 from .policies import Check, Decision, RunShape, decide
 from .settings import DynamicSettings
 
@@ -72,7 +73,11 @@ class DynamicFreezeCallback(TrainerCallback):
         self.history: list[Check] = []
         self.decisions: list[dict] = []
         self.schedule: list[list[int]] = []
-        self.frozen_at: dict[str, dict] = {}     # tensor name -> {"step", "digest"}
+        self.frozen_at: dict[str, dict] = {}     # tensor name -> {"step", "digest", "group"}
+        self.intervals: dict[str, list] = {}     # tensor name -> [[frozen, unfrozen], ...] (undone)
+        self.train_losses: list[list[float]] = []  # [step, clock, loss] of each logged step
+        self._wrap_eof: int | None = None        # the cut when this process's training began
+        self._read_share = 0.0                   # one probe read's FLOPs / the run's (full)
         self.probe_reads = 0
         self.probe_seconds = 0.0
         self.probe_targets = 0
@@ -98,7 +103,8 @@ class DynamicFreezeCallback(TrainerCallback):
                 "decisions": self.decisions, "schedule": self.schedule, "frozen_at": self.frozen_at,
                 "probe_reads": self.probe_reads, "probe_seconds": self.probe_seconds,
                 "probe_targets": self.probe_targets, "grad_sums": self._grad_sums,
-                "last_cosines": self._last_cosines,
+                "last_cosines": self._last_cosines, "intervals": self.intervals,
+                "train_losses": self.train_losses,
                 "probe": self.probe.state_dict() if self.probe is not None else None}
 
     def tensor_state_dict(self) -> dict:
@@ -124,6 +130,8 @@ class DynamicFreezeCallback(TrainerCallback):
         self.probe_targets = int(state.get("probe_targets", 0))
         self._grad_sums = state.get("grad_sums")
         self._last_cosines = state.get("last_cosines")
+        self.intervals = {n: [list(i) for i in v] for n, v in state.get("intervals", {}).items()}
+        self.train_losses = [list(x) for x in state.get("train_losses", [])]
         self._probe_state = state.get("probe")     # its tensors follow: load_tensor_state_dict
         if self.model is not None:
             self.restore_cut(self.model)
@@ -156,14 +164,28 @@ class DynamicFreezeCallback(TrainerCallback):
         max_eof = self.settings.deepest_cut(L, int(self.schedule[0][1]) if self.schedule else fs.eof)
         self._multipliers = (_lr_multipliers(lr_scheduler, total)
                              if self.settings.clock == "lr-area" else None) or [1.0] * total
-        self._run = RunShape(num_layers=L, total_steps=total,
-                             total_progress=sum(self._multipliers), max_eof=max_eof)
-        self._steps = check_steps(total, self.settings.checks)
+        self._run = RunShape(num_layers=L, total_steps=total, total_progress=sum(self._multipliers),
+                             max_eof=max_eof, multipliers=self._multipliers,
+                             cut_cost=self._cut_costs(L), train_losses=self._loss_view())
+        per_run = self.settings.law_checks if "train_loss" in self.settings.needs else self.settings.checks
+        self._steps = check_steps(total, per_run)
+        self._read_share = self._probe_read_share(args, total)
         if not self.schedule:
             self.schedule = [[0, fs.eof]]
+        self._wrap_eof = self.current_eof
         if not self.history and "probe" in self.settings.needs:
             self.history.append(self._measure(model, 0))
             self._write_log()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "train_loss" in self.settings.needs and logs and "loss" in logs and self._run is not None:
+            step = int(state.global_step)
+            if not self.train_losses or self.train_losses[-1][0] < step:
+                self.train_losses.append([step, self._run.clock(step), float(logs["loss"])])
+                self._run.train_losses = self._loss_view()
+
+    def _loss_view(self) -> list[tuple[int, float, float]]:
+        return [(int(s), float(x), float(y)) for s, x, y in self.train_losses]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if "grad_norms" not in self.settings.needs or model is None:
@@ -183,10 +205,22 @@ class DynamicFreezeCallback(TrainerCallback):
         self.history.append(check)
         # under DDP every rank probes its replica; rank 0's decision moves every rank's cut
         decision = distributed.from_main(decide(self.settings, self.history, self._run))
-        moved = self._move(model, optimizer, step, decision) if decision.eof > check.eof else None
+        check.given_up = decision.details.get("given_up") if decision.eof > check.eof else None
+        if decision.eof < check.eof and distributed.world_size() > 1 and decision.eof < self._wrap_eof:
+            # DDP's buckets hold only what trained at the wrap: nothing below it can rejoin
+            decision = Decision(check.eof, f"hold: {decision.reason} — not below eof {self._wrap_eof}, "
+                                           "the cut when DDP wrapped the model", decision.details)
+        moved = None
+        if decision.eof > check.eof:
+            moved = self._move(model, optimizer, step, decision)
+        elif decision.eof < check.eof:
+            moved = self._move_back(model, optimizer, step, decision)
         self.decisions.append({"step": step, "from": check.eof, "to": decision.eof,
                                "reason": decision.reason, "details": decision.details, "move": moved})
-        if distributed.is_main():
+        # a policy that checks often and reads the probe on demand prints what it read or did
+        quiet = ("probe_on_demand" in self.settings.needs and check.deviation is None
+                 and decision.eof == check.eof)
+        if distributed.is_main() and not quiet:
             self.log(self._summary_line(check, decision))
         self._write_log()
 
@@ -194,7 +228,7 @@ class DynamicFreezeCallback(TrainerCallback):
     def _measure(self, model, step: int) -> Check:
         check = Check(step=step, eof=self.current_eof if self.schedule else freeze_state(model).eof,
                       progress=sum(self._multipliers[:step]))
-        if "probe" in self.settings.needs:
+        if "probe" in self.settings.needs and self._probe_now(check):
             read = self.probe.read(model, cut=check.eof)
             check.deviation, check.loss = read["deviation"], read["loss"]
             check.probe_from_layer = read["from_layer"]
@@ -209,12 +243,42 @@ class DynamicFreezeCallback(TrainerCallback):
             check.grad_norms, self._grad_sums = self._grad_sums, None
         return check
 
+    def _probe_now(self, check: Check) -> bool:
+        """Every check reads the probe, except for a policy that reads it on demand: then at
+        step 0 (the baseline) and where the policy wants it, within the probe budget."""
+        if "probe_on_demand" not in self.settings.needs or check.step == 0:
+            return True
+        affordable = (self.probe_reads + 1) * self._read_share <= self.settings.probe_budget
+        return affordable and probe_wanted(self.settings, [*self.history, check], self._run)
+
+    def _cut_costs(self, num_layers: int) -> list[float]:
+        """Per-step cost at each cut 0..L relative to full fine-tuning: the cost model's when
+        salf's trainer attached its settings, else the share of layers whose backward runs
+        (a frozen layer skips its backward: ~2/3 of its FLOPs)."""
+        if self.cost_settings is None:
+            return [1.0 - (2.0 / 3.0) * k / num_layers for k in range(num_layers + 1)]
+        from ..cost import cost_curve
+
+        c = dict(self.cost_settings)
+        curve = cost_curve(c.pop("shape"), c.pop("seq_len"), c.pop("batch_size"), include_full=True, **c)
+        return [curve[k]["flops_abs"] / curve[-1]["flops_abs"] for k in range(num_layers + 1)]
+
+    def _probe_read_share(self, args, total_steps: int) -> float:
+        """One probe read (every layer) as a share of the run's full fine-tuning FLOPs: a
+        forward over the probe's rows against forward + backward over each step's rows."""
+        if self.probe is None:
+            return 0.0
+        rows_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                         * max(distributed.world_size(), 1))
+        return self.probe.rows / (3.0 * rows_per_step * max(total_steps, 1))
+
     def _move(self, model, optimizer, step: int, decision: Decision) -> dict:
         before = _memory(optimizer)
         report = move_cut(model, decision.eof, optimizer=optimizer)
         params = dict(model.named_parameters())
         for name in report["tensors"]:
-            self.frozen_at[name] = {"step": step, "digest": tensor_digest(params[name])}
+            self.frozen_at[name] = {"step": step, "digest": tensor_digest(params[name]),
+                                    "group": report["groups"].get(name)}
         if self.prefix_cache is not None:
             self.prefix_cache.move_to(decision.eof)
         self.schedule.append([step, decision.eof])
@@ -222,6 +286,25 @@ class DynamicFreezeCallback(TrainerCallback):
         return {"tensors": len(report["tensors"]), "params": report["params"],
                 "optimizer_state_bytes_freed": report["optimizer_state_bytes_freed"],
                 "memory_before": before, "memory_after": after}
+
+    def _move_back(self, model, optimizer, step: int, decision: Decision) -> dict:
+        """Undo: the tensors frozen at or above the new cut train again. Each is checked
+        unchanged over its frozen interval first (the audit's proof for that interval)."""
+        params = dict(model.named_parameters())
+        above = {id(p) for layer in anatomy(unwrap(model)).layers[decision.eof:] for p in layer.parameters()}
+        layers = {n for n in self.frozen_at if id(params[n]) in above}
+        changed = [n for n in layers if tensor_digest(params[n]) != self.frozen_at[n]["digest"]]
+        if changed:
+            raise SalfError("audit failed: tensors frozen during the run changed while frozen: "
+                            + ", ".join(sorted(changed)[:3]))
+        report = move_cut_back(model, decision.eof, {n: self.frozen_at[n]["group"] for n in layers},
+                               optimizer=optimizer if optimizer is not None else None)
+        for n in layers:
+            self.intervals.setdefault(n, []).append([self.frozen_at.pop(n)["step"], step])
+        if self.prefix_cache is not None:
+            self.prefix_cache.move_to(decision.eof)
+        self.schedule.append([step, decision.eof])
+        return {"tensors": len(report["tensors"]), "params": report["params"], "undo": True}
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -236,7 +319,8 @@ class DynamicFreezeCallback(TrainerCallback):
         params = dict(model.named_parameters())
         changed = [n for n, rec in self.frozen_at.items() if tensor_digest(params[n]) != rec["digest"]]
         return {"ok": not changed, "frozen_during_run": len(self.frozen_at), "changed": changed,
-                "frozen_at": {n: rec["step"] for n, rec in self.frozen_at.items()}}
+                "frozen_at": {n: rec["step"] for n, rec in self.frozen_at.items()},
+                "undone_intervals": self.intervals}
 
     # ------------------------------------------------------------------ reporting
     def metrics_section(self) -> dict:
@@ -277,7 +361,7 @@ class DynamicFreezeCallback(TrainerCallback):
 
     def _summary_line(self, check: Check, decision: Decision) -> str:
         loss = "" if check.loss is None else f"probe loss {check.loss:.4f}, "
-        move = (f"cut {check.eof} -> {decision.eof}" if decision.eof > check.eof
+        move = (f"cut {check.eof} -> {decision.eof}" if decision.eof != check.eof
                 else f"cut stays {check.eof}")
         return f"step {check.step}: {loss}{move} ({decision.reason})"
 

@@ -8,7 +8,9 @@ than the current one — and says why. Nothing here touches a model, so every ru
 testable on made-up histories; `salf.dynamic.callback` measures and moves.
 
 Policies (all share the deepest allowed cut `max_eof`):
-  salf        semantic plasticity + the step scaling law (both must agree)
+  salf-budget what freezing would give up of the improvement ahead vs the FLOPs it saves,
+              with an undo guard (salf.dynamic.budget)
+  salf        semantic plasticity + the step scaling law (both must agree; the first controller)
   autofreeze  per-layer gradient-norm change rate under the median (Liu et al. 2021)
   linear      from `start` of the budget, freeze linearly up to max_eof (Composer)
   freezeout   layer i frozen at T·(t0 + (1-t0)·i/(L-1))³ (Brock et al. 2017)
@@ -40,6 +42,7 @@ class Check:
     grad_norms: list[float] | None = None  # L1 norm of each layer's gradients over the interval
     probe_from_layer: int | None = None  # the probe read ran decoder layers from here up
     shift: list[float] | None = None     # per space: mean |Δ cos(t_l, b_y)| since the last read
+    given_up: float | None = None        # salf-budget: the loss the move decided here gives up
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -60,9 +63,18 @@ class RunShape:
     total_steps: int
     total_progress: float                # the clock's value at the last step
     max_eof: int
+    # salf-budget: [step, clock after it, training loss] of every logged step so far, and
+    # each cut's per-step cost relative to full fine-tuning (index = eof)
+    train_losses: list[tuple[int, float, float]] = field(default_factory=list)
+    cut_cost: list[float] = field(default_factory=list)
+    multipliers: list[float] = field(default_factory=list)   # the clock's increment per step
 
     def progress_share(self, check: Check) -> float:
         return check.step / self.total_steps if self.total_steps else 1.0
+
+    def clock(self, step: int) -> float:
+        """The clock's value after `step` steps (steps without multipliers count 1)."""
+        return sum(self.multipliers[:step]) if self.multipliers else float(step)
 
 
 def decide(settings: DynamicSettings, history: list[Check], run: RunShape) -> Decision:
@@ -72,10 +84,15 @@ def decide(settings: DynamicSettings, history: list[Check], run: RunShape) -> De
     rule = DYNAMIC_POLICIES.get(settings.policy)[0].function
     decision = rule(settings, history, run)
     current = history[-1].eof
-    if decision.eof < current:      # a rule bug must never unfreeze
+    undo = decision.details.get("undo", False)
+    if decision.eof < current and not undo:      # only a guard's undo moves the cut back
         raise SalfError(f"dynamic policy {settings.policy} asked to move the cut back "
                         f"({current} -> {decision.eof})")
-    decision.eof = min(decision.eof, max(run.max_eof, current))
+    if undo and decision.eof > current:
+        raise SalfError(f"dynamic policy {settings.policy}: an undo must move the cut back "
+                        f"({current} -> {decision.eof})")
+    if not undo:
+        decision.eof = min(decision.eof, max(run.max_eof, current))
     return decision
 
 
@@ -118,14 +135,11 @@ def settled_depth(history: list[Check], tau: float, max_eof: int, measure: str =
     much as the output space over the last interval (`measure`: "shift", each probe target's
     own move, or "deviation", the move of their mean D_l). Spaces at or below the cut are
     frozen and do not move at all."""
-    now, before = history[-1], _previous_probe(history)
-    k = now.eof
-    if before is None or now.deviation is None or (measure == "shift" and now.shift is None):
+    k = history[-1].eof
+    shares = settled_shares(history, measure)
+    if shares is None:
         return {"eof": k, "reason": "one probe check so far: no interval to compare"}
-    moved = (list(now.shift) if measure == "shift" else
-             [abs(a - b) for a, b in zip(now.deviation, before.deviation)])
-    out_moved = moved[-1]
-    shares = [m / out_moved if out_moved > 0 else (0.0 if m == 0 else math.inf) for m in moved]
+    out_moved = shares.moved_output
     depth = k
     while depth < max_eof and shares[depth + 1] <= tau:
         depth += 1
@@ -133,6 +147,27 @@ def settled_depth(history: list[Check], tau: float, max_eof: int, measure: str =
     why = (f"space {stopper} moved {shares[stopper]:.2f}x the output's {out_moved:.4f}"
            if stopper is not None else f"every space up to the deepest cut {max_eof} settled")
     return {"eof": depth, "shares": shares, "output_moved": out_moved, "reason": why}
+
+
+class Shares(list):
+    """Per space l = 0..L: how far it moved over the last probe interval relative to the
+    output space (`moved_output`: the output's own move)."""
+
+    moved_output: float = 0.0
+
+
+def settled_shares(history: list[Check], measure: str = "shift") -> Shares | None:
+    """Each space's move over the interval between the last two probe reads, relative to
+    the output space's (None without two reads ending at the last check)."""
+    now, before = history[-1], _previous_probe(history)
+    if before is None or now.deviation is None or (measure == "shift" and now.shift is None):
+        return None
+    moved = (list(now.shift) if measure == "shift" else
+             [abs(a - b) for a, b in zip(now.deviation, before.deviation)])
+    out_moved = moved[-1]
+    shares = Shares(m / out_moved if out_moved > 0 else (0.0 if m == 0 else math.inf) for m in moved)
+    shares.moved_output = out_moved
+    return shares
 
 
 def _previous_probe(history: list[Check]) -> Check | None:

@@ -15,7 +15,9 @@ FLAGS = {"policy": "--dynamic", "tau": "--plasticity-share", "epsilon": "--remai
          "plasticity": "--plasticity-measure", "clock": "--law-clock", "checks": "--checks",
          "probe_rows": "--probe-rows",
          "min_points": "--law-points", "max_eof": "--deepest-cut", "start": "--freeze-start",
-         "percentile": "--rate-percentile"}
+         "percentile": "--rate-percentile", "tolerance": "--loss-tolerance",
+         "min_saving": "--min-saving", "probe_budget": "--probe-budget", "law_checks": "--law-checks",
+         "guard": "--undo-guard"}
 CLOCKS = ("lr-area", "steps")
 PLASTICITY = ("shift", "deviation")
 # what each policy needs measured at a check
@@ -43,6 +45,15 @@ class DynamicSettings:
     max_eof   the deepest cut any policy may reach (None = L - 1: one layer keeps training).
     start     linear: fraction of the run before the first freeze; freezeout: t0.
     percentile  autofreeze: the rate percentile a layer must reach to keep training.
+    tolerance   salf-budget: the moves may give up at most this fraction of the run's
+              predicted total improvement of the training loss (salf.dynamic.budget).
+    min_saving  salf-budget: a move must save at least this fraction of the run's full
+              fine-tuning FLOPs over the steps left.
+    probe_budget  salf-budget: the probe's reads stay within this share of the run's FLOPs.
+    law_checks  salf-budget: checks per run (the law reads the training loss, free; the probe
+              is read only at checks where the budget could allow a move).
+    guard     salf-budget: undo a move when the training loss since it regresses beyond the
+              law's prediction.
     """
 
     policy: str = "salf"
@@ -56,6 +67,11 @@ class DynamicSettings:
     max_eof: int | None = None
     start: float | None = None
     percentile: float = 50.0
+    tolerance: float = 0.05
+    min_saving: float = 0.01
+    probe_budget: float = 0.01
+    law_checks: int = 40
+    guard: bool = True
 
     def __post_init__(self):
         self.validate()
@@ -68,11 +84,14 @@ class DynamicSettings:
         if self.clock not in CLOCKS:
             raise SalfError(f"{_named('clock')} must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
         for name, lo, hi in (("tau", 0.0, math.inf), ("epsilon", 0.0, math.inf),
-                             ("percentile", 0.0, 100.0)):
+                             ("percentile", 0.0, 100.0), ("tolerance", 0.0, 1.0),
+                             ("min_saving", 0.0, 1.0), ("probe_budget", 0.0, 1.0)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
                 raise SalfError(f"{_named(name)} must be a number in [{lo:g}, {hi:g}], got {value!r}")
-        for name, lo in (("checks", 1), ("probe_rows", 1), ("min_points", 2)):
+        if not isinstance(self.guard, bool):
+            raise SalfError(f"{_named('guard')} must be true or false, got {self.guard!r}")
+        for name, lo in (("checks", 1), ("probe_rows", 1), ("min_points", 2), ("law_checks", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo:
                 raise SalfError(f"{_named(name)} must be an integer >= {lo}, got {value!r}")

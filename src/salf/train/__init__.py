@@ -10,7 +10,7 @@ See docs/training.md.
 
 from .audit import Snapshot, compare, snapshot, write_audit
 from .evaluate import evaluate, load_trained
-from .freeze import (LoraSettings, SalfFreezeCallback, apply_plan, assert_truncated, move_cut,
+from .freeze import (LoraSettings, SalfFreezeCallback, apply_plan, assert_truncated, move_cut, move_cut_back,
                      parameter_counts, untie_head)
 from .loop import train
 
@@ -19,7 +19,7 @@ audit_snapshot = snapshot
 audit_compare = compare
 
 __all__ = [
-    "apply_plan", "assert_truncated", "LoraSettings", "SalfFreezeCallback", "move_cut", "untie_head",
+    "apply_plan", "assert_truncated", "LoraSettings", "SalfFreezeCallback", "move_cut", "move_cut_back", "untie_head",
     "parameter_counts", "snapshot", "compare", "write_audit", "Snapshot", "audit_snapshot", "audit_compare",
     "train", "evaluate", "load_trained",
 ]

@@ -446,7 +446,7 @@ def _wrap_lora(model: nn.Module, anat: Anatomy, state: FreezeState) -> nn.Module
 def move_cut(model: nn.Module, new_eof: int, optimizer=None) -> dict:
     """Move the cut of a planned model deeper: freeze decoder layers eof+1..new_eof too.
 
-    The cut never moves back. The newly frozen parameters (base weights, or their LoRA
+    The cut moves back only through `move_cut_back`. The newly frozen parameters (base weights, or their LoRA
     adapters) lose requires_grad and their gradient; with `optimizer` (the Trainer's,
     accelerate-wrapped or not) they also leave its parameter groups and their state is
     dropped, so the memory is freed and a checkpoint's optimizer state matches an optimizer
@@ -475,17 +475,80 @@ def move_cut(model: nn.Module, new_eof: int, optimizer=None) -> dict:
     newly = {id(p): p for layer in list(anat.layers)[old:new_eof] for p in layer.parameters()
              if p.requires_grad}
     names = [n for n, p in model.named_parameters() if id(p) in newly]
+    groups = _group_of(optimizer, newly) if optimizer is not None else {}
     freed = _drop_from_optimizer(optimizer, list(newly.values())) if optimizer is not None else 0
     for p in newly.values():
         p.requires_grad_(False)
         p.grad = None
-    state.eof = new_eof
-    state.trainable_layers = list(range(new_eof, L))
-    _place_cut_hook(anat, state)
-    _restrict_checkpointing(base, state, anat)
+    _set_cut(base, anat, state, new_eof)
     assert_truncated(model)
     return {"from": old, "to": new_eof, "tensors": names,
-            "params": sum(p.numel() for p in newly.values()), "optimizer_state_bytes_freed": freed}
+            "params": sum(p.numel() for p in newly.values()), "optimizer_state_bytes_freed": freed,
+            "groups": {n: groups[id(p)] for n, p in model.named_parameters() if id(p) in groups}}
+
+
+def move_cut_back(model: nn.Module, new_eof: int, tensors: dict[str, int | None], optimizer=None) -> dict:
+    """Undo a move: the tensors `move_cut` froze ({name: optimizer group index it left, as
+    its report's "groups" says}) train again from cut `new_eof` up. They get requires_grad
+    back and rejoin their optimizer group with fresh state (AdamW starts their moments anew),
+    placed in the model's order, as an optimizer built afresh would hold them (so that a
+    checkpoint's optimizer state maps onto a resumed run's). The hook and checkpointing move
+    with the cut; `assert_truncated` re-checks."""
+    base = unwrap(model)
+    state: FreezeState | None = getattr(base, _STATE_ATTR, None)
+    if state is None or state.full or state.layer_set:
+        raise SalfError("only a contiguous cut applied by apply_plan can move back")
+    anat = anatomy(base)
+    if not isinstance(new_eof, int) or not 0 <= new_eof < state.eof:
+        raise SalfError(f"moving the cut back: from eof {state.eof} to an integer in 0..{state.eof - 1}, "
+                        f"got {new_eof!r}")
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise SalfError(f"moving the cut back: no such tensors in the model: {', '.join(unknown[:3])}")
+    layers = {id(p) for layer in list(anat.layers)[new_eof:state.eof] for p in layer.parameters()}
+    outside = [n for n in tensors if id(params[n]) not in layers]
+    if outside:
+        raise SalfError(f"moving the cut back to {new_eof}: {outside[0]} is not in decoder layers "
+                        f"{new_eof + 1}..{state.eof}")
+    old = state.eof
+    for name in tensors:
+        params[name].requires_grad_(True)
+    if optimizer is not None:
+        _rejoin_optimizer(optimizer, model, {n: params[n] for n in tensors}, tensors)
+    _set_cut(base, anat, state, new_eof)
+    assert_truncated(model)
+    return {"from": old, "to": new_eof, "tensors": sorted(tensors),
+            "params": sum(params[n].numel() for n in tensors)}
+
+
+def _set_cut(base: nn.Module, anat: Anatomy, state: FreezeState, eof: int) -> None:
+    state.eof = eof
+    state.trainable_layers = list(range(eof, state.num_layers))
+    _place_cut_hook(anat, state)
+    _restrict_checkpointing(base, state, anat)
+
+
+def _group_of(optimizer, params: dict[int, torch.Tensor]) -> dict[int, int]:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return {id(p): i for i, group in enumerate(inner.param_groups) for p in group["params"] if id(p) in params}
+
+
+def _rejoin_optimizer(optimizer, model: nn.Module, params: dict[str, torch.Tensor],
+                      groups: dict[str, int | None]) -> None:
+    """Put `params` back into their groups (no state: fresh moments), every group in the
+    model's parameter order."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+    for name, p in params.items():
+        index = groups.get(name)
+        if index is None or not 0 <= index < len(inner.param_groups):
+            raise SalfError(f"moving the cut back: {name} has no optimizer group to rejoin")
+        group = inner.param_groups[index]
+        if all(q is not p for q in group["params"]):
+            group["params"].append(p)
+    for group in inner.param_groups:
+        group["params"].sort(key=lambda q: order.get(id(q), len(order)))
 
 
 def _drop_from_optimizer(optimizer, params: list[torch.Tensor]) -> int:

@@ -131,9 +131,8 @@ class PrefixCache:
         self._attached = False
 
     def move_to(self, eof: int) -> "PrefixCache":
-        """Follow a cut that moved deeper: the cached rows are dropped and rebuilt lazily."""
-        if eof < self.eof:
-            raise SalfError(f"the prefix cache follows the cut deeper only ({self.eof} -> {eof})")
+        """Follow a cut that moved (deeper, or back by an undo): the cached rows are dropped
+        and rebuilt lazily at the new cut."""
         attached = self._attached
         self.detach()
         self.eof = eof

@@ -1,0 +1,241 @@
+"""salf-budget, the budget-aware controller (salf.dynamic.budget): its decisions on made-up
+histories — a short run moves where a long one holds, a saturated run moves early and deep,
+the saving floor, the probe on demand, the undo guard — and an undone move on a real tiny
+model: the layers train again (gradients, fresh optimizer state in the model's order), the
+audit records their frozen interval, and a run resumed on either side of the undo ends
+bit-identical to the uninterrupted one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from salf.choices import DYNAMIC_POLICIES, Registry
+from salf.dynamic import Check, DynamicSettings, RunShape, decide
+from salf.dynamic.budget import ceiling, guard, probe_wanted, training_law
+from salf.errors import SalfError
+
+L = 8
+
+
+def _losses(steps: int, e=0.4, a=1.0, alpha=0.7, flat_after: int | None = None, bump=None):
+    """[step, clock, loss] on a clean power law (clock = steps), optionally flat after a step
+    or raised by `bump(step)`; a small deterministic wobble stands in for batch noise."""
+    out = []
+    for s in range(1, steps + 1):
+        x = min(s, flat_after) if flat_after else s
+        y = e + a * x ** (-alpha) + 0.002 * math.sin(1.7 * s)
+        out.append((s, float(s), y + (bump(s) if bump else 0.0)))
+    return out
+
+
+def _run(total: int, losses, max_eof=L - 1) -> RunShape:
+    return RunShape(num_layers=L, total_steps=total, total_progress=float(total), max_eof=max_eof,
+                    train_losses=losses, cut_cost=[1.0 - (2 / 3) * k / L for k in range(L + 1)])
+
+
+def _read(step: int, eof: int, shares: list[float]) -> Check:
+    """A probe read whose spaces moved `shares` x the output space (space L moved 0.1)."""
+    shift = [0.1 * s for s in shares] + [0.1] * (L + 1 - len(shares))
+    return Check(step=step, eof=eof, progress=float(step), deviation=[0.0] * (L + 1), loss=1.0, shift=shift)
+
+
+SETTINGS = DynamicSettings(policy="salf-budget")
+SHARES = [0.0, 0.01, 0.02, 0.03, 0.05, 0.3, 0.6, 0.9]      # spaces 0..7: low ones settled
+
+
+def test_a_short_run_moves_where_a_long_one_holds_on_the_same_evidence():
+    history = [_read(0, 0, [0.0] * (L + 1)), _read(40, 0, SHARES)]
+    short = decide(SETTINGS, history, _run(48, _losses(40)))
+    long = decide(SETTINGS, history, _run(360, _losses(40)))
+    assert short.eof > long.eof, (short.reason, long.reason)
+    law_short, law_long = short.details["law"], long.details["law"]
+    assert law_long["remaining"] > law_short["remaining"]          # more still ahead in a long run
+    assert short.details["given_up"] <= SETTINGS.tolerance * law_short["total"]
+
+
+def test_a_saturated_run_moves_early_and_as_deep_as_the_shares_allow():
+    history = [_read(0, 0, [0.0] * (L + 1)), _read(12, 0, SHARES)]
+    decision = decide(SETTINGS, history, _run(120, _losses(12, flat_after=3)))
+    law = decision.details["law"]
+    assert law["remaining"] < 0.01 * law["total"]                   # (the wobble's fit)
+    assert decision.eof == L - 1                                    # nothing ahead to give up
+
+
+def test_no_probe_read_means_no_move_and_the_probe_is_wanted_only_while_the_budget_allows():
+    run = _run(48, _losses(40))
+    bare = Check(step=40, eof=0, progress=40.0)
+    assert decide(SETTINGS, [_read(0, 0, [0.0] * (L + 1)), bare], run).eof == 0
+    assert probe_wanted(SETTINGS, [_read(0, 0, [0.0] * (L + 1)), bare], run)
+    spent = _read(0, 0, [0.0] * (L + 1))
+    spent.given_up = 1.0                                            # the whole budget given up
+    assert not probe_wanted(SETTINGS, [spent, bare], run)
+    too_early = _run(120, _losses(3))
+    assert "fit" not in training_law(too_early, 3)                  # too few losses for a law
+    assert not probe_wanted(SETTINGS, [_read(0, 0, [0.0] * (L + 1)), Check(3, 0, 3.0)], too_early)
+
+
+def test_a_move_that_saves_too_little_is_not_made():
+    history = [_read(0, 0, [0.0] * (L + 1)), _read(119, 0, SHARES)]
+    decision = decide(SETTINGS, history, _run(120, _losses(119)))
+    assert decision.eof == 0 and "would save" in decision.reason
+
+
+def test_the_guard_undoes_a_move_the_loss_did_not_take_and_caps_later_moves():
+    bump = lambda s: 0.2 if s > 40 else 0.0                         # noqa: E731 the loss jumps after the move
+    run = _run(120, _losses(60, bump=bump))
+    moved = [_read(0, 0, [0.0] * (L + 1)), _read(40, 0, SHARES), Check(step=60, eof=3, progress=60.0)]
+    verdict = guard(moved, run)
+    assert verdict["regressed"] and verdict["moved_at"] == 40 and verdict["from"] == 0
+    decision = decide(SETTINGS, moved, run)
+    assert decision.eof == 0 and decision.details["undo"]
+    calm = _run(120, _losses(60))
+    assert not guard(moved, calm)["regressed"]
+    assert decide(SETTINGS, moved, calm).eof >= 3                   # no regression, no undo
+    off = DynamicSettings(policy="salf-budget", guard=False)
+    assert decide(off, moved, run).eof >= 3
+    undone = [*moved, Check(step=70, eof=0, progress=70.0)]
+    assert ceiling(undone, run) == 0 and not probe_wanted(SETTINGS, undone, run)
+
+
+def test_only_an_undo_may_move_the_cut_back():
+    from salf.dynamic.policies import Decision
+
+    reg = _registry({"back": lambda settings, history, run: Decision(0, "back")})
+    with reg, pytest.raises(SalfError, match="move the cut back"):
+        decide(DynamicSettings(policy="back"), [Check(step=4, eof=2, progress=4.0)], _run(8, []))
+
+
+def test_budget_settings_are_checked_by_name():
+    for bad in (dict(tolerance=-0.1), dict(min_saving=2.0), dict(probe_budget=float("nan")),
+                dict(law_checks=0), dict(guard="yes")):
+        with pytest.raises(SalfError, match="dynamic"):
+            DynamicSettings(policy="salf-budget", **bad)
+
+
+# ----------------------------------------------------------------------------- an undone move
+
+
+class _registry:
+    """Swap in a registry holding the built-in policies plus `extra` {name: function}."""
+
+    def __init__(self, extra: dict):
+        self.extra = extra
+
+    def __enter__(self):
+        import salf.dynamic.policies as policies
+        import salf.dynamic.settings as settings
+
+        reg = Registry("dynamic policy")
+        for choice in DYNAMIC_POLICIES:
+            reg.register(choice.name, choice.help, impl=choice.impl, needs=choice.needs)
+        for name, fn in self.extra.items():
+            globals()[f"_policy_{name}"] = fn
+            reg.register(name, name, impl=f"{__name__}:_policy_{name}")
+        self.saved = policies.DYNAMIC_POLICIES, settings.DYNAMIC_POLICIES
+        policies.DYNAMIC_POLICIES = settings.DYNAMIC_POLICIES = reg
+        return reg
+
+    def __exit__(self, *exc):
+        import salf.dynamic.policies as policies
+        import salf.dynamic.settings as settings
+
+        policies.DYNAMIC_POLICIES, settings.DYNAMIC_POLICIES = self.saved
+
+
+def _move_then_undo(settings, history, run):
+    """eof 2 at step 2, back to 1 at step 4 (an undo), then hold."""
+    from salf.dynamic.policies import Decision
+
+    now = history[-1]
+    if now.step == 2:
+        return Decision(2, "move")
+    if now.step == 4:
+        return Decision(1, "undo", {"undo": True})
+    return Decision(now.eof, "hold")
+
+
+class _Record(TrainerCallback):
+    """After the undo (the 5th step): which parameters train, have gradients, sit in the
+    optimizer (and in which order), and the optimizer's state at the end."""
+
+    def __init__(self):
+        self.seen: dict = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == 4:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.seen["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
+            self.seen["with_grad"] = [n for n, p in model.named_parameters() if p.grad is not None]
+            self.seen["groups"] = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.seen["state"] = sorted(names[id(p)] for p in optimizer.state)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == self.step
+
+
+def _train(out, resume=False, callbacks=()):
+    from salf.dynamic import moving_cut
+    from salf.models.tiny import tiny_model, tiny_tokenizer
+    from salf.train import train
+    from test_dynamic import TASK, _rows, make_plan
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(tiny_model("llama"), tiny_tokenizer(), TASK, _rows(24), [], make_plan(0), out,
+                     max_steps=8, lr=1e-2, batch_size=4, max_length=32, save_steps=2, resume=resume,
+                     seed=0, progress=False, callbacks=[*callbacks, moving_cut(
+                         DynamicSettings(policy="scripted", checks=8), out_dir=out)])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "final" / "model.safetensors"))
+
+
+def test_an_undone_move_trains_its_layers_again_and_resumes_bit_identical(tmp_path):
+    with _registry({"scripted": _move_then_undo}):
+        record = _Record()
+        whole = _train(tmp_path / "whole", callbacks=[record])
+        runs = {}
+        for stop in (3, 4):          # between the move and the undo; right after the undo
+            out = tmp_path / f"stop{stop}"
+            _train(out, callbacks=[_StopAt(stop)])
+            runs[stop] = _train(out, resume=True)
+    dyn = whole["dynamic"]
+    assert dyn["schedule"] == [[0, 0], [2, 2], [4, 1]]
+    seen = record.seen
+    layer1 = [n for n in seen["trainable"] if ".layers.1." in n]
+    assert layer1 and not any(".layers.0." in n for n in seen["trainable"])
+    assert seen["with_grad"] == seen["trainable"]                    # layer 2 learns again
+    order = {n: i for i, n in enumerate(seen["trainable"])}
+    flat = [n for g in seen["groups"] for n in g]
+    assert sorted(flat) == sorted(seen["trainable"])                 # every trainable one, once
+    assert all(g == sorted(g, key=order.get) for g in seen["groups"])   # in the model's order
+    assert set(layer1) <= set(seen["state"])                         # fresh state after rejoining
+    audit = dyn["audit"]
+    assert audit["ok"] and set(audit["undone_intervals"]) == set(layer1)
+    assert all(v == [[2, 4]] for v in audit["undone_intervals"].values())
+    reference = _weights(tmp_path / "whole")
+    for stop, resumed in runs.items():
+        assert resumed["resumed_from_step"] == (2 if stop == 3 else 4)
+        assert resumed["dynamic"]["schedule"] == dyn["schedule"]
+        assert [p["loss"] for p in resumed["train"]["loss_curve"]] == \
+            [p["loss"] for p in whole["train"]["loss_curve"]]
+        got = _weights(tmp_path / f"stop{stop}")
+        assert all(torch.equal(reference[k], got[k]) for k in reference), stop
