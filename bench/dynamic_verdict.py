@@ -24,7 +24,10 @@ its safety at this length is then unmeasured (were it unsafe, the static oracle 
 shallower cut or full fine-tuning, which only lowers dyn-salf's ratio).
 
     python bench/dynamic_verdict.py bench/results/sweep-smollm2-135m-{rotten-tomatoes,bbc-news,chatterbot}
+    python bench/dynamic_verdict.py --judged dyn-salf-budget --probe-target 0.01 FOLDERS...
 
+With several folders of one run length it also prints the judged controller's mean cost
+against #24's target (<= 0.70x full fine-tuning at 120 steps, <= 0.60x in longer runs).
 Rebuild each folder's sweep.json first (`salf sweep ... --report-only`).
 """
 
@@ -38,7 +41,9 @@ from pathlib import Path
 TARGETS = {"bbc-news": 1.1}      # cost / cheapest safe static at 120 steps; 1.0 elsewhere
 PUBLISHED_STEPS = 120            # longer runs: 1.0 everywhere, and <= 0.6x full on one dataset
 LONG_RUN_FULL_SHARE = 0.6
-JUDGED = "dyn-salf"
+JUDGED = "dyn-salf"              # --judged: the controller the targets are about
+PROBE_TARGET = 0.02              # --probe-target (#24 asks <= 1% of the run for salf-budget)
+MEAN_COST_TARGET = {PUBLISHED_STEPS: 0.70, "long": 0.60}   # mean over the datasets given
 
 
 def fmt(x, spec=".3f"):
@@ -114,20 +119,20 @@ def table(s: dict) -> list[str]:
     return lines
 
 
-def targets(s: dict) -> list[str]:
+def targets(s: dict, judged: str = JUDGED, probe_target: float = PROBE_TARGET) -> list[str]:
     rows = {r["name"]: r for r in dynamic_rows(s)}
-    me = rows.get(JUDGED)
+    me = rows.get(judged)
     if not me or not me["cells"]:
-        return [f"- {JUDGED} not measured yet"]
+        return [f"- {judged} not measured yet"]
     longer = s["settings"]["steps"] > PUBLISHED_STEPS
     limit = 1.0 if longer else TARGETS.get(s["dataset"], 1.0)
     ratio = me.get("cost_vs_cheapest_safe")
-    out = [f"- {JUDGED} safe: {me.get('safe')} ({len(me['cells'])} seeds)",
+    out = [f"- {judged} safe: {me.get('safe')} ({len(me['cells'])} seeds)",
            f"- cost {fmt(me.get('cost'))} = {fmt(ratio, '.2f')}x the cheapest safe static cut "
            f"(target <= {limit}) -> {'MET' if ratio is not None and ratio <= limit else 'NOT MET'}",
            f"- probes {fmt(me['flops_share'], '.1%')} of the run's FLOPs, {fmt(me['wall_share'], '.1%')} "
-           f"of its measured train time, mean over the seeds (target <= 2%) -> "
-           f"{'MET' if max(me['flops_share'] or 1, me['wall_share'] or 1) <= 0.02 else 'NOT MET'}"]
+           f"of its measured train time, mean over the seeds (target <= {probe_target:.0%}) -> "
+           f"{'MET' if max(me['flops_share'] or 1, me['wall_share'] or 1) <= probe_target else 'NOT MET'}"]
     if longer:
         cost = me.get("cost")
         out.append(f"- {s['settings']['steps']} steps: cost {fmt(cost)} of full fine-tuning (target "
@@ -135,8 +140,8 @@ def targets(s: dict) -> list[str]:
                    f"{'at most' if cost is not None and cost <= LONG_RUN_FULL_SHARE else 'above'} "
                    f"{LONG_RUN_FULL_SHARE} here")
     for name, r in rows.items():
-        if name != JUDGED and r["cells"] and r.get("safe") and r["cost"] < me["cost"]:
-            kind = "variant" if name.startswith(JUDGED + ":") else "baseline"
+        if name != judged and r["cells"] and r.get("safe") and r["cost"] < me["cost"]:
+            kind = "variant" if name.startswith(judged + ":") else "baseline"
             out.append(f"- {kind} {name} is safe at a lower cost ({r['cost']:.3f} < {me['cost']:.3f})")
     return out
 
@@ -166,20 +171,41 @@ def read_sweep(folder: str) -> dict | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+")
+    ap.add_argument("--judged", default=JUDGED, metavar="SELECTOR",
+                    help=f"the dynamic selector the targets judge (default {JUDGED})")
+    ap.add_argument("--probe-target", type=float, default=PROBE_TARGET, metavar="F",
+                    help=f"the probes' largest share of a run (default {PROBE_TARGET})")
     ap.add_argument("--static-from", metavar="DIR",
                     help="a sweep folder whose oracle judges folders that hold no static cut")
     args = ap.parse_args(argv)
     other = read_sweep(args.static_from) if args.static_from else None
     if args.static_from and other is None:
         return 2
+    costs = {}
     for folder in args.folders:
         s = read_sweep(folder)
         if s is None:
             return 2
         if other is not None:
             borrow_oracle(s, other, args.static_from)
-        print("\n".join(table(s) + [""] + targets(s) + [""]))
+        print("\n".join(table(s) + [""] + targets(s, args.judged, args.probe_target) + [""]))
+        me = {r["name"]: r for r in dynamic_rows(s)}.get(args.judged)
+        if me and me["cells"] and me.get("cost") is not None:
+            costs[s["dataset"]] = (me["cost"], s["settings"]["steps"])
+    if len(costs) > 1:
+        print(mean_cost_line(args.judged, costs))
     return 0
+
+
+def mean_cost_line(judged: str, costs: dict[str, tuple[float, int]]) -> str:
+    """The mean cost over the datasets given, against #24's target for their length."""
+    lengths = {steps for _, steps in costs.values()}
+    mean = sum(c for c, _ in costs.values()) / len(costs)
+    if len(lengths) > 1:
+        return f"- mean cost of {judged} over {', '.join(costs)}: {mean:.3f} (mixed run lengths: no target)"
+    limit = MEAN_COST_TARGET[PUBLISHED_STEPS if lengths == {PUBLISHED_STEPS} else "long"]
+    return (f"- mean cost of {judged} over {', '.join(costs)}: {mean:.3f} of full fine-tuning "
+            f"(target <= {limit}) -> {'MET' if mean <= limit else 'NOT MET'}")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,31 @@ def test_dynamic_verdict_judges_the_dynamic_rows_against_the_static_oracle(tmp_p
     resumed = dict(s["cells"][0], resumed_from_step=76)
     assert verdict.cell_probe_share(resumed)[1] is None
     assert verdict.cell_probe_share(dict(resumed, steps_s_total=400.0))[1] == pytest.approx(10.0 / 400.0)
+
+
+def test_dynamic_verdict_judges_another_controller_and_the_mean_cost(tmp_path, capsys, bench_module):
+    """--judged names the controller the targets are about, --probe-target its probe share,
+    and over several folders of one length the mean cost meets #24's target or not."""
+    verdict = bench_module("dynamic_verdict")
+    for name, cost, steps in (("a", 0.6, 120), ("b", 0.7, 120), ("c", 0.5, 360)):
+        cell = {"key": "dyn-salf-budget-s1", "selector": "dyn-salf-budget", "seed": 1, "quality": 0.9,
+                "cost": cost, "train_s": 100.0,
+                "dynamic": {"schedule": [[0, 0]], "probe": {"seconds": 1.0},
+                            "cost": {"probe_share_of_run": 0.008}}}
+        s = {"dataset": name, "metric": "accuracy", "full": {"quality": 0.9, "seeds": 1},
+             "settings": {"steps": steps}, "cells": [cell],
+             "oracle": {"noise": 0.01, "cheapest_safe_cut": 8, "cheapest_safe_cost": 0.8},
+             "pick_details": {"dyn-salf-budget": {"cut": 0, "dynamic": {"policy": "salf-budget"},
+                                                  "quality": 0.9, "cost": cost, "safe": True,
+                                                  "delta_vs_full": 0.0, "cost_vs_cheapest_safe": cost / 0.8}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(json.dumps(s))
+    args = [str(tmp_path / "a"), str(tmp_path / "b"), "--judged", "dyn-salf-budget", "--probe-target", "0.01"]
+    assert verdict.main(args) == 0
+    out = capsys.readouterr().out
+    assert "- dyn-salf-budget safe: True" in out and "(target <= 1%) -> MET" in out
+    assert "mean cost of dyn-salf-budget over a, b: 0.650 of full fine-tuning (target <= 0.7) -> MET" in out
+    assert verdict.main([*args[:2], str(tmp_path / "c"), *args[2:]]) == 0
+    assert "(mixed run lengths: no target)" in capsys.readouterr().out
+    assert verdict.main([str(tmp_path / "a")]) == 0
+    assert "- dyn-salf not measured yet" in capsys.readouterr().out
