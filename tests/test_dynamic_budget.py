@@ -239,3 +239,28 @@ def test_an_undone_move_trains_its_layers_again_and_resumes_bit_identical(tmp_pa
             [p["loss"] for p in whole["train"]["loss_curve"]]
         got = _weights(tmp_path / f"stop{stop}")
         assert all(torch.equal(reference[k], got[k]) for k in reference), stop
+
+
+def test_the_prefix_cache_follows_an_undone_move(tmp_path):
+    """--cache-prefix with a move and its undo: the cache is rebuilt at the cut it went back
+    to, and training is the one without the cache (over 2 epochs the cache replays)."""
+    from salf.dynamic import moving_cut
+    from salf.models.tiny import tiny_model, tiny_tokenizer
+    from salf.train import train
+    from test_dynamic import TASK, _rows, make_plan
+
+    results = {}
+    with _registry({"scripted": _move_then_undo}):
+        for cached in (False, True):
+            model = tiny_model("llama")
+            metrics = train(model, tiny_tokenizer(), TASK, _rows(24), [], make_plan(1), tmp_path / str(cached),
+                            epochs=2, batch_size=4, max_length=32, seed=0, progress=False,
+                            cache_prefix=cached, callbacks=[moving_cut(DynamicSettings(policy="scripted"))])
+            results[cached] = ([p["loss"] for p in metrics["train"]["loss_curve"]],
+                               {n: p.detach().clone() for n, p in model.named_parameters()}, metrics)
+    schedule = results[True][2]["dynamic"]["schedule"]
+    assert schedule == results[False][2]["dynamic"]["schedule"] == [[0, 1], [2, 2], [4, 1]]
+    assert results[True][2]["prefix_cache"]["eof"] == 1 and results[True][2]["prefix_cache"]["examples"] > 0
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
+    for name, p in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], p, atol=1e-5, rtol=1e-4)
