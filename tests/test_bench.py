@@ -154,3 +154,16 @@ def test_dynamic_verdict_judges_another_controller_and_the_mean_cost(tmp_path, c
     assert "(mixed run lengths: no target)" in capsys.readouterr().out
     assert verdict.main([str(tmp_path / "a")]) == 0
     assert "- dyn-salf not measured yet" in capsys.readouterr().out
+
+
+def test_budget_replay_reads_a_cells_curve(tmp_path, capsys, bench_module):
+    """bench/budget_replay.py: at each step asked, salf-budget's level, R and allowed share
+    on a recorded curve (more allowed late than early on a falling curve)."""
+    replay = bench_module("budget_replay")
+    curve = [6.0] + [0.3 + 0.5 * s ** -0.5 + 0.05 * ((s * 7) % 5 - 2) / 2 for s in range(2, 121)]
+    (tmp_path / "cell.json").write_text(json.dumps({"train_loss_curve": curve}))
+    assert replay.main([str(tmp_path / "cell.json"), "--steps", "4,24,96"]) == 0
+    out = capsys.readouterr().out
+    assert "step    4: 3 training losses, the law needs 8" in out
+    rows = replay.replay(curve, [24, 96], 0.05)
+    assert rows[0]["allowed"] < rows[1]["allowed"] and rows[1]["remaining"] < rows[0]["remaining"]
