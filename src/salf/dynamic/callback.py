@@ -23,6 +23,8 @@ for a dynamic run), since the layers a move freezes stay in the buckets built at
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +59,35 @@ def _lr_multipliers(lr_scheduler, total_steps: int) -> list[float] | None:
     return [float(lambdas[0](s)) for s in range(total_steps)]
 
 
+@dataclass
+class ControllerRecord:
+    """What the controller has seen and done: everything a checkpoint carries besides the
+    settings and the probe's stored read, round-tripped as JSON in one place."""
+
+    history: list[Check] = field(default_factory=list)
+    decisions: list[dict] = field(default_factory=list)
+    schedule: list[list[int]] = field(default_factory=list)    # [[step, eof], ...]
+    frozen_at: dict[str, dict] = field(default_factory=dict)   # tensor -> {"step", "digest", "group"}
+    intervals: dict[str, list] = field(default_factory=dict)   # tensor -> [[frozen, unfrozen], ...]
+    train_losses: list[list[float]] = field(default_factory=list)   # [step, clock, loss] per logged step
+    probe_reads: int = 0
+    probe_seconds: float = 0.0
+    probe_targets: int = 0
+    grad_sums: list[float] | None = None           # per layer, since the last check
+    last_cosines: list[list[float]] | None = None  # the last probe read's, per space
+
+    def to_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), history=[c.to_dict() for c in self.history])
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "ControllerRecord":
+        """A checkpoint's record; keys a later salf added default (older checkpoints)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        record = cls(**{k: v for k, v in state.items() if k in names and v is not None})
+        record.history = [Check(**c) for c in record.history]
+        return record
+
+
 class DynamicFreezeCallback(TrainerCallback):
     salf_key = "dynamic"     # its section of run.json, metrics.json and each checkpoint's state
     moves_cut = True         # freezes layers after DDP built its buckets (training_arguments)
@@ -70,19 +101,9 @@ class DynamicFreezeCallback(TrainerCallback):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.prefix_cache = prefix_cache
         self.log = log or _write_line
-        self.history: list[Check] = []
-        self.decisions: list[dict] = []
-        self.schedule: list[list[int]] = []
-        self.frozen_at: dict[str, dict] = {}     # tensor name -> {"step", "digest", "group"}
-        self.intervals: dict[str, list] = {}     # tensor name -> [[frozen, unfrozen], ...] (undone)
-        self.train_losses: list[list[float]] = []  # [step, clock, loss] of each logged step
+        self.record = ControllerRecord()
         self._wrap_eof: int | None = None        # the cut when this process's training began
         self._read_share = 0.0                   # one probe read's FLOPs / the run's (full)
-        self.probe_reads = 0
-        self.probe_seconds = 0.0
-        self.probe_targets = 0
-        self._grad_sums: list[float] | None = None
-        self._last_cosines: list[list[float]] | None = None   # the last probe read's, per space
         self._probe_state: dict | None = None                 # a checkpoint's, until its tensors come
         self._steps: list[int] = []
         self._multipliers: list[float] | None = None
@@ -90,6 +111,13 @@ class DynamicFreezeCallback(TrainerCallback):
         self.model = None          # set by attach(): what a resumed state re-cuts
         self.cost_settings: dict | None = None
         self.final_audit: dict | None = None
+
+    # what other code reads (salf.api.MovingCut, the tests)
+    history = property(lambda self: self.record.history)
+    decisions = property(lambda self: self.record.decisions)
+    schedule = property(lambda self: self.record.schedule)
+    frozen_at = property(lambda self: self.record.frozen_at)
+    probe_reads = property(lambda self: self.record.probe_reads)
 
     def attach(self, model, prefix_cache=None, cost_settings: dict | None = None) -> None:
         """The planned model (and its prefix cache) this callback moves; `cost_settings`
@@ -99,12 +127,7 @@ class DynamicFreezeCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"settings": self.settings.to_dict(), "history": [c.to_dict() for c in self.history],
-                "decisions": self.decisions, "schedule": self.schedule, "frozen_at": self.frozen_at,
-                "probe_reads": self.probe_reads, "probe_seconds": self.probe_seconds,
-                "probe_targets": self.probe_targets, "grad_sums": self._grad_sums,
-                "last_cosines": self._last_cosines, "intervals": self.intervals,
-                "train_losses": self.train_losses,
+        return {"settings": self.settings.to_dict(), **self.record.to_dict(),
                 "probe": self.probe.state_dict() if self.probe is not None else None}
 
     def tensor_state_dict(self) -> dict:
@@ -121,17 +144,7 @@ class DynamicFreezeCallback(TrainerCallback):
         if saved != self.settings:
             raise SalfError("--resume: the checkpoint's dynamic settings differ from this run's "
                             f"({saved.to_dict()} vs {self.settings.to_dict()})")
-        self.history = [Check(**c) for c in state["history"]]
-        self.decisions = list(state["decisions"])
-        self.schedule = [list(x) for x in state["schedule"]]
-        self.frozen_at = dict(state["frozen_at"])
-        self.probe_reads = int(state["probe_reads"])
-        self.probe_seconds = float(state["probe_seconds"])
-        self.probe_targets = int(state.get("probe_targets", 0))
-        self._grad_sums = state.get("grad_sums")
-        self._last_cosines = state.get("last_cosines")
-        self.intervals = {n: [list(i) for i in v] for n, v in state.get("intervals", {}).items()}
-        self.train_losses = [list(x) for x in state.get("train_losses", [])]
+        self.record = ControllerRecord.from_dict(state)
         self._probe_state = state.get("probe")     # its tensors follow: load_tensor_state_dict
         if self.model is not None:
             self.restore_cut(self.model)
@@ -139,14 +152,14 @@ class DynamicFreezeCallback(TrainerCallback):
     def restore_cut(self, model) -> None:
         """Re-apply the schedule's last cut to a freshly planned model (before its optimizer
         exists, so the optimizer is built over exactly the parameters that still train)."""
-        if self.schedule and self.schedule[-1][1] > freeze_state(model).eof:
-            move_cut(model, int(self.schedule[-1][1]))
+        if self.record.schedule and self.record.schedule[-1][1] > freeze_state(model).eof:
+            move_cut(model, int(self.record.schedule[-1][1]))
             if self.prefix_cache is not None:
-                self.prefix_cache.move_to(int(self.schedule[-1][1]))
+                self.prefix_cache.move_to(int(self.record.schedule[-1][1]))
 
     @property
     def current_eof(self) -> int:
-        return int(self.schedule[-1][1])
+        return int(self.record.schedule[-1][1])
 
     def run_settings(self) -> dict:
         """What a resumed run must share (run.json): the settings and the probe set."""
@@ -161,7 +174,7 @@ class DynamicFreezeCallback(TrainerCallback):
             raise SalfError("DynamicFreezeCallback needs a model with a plan applied "
                             "(salf.train.apply_plan) before the Trainer is built")
         L = anatomy(unwrap(model)).num_layers
-        max_eof = self.settings.deepest_cut(L, int(self.schedule[0][1]) if self.schedule else fs.eof)
+        max_eof = self.settings.deepest_cut(L, int(self.record.schedule[0][1]) if self.record.schedule else fs.eof)
         self._multipliers = (_lr_multipliers(lr_scheduler, total)
                              if self.settings.clock == "lr-area" else None) or [1.0] * total
         self._run = RunShape(num_layers=L, total_steps=total, total_progress=sum(self._multipliers),
@@ -170,41 +183,41 @@ class DynamicFreezeCallback(TrainerCallback):
         per_run = self.settings.law_checks if "train_loss" in self.settings.needs else self.settings.checks
         self._steps = check_steps(total, per_run)
         self._read_share = self._probe_read_share(args, total)
-        if not self.schedule:
-            self.schedule = [[0, fs.eof]]
+        if not self.record.schedule:
+            self.record.schedule = [[0, fs.eof]]
         self._wrap_eof = self.current_eof
-        if not self.history and "probe" in self.settings.needs:
-            self.history.append(self._measure(model, 0))
+        if not self.record.history and "probe" in self.settings.needs:
+            self.record.history.append(self._measure(model, 0))
             self._write_log()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "train_loss" in self.settings.needs and logs and "loss" in logs and self._run is not None:
             step = int(state.global_step)
-            if not self.train_losses or self.train_losses[-1][0] < step:
-                self.train_losses.append([step, self._run.clock(step), float(logs["loss"])])
+            if not self.record.train_losses or self.record.train_losses[-1][0] < step:
+                self.record.train_losses.append([step, self._run.clock(step), float(logs["loss"])])
                 self._run.train_losses = self._loss_view()
 
     def _loss_view(self) -> list[tuple[int, float, float]]:
-        return [(int(s), float(x), float(y)) for s, x, y in self.train_losses]
+        return [(int(s), float(x), float(y)) for s, x, y in self.record.train_losses]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if "grad_norms" not in self.settings.needs or model is None:
             return
         layers = anatomy(unwrap(model)).layers
-        sums = self._grad_sums or [0.0] * len(layers)
+        sums = self.record.grad_sums or [0.0] * len(layers)
         for i, layer in enumerate(layers):
             sums[i] += float(sum(p.grad.detach().abs().sum() for p in layer.parameters()
                                  if p.grad is not None))
-        self._grad_sums = sums
+        self.record.grad_sums = sums
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = int(state.global_step)
-        if step not in self._steps or any(c.step == step for c in self.history):
+        if step not in self._steps or any(c.step == step for c in self.record.history):
             return
         check = self._measure(model, step)
-        self.history.append(check)
+        self.record.history.append(check)
         # under DDP every rank probes its replica; rank 0's decision moves every rank's cut
-        decision = distributed.from_main(decide(self.settings, self.history, self._run))
+        decision = distributed.from_main(decide(self.settings, self.record.history, self._run))
         check.given_up = decision.details.get("given_up") if decision.eof > check.eof else None
         if decision.eof < check.eof and distributed.world_size() > 1 and decision.eof < self._wrap_eof:
             # DDP's buckets hold only what trained at the wrap: nothing below it can rejoin
@@ -215,7 +228,7 @@ class DynamicFreezeCallback(TrainerCallback):
             moved = self._move(model, optimizer, step, decision)
         elif decision.eof < check.eof:
             moved = self._move_back(model, optimizer, step, decision)
-        self.decisions.append({"step": step, "from": check.eof, "to": decision.eof,
+        self.record.decisions.append({"step": step, "from": check.eof, "to": decision.eof,
                                "reason": decision.reason, "details": decision.details, "move": moved})
         # a policy that checks often and reads the probe on demand prints what it read or did
         quiet = ("probe_on_demand" in self.settings.needs and check.deviation is None
@@ -226,21 +239,21 @@ class DynamicFreezeCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ measuring and moving
     def _measure(self, model, step: int) -> Check:
-        check = Check(step=step, eof=self.current_eof if self.schedule else freeze_state(model).eof,
+        check = Check(step=step, eof=self.current_eof if self.record.schedule else freeze_state(model).eof,
                       progress=sum(self._multipliers[:step]))
         if "probe" in self.settings.needs and self._probe_now(check):
             read = self.probe.read(model, cut=check.eof)
             check.deviation, check.loss = read["deviation"], read["loss"]
             check.probe_from_layer = read["from_layer"]
-            if self._last_cosines is not None:
+            if self.record.last_cosines is not None:
                 check.shift = [sum(abs(a - b) for a, b in zip(now, before)) / max(len(now), 1)
-                               for now, before in zip(read["cosines"], self._last_cosines)]
-            self._last_cosines = read["cosines"]
-            self.probe_reads += 1
-            self.probe_seconds += read["seconds"]
-            self.probe_targets = read["targets"]
+                               for now, before in zip(read["cosines"], self.record.last_cosines)]
+            self.record.last_cosines = read["cosines"]
+            self.record.probe_reads += 1
+            self.record.probe_seconds += read["seconds"]
+            self.record.probe_targets = read["targets"]
         if "grad_norms" in self.settings.needs:
-            check.grad_norms, self._grad_sums = self._grad_sums, None
+            check.grad_norms, self.record.grad_sums = self.record.grad_sums, None
         return check
 
     def _probe_now(self, check: Check) -> bool:
@@ -248,8 +261,8 @@ class DynamicFreezeCallback(TrainerCallback):
         step 0 (the baseline) and where the policy wants it, within the probe budget."""
         if "probe_on_demand" not in self.settings.needs or check.step == 0:
             return True
-        affordable = (self.probe_reads + 1) * self._read_share <= self.settings.probe_budget
-        return affordable and probe_wanted(self.settings, [*self.history, check], self._run)
+        affordable = (self.record.probe_reads + 1) * self._read_share <= self.settings.probe_budget
+        return affordable and probe_wanted(self.settings, [*self.record.history, check], self._run)
 
     def _cut_costs(self, num_layers: int) -> list[float]:
         """Per-step cost at each cut 0..L relative to full fine-tuning: the cost model's when
@@ -277,11 +290,11 @@ class DynamicFreezeCallback(TrainerCallback):
         report = move_cut(model, decision.eof, optimizer=optimizer)
         params = dict(model.named_parameters())
         for name in report["tensors"]:
-            self.frozen_at[name] = {"step": step, "digest": tensor_digest(params[name]),
+            self.record.frozen_at[name] = {"step": step, "digest": tensor_digest(params[name]),
                                     "group": report["groups"].get(name)}
         if self.prefix_cache is not None:
             self.prefix_cache.move_to(decision.eof)
-        self.schedule.append([step, decision.eof])
+        self.record.schedule.append([step, decision.eof])
         after = _memory(optimizer)
         return {"tensors": len(report["tensors"]), "params": report["params"],
                 "optimizer_state_bytes_freed": report["optimizer_state_bytes_freed"],
@@ -292,18 +305,18 @@ class DynamicFreezeCallback(TrainerCallback):
         unchanged over its frozen interval first (the audit's proof for that interval)."""
         params = dict(model.named_parameters())
         above = {id(p) for layer in anatomy(unwrap(model)).layers[decision.eof:] for p in layer.parameters()}
-        layers = {n for n in self.frozen_at if id(params[n]) in above}
-        changed = [n for n in layers if tensor_digest(params[n]) != self.frozen_at[n]["digest"]]
+        layers = {n for n in self.record.frozen_at if id(params[n]) in above}
+        changed = [n for n in layers if tensor_digest(params[n]) != self.record.frozen_at[n]["digest"]]
         if changed:
             raise SalfError("audit failed: tensors frozen during the run changed while frozen: "
                             + ", ".join(sorted(changed)[:3]))
-        report = move_cut_back(model, decision.eof, {n: self.frozen_at[n]["group"] for n in layers},
+        report = move_cut_back(model, decision.eof, {n: self.record.frozen_at[n]["group"] for n in layers},
                                optimizer=optimizer if optimizer is not None else None)
         for n in layers:
-            self.intervals.setdefault(n, []).append([self.frozen_at.pop(n)["step"], step])
+            self.record.intervals.setdefault(n, []).append([self.record.frozen_at.pop(n)["step"], step])
         if self.prefix_cache is not None:
             self.prefix_cache.move_to(decision.eof)
-        self.schedule.append([step, decision.eof])
+        self.record.schedule.append([step, decision.eof])
         return {"tensors": len(report["tensors"]), "params": report["params"], "undo": True}
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -317,10 +330,10 @@ class DynamicFreezeCallback(TrainerCallback):
     def audit(self, model) -> dict:
         """Every tensor frozen during the run is bit-identical to what it was when it froze."""
         params = dict(model.named_parameters())
-        changed = [n for n, rec in self.frozen_at.items() if tensor_digest(params[n]) != rec["digest"]]
-        return {"ok": not changed, "frozen_during_run": len(self.frozen_at), "changed": changed,
-                "frozen_at": {n: rec["step"] for n, rec in self.frozen_at.items()},
-                "undone_intervals": self.intervals}
+        changed = [n for n, rec in self.record.frozen_at.items() if tensor_digest(params[n]) != rec["digest"]]
+        return {"ok": not changed, "frozen_during_run": len(self.record.frozen_at), "changed": changed,
+                "frozen_at": {n: rec["step"] for n, rec in self.record.frozen_at.items()},
+                "undone_intervals": self.record.intervals}
 
     # ------------------------------------------------------------------ reporting
     def metrics_section(self) -> dict:
@@ -340,20 +353,20 @@ class DynamicFreezeCallback(TrainerCallback):
         c = dict(self.cost_settings)
         shape = c.pop("shape")
         probe_flops = 0.0
-        if self.probe_reads:
-            per_row = max(1, round(self.probe_targets / self.probe.rows))
+        if self.record.probe_reads:
+            per_row = max(1, round(self.record.probe_targets / self.probe.rows))
             probe_flops = sum(forward_flops(shape, c["seq_len"], self.probe.rows, head_positions=per_row,
                                             from_layer=check.probe_from_layer or 0)
-                              for check in self.history if check.deviation is not None)
-        return schedule_cost(shape, self.schedule, self._run.total_steps, probe_flops=probe_flops, **c)
+                              for check in self.record.history if check.deviation is not None)
+        return schedule_cost(shape, self.record.schedule, self._run.total_steps, probe_flops=probe_flops, **c)
 
     def report(self) -> dict:
-        return {"settings": self.settings.to_dict(), "schedule": self.schedule,
-                "checks": [c.to_dict() for c in self.history], "decisions": self.decisions,
-                "probe": {"reads": self.probe_reads, "seconds": self.probe_seconds,
+        return {"settings": self.settings.to_dict(), "schedule": self.record.schedule,
+                "checks": [c.to_dict() for c in self.record.history], "decisions": self.record.decisions,
+                "probe": {"reads": self.record.probe_reads, "seconds": self.record.probe_seconds,
                           "rows": getattr(self.probe, "rows", None),
                           "tokens": getattr(self.probe, "tokens", None),
-                          "targets": self.probe_targets}}
+                          "targets": self.record.probe_targets}}
 
     def _write_log(self) -> None:
         if self.out_dir is not None and distributed.is_main():
