@@ -282,3 +282,14 @@ def test_the_prefix_cache_follows_an_undone_move(tmp_path):
     assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
     for name, p in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], p, atol=1e-5, rtol=1e-4)
+
+
+def test_probe_reads_are_spread_over_the_run():
+    """A read right after another is not wanted: READ_GAP of the run must pass (the step-0
+    baseline does not count)."""
+    run = _run(120, _losses(80))
+    base = _read(0, 0, [0.0] * (L + 1))
+    assert probe_wanted(SETTINGS, [base, Check(step=30, eof=0, progress=30.0)], run)
+    read = _read(48, 0, SHARES)
+    assert not probe_wanted(SETTINGS, [base, read, Check(step=51, eof=0, progress=51.0)], run)
+    assert probe_wanted(SETTINGS, [base, read, Check(step=72, eof=0, progress=72.0)], run)

@@ -44,6 +44,7 @@ GUARD_Z = 3.0            # standard errors of the loss's rise after a move befor
 RATE_Z = 1.0             # standard errors added to the improvement rate (R is an upper bound)
 GUARD_MIN_STEPS = 8      # losses since the move the guard needs before it judges
 READ_SHARE = 0.05        # the least share ρ the budget must allow before a probe read is worth it
+READ_GAP = 0.2           # the least share of the run between two probe reads after step 0
 MIN_LAW_SHARE = 0.05     # the law is fitted once this share of the run (and >= 8 steps) has losses
 TRANSIENT = 2.0          # leading losses above this x the median so far: the label format, not the law
 
@@ -115,9 +116,15 @@ def ceiling(history: list[Check], run: RunShape) -> int:
 
 def probe_wanted(settings, history: list[Check], run: RunShape) -> bool:
     """Whether this check should read the probe: the law is ready, the budget allows a share
-    of at least READ_SHARE, and the cut can still go deeper."""
+    of at least READ_SHARE, the cut can still go deeper, and READ_GAP of the run has passed
+    since the last read (two reads a few steps apart measure a move too small to read and
+    spend the probe budget: rotten-tomatoes at badba6a read at steps 48 and 51, then had
+    none left for the allowance of 0.2-1.5 after step 100)."""
     now = history[-1]
     if now.eof >= ceiling(history, run):
+        return False
+    last = max((c.step for c in history[:-1] if c.deviation is not None), default=None)
+    if last is not None and last > 0 and now.step - last < READ_GAP * run.total_steps:
         return False
     law = training_law(run, now.step)
     return "ready" in law and share_allowed(settings, history, law) >= READ_SHARE
