@@ -28,6 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from salf.config import TrainConfig
 from salf.cost import ModelShape, cost_curve
 from salf.data import load_dataset_spec
 from salf.models import anatomy, load_model
@@ -83,9 +84,9 @@ def main(argv=None) -> int:
                            head="frozen", include_full=True)
         work = Path(tempfile.mkdtemp(prefix="salf-probe-"))
         t0 = time.perf_counter()
-        m = run_training(args.model, ds, plan, work, loaded=(model, tok, info), eval_samples=0,
-                         seed=args.seed, progress=False, max_steps=args.steps,
-                         batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+        config = TrainConfig(seed=args.seed, progress=False, max_steps=args.steps,
+                             batch_size=args.batch_size, max_length=args.max_length, lr=args.lr)
+        m = run_training(args.model, ds, plan, work, config, loaded=(model, tok, info), eval_samples=0,
                          callbacks=[StopAfter(args.probe_steps)])
         wall = time.perf_counter() - t0
         shutil.rmtree(work, ignore_errors=True)

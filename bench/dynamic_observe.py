@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from salf.config import TrainConfig
 from salf.cost import ModelShape
 from salf.data import load_dataset_spec
 from salf.dynamic import DynamicFreezeCallback, DynamicSettings, Probe, probe_rows
@@ -52,9 +53,9 @@ def main(argv=None) -> int:
     plan = FreezePlan.manual(args.eof, anat.num_layers, model=dict(info.to_dict(), tied=anat.tied))
     work = Path(tempfile.mkdtemp(prefix="salf-observe-"))
     t0 = time.perf_counter()
-    metrics = train(model, tok, ds.task, splits["train"], [], plan, work, seed=args.seed, progress=False,
-                    max_steps=args.steps, batch_size=16, max_length=96, lr=5e-5,
-                    base_spec="smollm2-135m", callbacks=[callback])
+    config = TrainConfig(seed=args.seed, progress=False, max_steps=args.steps, batch_size=16,
+                         max_length=96, lr=5e-5, base_spec="smollm2-135m")
+    metrics = train(model, tok, ds.task, splits["train"], plan, work, config, callbacks=[callback])
     train_s = time.perf_counter() - t0
     quality = evaluate(model, tok, ds.task, ds.splits["test"][:1000], batch_size=32, max_length=96)
     shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,7 @@ checked: exactly one line, starting `salf: error:`, and no traceback.
 """
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from datafiles import reviews_csv as _csv
 
 from salf import commands
-from salf.cli import CLI_HEADS, REPORT_TO, build_parser, main
+from salf.cli import CLI_HEADS, build_parser, main
 from salf.defaults import (DEFAULT_ANALYSIS_SAMPLES, DEFAULT_FINETUNE_STEPS,
                            DEFAULT_SAVE_TOTAL_LIMIT)
 
@@ -101,23 +102,44 @@ def test_help_states_the_defaults_the_code_uses():
 def test_save_steps_default_follows_max_steps():
     parser = build_parser()
     base = ["train", "--model", "m", "--dataset", "d", "--full", "--out", "o"]
-    assert commands._train_kwargs(parser.parse_args(base))["save_steps"] == 200
-    assert commands._train_kwargs(parser.parse_args(base + ["--max-steps", "30"]))["save_steps"] == 10
-    assert commands._train_kwargs(parser.parse_args(base + ["--max-steps", "500"]))["save_steps"] == 50
-    assert commands._train_kwargs(parser.parse_args(base + ["--save-steps", "7"]))["save_steps"] == 7
+    assert commands.train_config(parser.parse_args(base)).save_steps == 200
+    assert commands.train_config(parser.parse_args(base + ["--max-steps", "30"])).save_steps == 10
+    assert commands.train_config(parser.parse_args(base + ["--max-steps", "500"])).save_steps == 50
+    assert commands.train_config(parser.parse_args(base + ["--save-steps", "7"])).save_steps == 7
 
 
 def test_report_to_offers_what_training_accepts():
-    from salf.train.loop import REPORT_TO as ACCEPTED
+    from salf.config import TrainConfig
 
-    assert set(REPORT_TO) == set(ACCEPTED)
+    accepted = {f.name: f for f in dataclasses.fields(TrainConfig)}["report_to"].metadata["choices"]
+    train = dict(_parsers(build_parser()))["salf train"]
+    offered = next(a.choices for a in train._actions if a.dest == "report_to")
+    assert set(offered) == set(accepted) == {"none", "tensorboard", "csv"}
+
+
+def test_training_flags_come_from_train_config():
+    """Every TrainConfig field with a flag is an option of train and finetune, with the field's
+    help and the CLI's default; what the flags give back is a TrainConfig."""
+    from salf.config import TrainConfig
+
+    parsers = dict(_parsers(build_parser()))
+    for verb in ("salf train", "salf finetune"):
+        actions = {a.dest: a for a in parsers[verb]._actions}
+        for f in TrainConfig.cli_fields():
+            assert f.name in actions, (verb, f.name)
+            assert actions[f.name].help == f.metadata["help"] or f.name in ("max_steps", "save_steps")
+    args = build_parser().parse_args(["train", "--model", "m", "--dataset", "d", "--full", "--out", "o",
+                                      "--loss", "lm", "--bf16", "--grad-accum", "3"])
+    config = commands.train_config(args)
+    assert (config.loss, config.bf16, config.grad_accum, config.batch_size, config.max_length,
+            config.epochs) == ("lm", True, 3, 16, 96, 1.0)
 
 
 def test_new_training_flags_reach_the_library():
     args = build_parser().parse_args(["finetune", "--model", "m", "--dataset", "d", "--out", "o",
                                       "--save-total-limit", "3", "--report-to", "csv"])
-    kwargs = commands._train_kwargs(args)
-    assert kwargs["save_total_limit"] == 3 and kwargs["report_to"] == "csv"
+    config = commands.train_config(args)
+    assert config.save_total_limit == 3 and config.report_to == "csv"
 
 
 def test_models_list_names_every_tiny_model(capsys):

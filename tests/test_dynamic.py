@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from salf.config import TrainConfig
 from salf.cost import ModelShape, forward_flops
 from salf.data import ClassificationTask, collate, encode, pad_token_id
 from salf.dynamic import (DynamicFreezeCallback, DynamicSettings, Probe, check_steps, moving_cut,
@@ -197,9 +198,10 @@ def run_dynamic(out, resume=False, callbacks=None):
     torch.set_num_threads(1)
     try:
         tok = tiny_tokenizer()
-        return train(tiny_model("gpt2"), tok, TASK, _rows(24), [], make_plan(0), out, max_steps=8,
-                     lr=1e-2, batch_size=4, max_length=32, save_steps=2, resume=resume, seed=0,
-                     progress=False, callbacks=[*(callbacks or []), moving_cut(
+        return train(tiny_model("gpt2"), tok, TASK, (_rows(24), []), make_plan(0), out,
+                     TrainConfig(max_steps=8, lr=1e-2, batch_size=4, max_length=32, save_steps=2, resume=resume,
+                                 seed=0, progress=False),
+                     callbacks=[*(callbacks or []), moving_cut(
                          DynamicSettings(policy="linear", start=0.0, checks=4), out_dir=out)])
     finally:
         torch.set_num_threads(threads)
@@ -277,9 +279,10 @@ def test_the_prefix_cache_follows_a_moving_cut(tmp_path):
     results = {}
     for cached in (False, True):
         model = tiny_model("llama")
-        metrics = train(model, tok, TASK, _rows(24), [], make_plan(1), tmp_path / str(cached),
-                        epochs=2, batch_size=4, max_length=32, seed=0, progress=False,
-                        cache_prefix=cached, callbacks=[moving_cut(
+        metrics = train(model, tok, TASK, (_rows(24), []), make_plan(1), tmp_path / str(cached),
+                        TrainConfig(epochs=2, batch_size=4, max_length=32, seed=0, progress=False,
+                                    cache_prefix=cached),
+                        callbacks=[moving_cut(
                             DynamicSettings(policy="linear", start=0.0, checks=4))])
         results[cached] = ([p["loss"] for p in metrics["train"]["loss_curve"]],
                            {n: p.detach().clone() for n, p in model.named_parameters()},

@@ -14,6 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from salf.choices import DYNAMIC_POLICIES, Registry
+from salf.config import TrainConfig
 from salf.dynamic import Check, DynamicSettings, RunShape, decide
 from salf.dynamic.budget import ceiling, guard, probe_wanted, training_law
 from salf.errors import SalfError
@@ -212,9 +213,10 @@ def _train(out, resume=False, callbacks=()):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(tiny_model("llama"), tiny_tokenizer(), TASK, _rows(24), [], make_plan(0), out,
-                     max_steps=8, lr=1e-2, batch_size=4, max_length=32, save_steps=2, resume=resume,
-                     seed=0, progress=False, callbacks=[*callbacks, moving_cut(
+        return train(tiny_model("llama"), tiny_tokenizer(), TASK, (_rows(24), []), make_plan(0), out,
+                     TrainConfig(max_steps=8, lr=1e-2, batch_size=4, max_length=32, save_steps=2, resume=resume,
+                                 seed=0, progress=False),
+                     callbacks=[*callbacks, moving_cut(
                          DynamicSettings(policy="scripted", checks=8), out_dir=out)])
     finally:
         torch.set_num_threads(threads)
@@ -271,9 +273,10 @@ def test_the_prefix_cache_follows_an_undone_move(tmp_path):
     with _registry({"scripted": _move_then_undo}):
         for cached in (False, True):
             model = tiny_model("llama")
-            metrics = train(model, tiny_tokenizer(), TASK, _rows(24), [], make_plan(1), tmp_path / str(cached),
-                            epochs=2, batch_size=4, max_length=32, seed=0, progress=False,
-                            cache_prefix=cached, callbacks=[moving_cut(DynamicSettings(policy="scripted"))])
+            metrics = train(model, tiny_tokenizer(), TASK, (_rows(24), []), make_plan(1), tmp_path / str(cached),
+                            TrainConfig(epochs=2, batch_size=4, max_length=32, seed=0, progress=False,
+                                        cache_prefix=cached),
+                            callbacks=[moving_cut(DynamicSettings(policy="scripted"))])
             results[cached] = ([p["loss"] for p in metrics["train"]["loss_curve"]],
                                {n: p.detach().clone() for n, p in model.named_parameters()}, metrics)
     schedule = results[True][2]["dynamic"]["schedule"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from datafiles import reviews_csv
 
+from salf.config import TrainConfig
 from salf.data import ClassificationTask
 from salf.errors import SalfError
 from salf.models.tiny import tiny_model, tiny_tokenizer
@@ -240,9 +241,9 @@ def _cache_run(out, resume=False):
     rows = [{"text": f"{'good' if i % 2 else 'bad'} film {'!' * (i % 5)}",
              "label": "pos" if i % 2 else "neg"} for i in range(24)]
     model = tiny_model("llama")
-    metrics = train(model, tiny_tokenizer(), TASK, rows, [], FreezePlan.manual(2, 4), out,
-                    max_steps=12, batch_size=4, max_length=32, lr=1e-2, save_steps=4, seed=0,
-                    progress=False, cache_prefix=True, resume=resume)
+    metrics = train(model, tiny_tokenizer(), TASK, (rows, []), FreezePlan.manual(2, 4), out,
+                    TrainConfig(max_steps=12, batch_size=4, max_length=32, lr=1e-2, save_steps=4, seed=0,
+                                progress=False, cache_prefix=True, resume=resume))
     return metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 

@@ -15,6 +15,7 @@ from test_train import (CKPT_RUN, RELOAD_RTOL, TASK, _ckpt_run, _copy_without_fi
                         make_plan, rows)
 from transformers import TrainerCallback
 
+from salf.config import TrainConfig
 from salf.dynamic import DynamicSettings, moving_cut
 from salf.errors import SalfError
 from salf.io import disk_full_is_an_error
@@ -119,11 +120,11 @@ def test_resume_without_run_json_is_refused_in_one_line(tmp_path, capsys):
 
 def _dynamic_run(out, resume=False):
     """A dynamic run whose probe keeps tensors (salf_tensors.safetensors in each checkpoint)."""
-    return train(tiny_model("llama"), tiny_tokenizer(), TASK, rows(), rows(4), make_plan(1), out,
-                 resume=resume, callbacks=[moving_cut(DynamicSettings(policy="static", checks=2), TASK,
+    return train(tiny_model("llama"), tiny_tokenizer(), TASK, (rows(), rows(4)), make_plan(1), out,
+                 TrainConfig(resume=resume, **CKPT_RUN),
+                 callbacks=[moving_cut(DynamicSettings(policy="static", checks=2), TASK,
                                                       tiny_tokenizer(), rows(4), out_dir=out,
-                                                      max_length=CKPT_RUN["max_length"])],
-                 **CKPT_RUN)
+                                                      max_length=CKPT_RUN["max_length"])])
 
 
 @pytest.fixture(scope="module")

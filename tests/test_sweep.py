@@ -254,7 +254,7 @@ def test_parallel_cells_match_sequential_ones(tmp_path):
 def test_parallel_cells_keep_finished_work_when_one_fails(tmp_path, monkeypatch):
     import time
 
-    import salf.sweep as sweep
+    import salf.sweep.runner as sweep
 
     started, kept = [], []
 

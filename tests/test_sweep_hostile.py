@@ -38,7 +38,7 @@ def test_a_sweep_under_a_launcher_is_refused(tmp_path, monkeypatch, broken_model
 
 
 def test_a_cell_runs_without_the_launchers_variables(tmp_path, monkeypatch):
-    import salf.sweep as sweep
+    import salf.sweep.runner as sweep
 
     launcher = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                 "GROUP_RANK": "0", "ROLE_RANK": "1", "MASTER_ADDR": "10.0.0.1",
@@ -84,7 +84,7 @@ def test_seeds_and_selectors_are_checked_before_any_model_loads(tmp_path, broken
 def test_the_seed_range_ends_where_set_seed_s_does():
     import numpy as np
 
-    from salf.checks import MAX_SEED
+    from salf.config import MAX_SEED
     from salf.sweep import check_sweep_arguments
 
     args = build_parser().parse_args(["sweep", "--model", "m", "--dataset", "d", "--out", "o",

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from salf.config import TrainConfig
 from salf.data import ClassificationTask, SFTTask
 from salf.errors import SalfError
 from salf.models.anatomy import anatomy
@@ -51,8 +52,8 @@ def test_training_reduces_loss_and_keeps_frozen_weights(tmp_path):
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
                      if not n.startswith(("model.layers.2", "model.layers.3", "model.norm"))}
     before = evaluate(model, tok, TASK, rows(8), batch_size=8, max_length=32)
-    metrics = train(model, tok, TASK, rows(), rows(8), make_plan(2), tmp_path, max_steps=12, lr=5e-3,
-                    eval_steps=6, **COMMON)
+    metrics = train(model, tok, TASK, (rows(), rows(8)), make_plan(2), tmp_path,
+                    TrainConfig(max_steps=12, lr=5e-3, eval_steps=6, **COMMON))
     after = metrics["eval"]
     assert after["loss"] < before["loss"] - 0.1
     assert after["label_loss"] < before["label_loss"]
@@ -102,8 +103,8 @@ def test_lora_adapter_round_trip(tmp_path):
     from peft import PeftModel
 
     tok = tiny_tokenizer()
-    metrics = train(tiny_model("llama"), tok, TASK, rows(), rows(8), make_plan(2), tmp_path,
-                    lora=LoraSettings(r=4), max_steps=6, lr=1e-2, **COMMON)
+    metrics = train(tiny_model("llama"), tok, TASK, (rows(), rows(8)), make_plan(2), tmp_path,
+                    TrainConfig(lora=LoraSettings(r=4), max_steps=6, lr=1e-2, **COMMON))
     final = tmp_path / "final"
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
     assert json.loads((final / "salf.json").read_text())["base"] == "tiny-llama"
@@ -120,8 +121,8 @@ def test_untied_copy_head_trains_and_reloads_separately(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_model("qwen2")                     # tied embeddings
     emb = model.get_input_embeddings().weight.detach().clone()
-    metrics = train(model, tok, TASK, rows(), rows(8), make_plan(3, head="untied-copy"), tmp_path,
-                    max_steps=4, lr=1e-2, **COMMON)
+    metrics = train(model, tok, TASK, (rows(), rows(8)), make_plan(3, head="untied-copy"), tmp_path,
+                    TrainConfig(max_steps=4, lr=1e-2, **COMMON))
     anat = anatomy(model)
     assert torch.equal(model.get_input_embeddings().weight, emb)       # embedding untouched
     assert not torch.equal(anat.head.weight, emb)                       # head copy trained
@@ -138,12 +139,12 @@ def test_sft_and_lm_losses(tmp_path):
     task = SFTTask("Question: {prompt} Answer:")
     sft_rows = [{"prompt": "How are you?", "response": "I am fine, thank you."}] * 16
     before = evaluate(tiny_model("gpt2"), tok, task, sft_rows[:4], 4, 32)
-    metrics = train(tiny_model("gpt2"), tok, task, sft_rows, sft_rows[:4], make_plan(1), tmp_path / "a",
-                    max_steps=8, lr=1e-2, gradient_checkpointing=True, **COMMON)
+    metrics = train(tiny_model("gpt2"), tok, task, (sft_rows, sft_rows[:4]), make_plan(1), tmp_path / "a",
+                    TrainConfig(max_steps=8, lr=1e-2, gradient_checkpointing=True, **COMMON))
     assert metrics["eval"]["loss"] < before["loss"] - 0.5
     assert metrics["eval"]["perplexity"] == pytest.approx(2.718281828 ** metrics["eval"]["loss"], rel=1e-6)
-    lm = train(tiny_model("llama"), tok, TASK, rows(8), rows(4), make_plan(2), tmp_path / "b",
-               max_steps=2, loss="lm", **COMMON)
+    lm = train(tiny_model("llama"), tok, TASK, (rows(8), rows(4)), make_plan(2), tmp_path / "b",
+               TrainConfig(max_steps=2, loss="lm", **COMMON))
     assert lm["loss_kind"] == "lm" and lm["audit"]["ok"]
 
 
@@ -201,9 +202,9 @@ def run_resumable(out, resume=False, callbacks=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(tiny_model("gpt2"), tiny_tokenizer(), TASK, rows(), rows(8), make_plan(1), out,
-                     max_steps=8, lr=1e-2, eval_steps=3, save_steps=2, resume=resume,
-                     callbacks=callbacks, **COMMON)
+        return train(tiny_model("gpt2"), tiny_tokenizer(), TASK, (rows(), rows(8)), make_plan(1), out,
+                     TrainConfig(max_steps=8, lr=1e-2, eval_steps=3, save_steps=2, resume=resume, **COMMON),
+                     callbacks=callbacks)
     finally:
         torch.set_num_threads(threads)
 
@@ -307,8 +308,8 @@ def test_callback_applies_a_plan_inside_a_plain_trainer(tmp_path):
 def test_bf16_final_eval_is_what_the_saved_model_gives(tmp_path):
     """Mixed precision wraps the forward in autocast; the final evaluation must not keep it."""
     tok = tiny_tokenizer()
-    metrics = train(tiny_model("llama"), tok, TASK, rows(8), rows(8), make_plan(2), tmp_path,
-                    max_steps=2, bf16=True, **COMMON)
+    metrics = train(tiny_model("llama"), tok, TASK, (rows(8), rows(8)), make_plan(2), tmp_path,
+                    TrainConfig(max_steps=2, bf16=True, **COMMON))
     reloaded, _ = load_trained(tmp_path / "final")
     # bf16 autocast left on moves the loss by ~1e-2; a reload runs other kernels (~1e-7)
     assert evaluate(reloaded, tok, TASK, rows(8), 4, 32) == pytest.approx(metrics["eval"], rel=RELOAD_RTOL)
@@ -340,8 +341,8 @@ def test_prefix_cache_trains_the_same_model(tmp_path, family):
         calls = []
         real_forward = layers[0].forward
         layers[0].forward = lambda *a, **k: (calls.append(1), real_forward(*a, **k))[1]
-        metrics = train(model, tiny_tokenizer(), task, rows, [], plan, tmp_path / f"{family}-{cached}",
-                        epochs=2, batch_size=4, progress=False, cache_prefix=cached)
+        metrics = train(model, tiny_tokenizer(), task, (rows, []), plan, tmp_path / f"{family}-{cached}",
+                        TrainConfig(epochs=2, batch_size=4, progress=False, cache_prefix=cached))
         results[cached] = ([p["loss"] for p in metrics["train"]["loss_curve"]],
                            {n: p.detach().clone() for n, p in model.named_parameters()})
         if cached:
@@ -357,9 +358,9 @@ def test_prefix_cache_trains_the_same_model(tmp_path, family):
 # ---------------------------------------------------------------------------- console output, logs
 
 def test_training_prints_a_bar_and_logs_every_step(tmp_path, capfd):
-    metrics = train(tiny_model("llama"), tiny_tokenizer(), TASK, rows(), rows(4), make_plan(2), tmp_path,
-                    max_steps=4, lr=1e-2, eval_steps=2, save_steps=1, report_to="csv",
-                    **{**COMMON, "progress": True})
+    metrics = train(tiny_model("llama"), tiny_tokenizer(), TASK, (rows(), rows(4)), make_plan(2), tmp_path,
+                    TrainConfig(max_steps=4, lr=1e-2, eval_steps=2, save_steps=1, report_to="csv",
+                                **{**COMMON, "progress": True}))
     out, err = capfd.readouterr()
     assert out == ""
     assert "train: 100%" in err and "s/step" in err and "loss" in err
@@ -398,8 +399,8 @@ CKPT_RUN = dict(max_steps=4, lr=1e-2, save_steps=2, **COMMON)
 
 
 def _ckpt_run(out, resume=False, callbacks=None):
-    return train(tiny_model("llama"), tiny_tokenizer(), TASK, rows(), rows(4), make_plan(2), out,
-                 resume=resume, callbacks=callbacks, **CKPT_RUN)
+    return train(tiny_model("llama"), tiny_tokenizer(), TASK, (rows(), rows(4)), make_plan(2), out,
+                 TrainConfig(resume=resume, **CKPT_RUN), callbacks=callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -489,8 +490,8 @@ def test_resume_with_a_corrupt_run_json_is_one_clear_error(tmp_path, checkpointe
 def test_resume_with_other_settings_names_them(tmp_path, checkpointed):
     out = _copy_without_final(checkpointed, tmp_path / "run")
     with pytest.raises(SalfError, match=r"--resume: .*other settings: lr 0\.01 \(now 0\.02\)"):
-        train(tiny_model("llama"), tiny_tokenizer(), TASK, rows(), rows(4), make_plan(2), out,
-              resume=True, **{**CKPT_RUN, "lr": 2e-2})
+        train(tiny_model("llama"), tiny_tokenizer(), TASK, (rows(), rows(4)), make_plan(2), out,
+              TrainConfig(resume=True, **{**CKPT_RUN, "lr": 2e-2}))
 
 
 def test_cli_resume_from_a_damaged_run_is_one_line(tmp_path, capsys):

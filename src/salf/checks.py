@@ -11,21 +11,23 @@ import math
 import re
 from pathlib import Path
 
-from .defaults import check_report_to
+from .config import TrainConfig
+from .defaults import default_save_steps
 from .errors import SalfError
 from .io import ensure_out_dir, ensure_parent_dir
 
-# Smallest accepted value of each integer option (argparse dest); unset (None) is fine.
-AT_LEAST = {"samples": 1, "max_targets": 1, "batch_size": 1, "max_length": 2, "max_steps": 1,
-            "grad_accum": 1, "train_samples": 1, "eval_samples": 0, "eval_steps": 1,
-            "save_steps": 1, "save_total_limit": 1, "test_samples": 1, "budget_steps": 1,
-            "jobs": 1, "cell_timeout": 1, "lora_r": 1, "lora_alpha": 1, "freeze_below": 0,
-            "seed": 0}
-# Largest accepted value; a seed must fit numpy's 32-bit generator, which transformers seeds.
-MAX_SEED = 2**32 - 1
-AT_MOST = {"seed": MAX_SEED}
+# The bounds of every option (argparse dest); unset (None) is fine. The training options'
+# are TrainConfig's (salf.config), so `salf analyze/sweep --batch-size` obey the same ones.
+_TRAIN_BOUNDS = TrainConfig.bounds()
+# Smallest accepted value of each integer option.
+AT_LEAST = {**{name: b["at_least"] for name, b in _TRAIN_BOUNDS.items() if "at_least" in b},
+            "samples": 1, "max_targets": 1, "train_samples": 1, "eval_samples": 0,
+            "test_samples": 1, "budget_steps": 1, "jobs": 1, "cell_timeout": 1, "lora_r": 1,
+            "lora_alpha": 1, "freeze_below": 0}
+# Largest accepted value (a seed must fit numpy's 32-bit generator, which transformers seeds).
+AT_MOST = {name: b["at_most"] for name, b in _TRAIN_BOUNDS.items() if "at_most" in b}
 # Options that must be a finite number above 0.
-ABOVE_ZERO = ("epochs", "lr")
+ABOVE_ZERO = tuple(name for name, b in _TRAIN_BOUNDS.items() if b.get("above_zero"))
 
 
 def flag(dest: str) -> str:
@@ -240,15 +242,22 @@ def check_deepest_cut(settings, start_eof: int | None) -> None:
                         f"got {settings.max_eof}")
 
 
+def train_config_of(args, lora=None):
+    """The TrainConfig of train's and finetune's flags (`lora`: their LoraSettings, built by
+    salf.commands); checked when made, its ConfigError names the field (salf.commands names
+    the flag). Without --save-steps, a tenth of --max-steps (default_save_steps)."""
+    given = {f.name: getattr(args, f.name) for f in TrainConfig.cli_fields() if hasattr(args, f.name)}
+    given["save_steps"] = args.save_steps or default_save_steps(args.max_steps)
+    return TrainConfig(**given, lora=lora,
+                       allow_different_weights=getattr(args, "allow_different_weights", False))
+
+
 def check_training_flags(args) -> None:
-    """What train and finetune refuse from their flags alone (the library repeats these for
-    callers that skip the CLI, after the model loads)."""
-    check_report_to(args.report_to)
+    """What train and finetune refuse from their flags alone: the TrainConfig they make, and
+    --cache-prefix with --full (the library refuses it when the plan is applied)."""
+    train_config_of(args)
     if args.cache_prefix and getattr(args, "full", False):
         raise SalfError("--cache-prefix needs a cut: full fine-tuning has no frozen prefix")
-    if args.cache_prefix and args.loss == "lm":
-        raise SalfError("--cache-prefix supports the label/SFT loss, not the full-sequence "
-                        "'lm' loss (its extra label token has no cached state)")
 
 
 def check_train(args) -> None:

@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
 from .choices import CUT_POLICIES
-from .defaults import (DEFAULT_ANALYSIS_SAMPLES, DEFAULT_FINETUNE_STEPS, DEFAULT_POLICY,
-                       DEFAULT_SAVE_TOTAL_LIMIT, REPORT_TO, default_save_steps)
+from .config import TrainConfig, flag_of
+from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_FINETUNE_STEPS, DEFAULT_POLICY, default_save_steps
 from .errors import SalfError
 from .plan import HEADS
 
@@ -129,51 +129,20 @@ def _add_analysis_args(p: argparse.ArgumentParser):
 
 
 def _add_train_args(p: argparse.ArgumentParser, max_steps: int | None):
-    """Training options; `max_steps` is the verb's default for --max-steps (None: --epochs)."""
+    """Training options; `max_steps` is the verb's default for --max-steps (None: --epochs).
+    The TrainConfig ones are generated from its fields (salf.config): flag, help, choices
+    and the CLI's default come from there, and checks.train_config_of reads them back."""
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=1.0,
-                   help="epochs (default %(default)s; --max-steps overrides)")
-    g.add_argument("--max-steps", type=int, default=max_steps, metavar="N",
-                   help="stop after N optimizer steps (default "
-                        + (f"{max_steps})" if max_steps else "none: --epochs decides)"))
-    g.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default 2e-4 with LoRA, 5e-5 otherwise)")
-    g.add_argument("--batch-size", type=int, default=16,
-                   help="per-device batch (default %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=1,
-                   help="gradient accumulation steps (default %(default)s)")
-    g.add_argument("--max-length", type=int, default=96,
-                   help="tokens per example (default %(default)s)")
+    steps_default = (f"{max_steps})" if max_steps else "none: --epochs decides)")
+    helps = {"max_steps": f"stop after N optimizer steps (default {steps_default}",
+             "save_steps": "checkpoint every N steps (default: a tenth of --max-steps, at least "
+                           f"{default_save_steps(1)}; {default_save_steps(None)} when --epochs decides)"}
+    add_config_options(g, TrainConfig, defaults={"max_steps": max_steps}, helps=helps)
     g.add_argument("--train-samples", type=int, default=None, metavar="N",
                    help="use only N training rows, a seeded sample (default: all)")
     g.add_argument("--eval-samples", type=int, default=500, metavar="N",
                    help="validation rows evaluated during and after training (default "
                         "%(default)s; 0: none)")
-    g.add_argument("--eval-steps", type=int, default=None, metavar="N",
-                   help="evaluate every N steps (default: once, after training)")
-    g.add_argument("--save-steps", type=int, default=None, metavar="N",
-                   help="checkpoint every N steps (default: a tenth of --max-steps, at least "
-                        f"{default_save_steps(1)}; {default_save_steps(None)} when --epochs decides)")
-    g.add_argument("--save-total-limit", type=int, default=DEFAULT_SAVE_TOTAL_LIMIT, metavar="N",
-                   help="keep only the newest N checkpoints (default %(default)s)")
-    g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations of the trainable layers (never the frozen ones)")
-    g.add_argument("--cache-prefix", action="store_true",
-                   help="run the frozen prefix once per training example and replay it in later "
-                        "epochs (needs a cut; pays off with --epochs > 1; memory: tokens x "
-                        "hidden x 4 bytes)")
-    g.add_argument("--loss", choices=["label", "lm"], default="label",
-                   help="classification loss: label token only, or full-sequence LM (default "
-                        "%(default)s)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of the data order, LoRA's initial weights and the row samples "
-                        "(default %(default)s)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the last complete checkpoint in --out")
-    g.add_argument("--report-to", choices=REPORT_TO, default="none",
-                   help="per-step numbers also to TensorBoard or a CSV file in --out "
-                        "(default %(default)s)")
     _add_dynamic_args(p)
     lora = p.add_argument_group("LoRA (on the trainable layers only)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of weights")
@@ -184,6 +153,24 @@ def _add_train_args(p: argparse.ArgumentParser, max_steps: int | None):
                       help="dropout on the LoRA input (default %(default)s)")
     lora.add_argument("--lora-targets", default=None,
                       help="comma-separated module names (default: every attention/MLP projection)")
+
+
+def add_config_options(g, config_cls, defaults: dict | None = None, helps: dict | None = None) -> None:
+    """One option per field of `config_cls` with a flag in its metadata (salf.config.option):
+    bool fields are switches, int/float/str fields take a value (str ones among `choices`);
+    the default is the verb's (`defaults`), else the field's `cli_default`, else its own."""
+    defaults, helps = defaults or {}, helps or {}
+    for f in config_cls.cli_fields():
+        meta = f.metadata
+        default = defaults.get(f.name, meta.get("cli_default", f.default))
+        kind = str(f.type).split("|")[0].strip()
+        options = {"help": helps.get(f.name, meta["help"])}
+        if kind == "bool":
+            options["action"] = "store_true"
+        else:
+            options.update(default=default, type={"int": int, "float": float}.get(kind, str))
+            options.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
+        g.add_argument(flag_of(f.name, meta), dest=f.name, **options)
 
 
 def _add_dynamic_args(p: argparse.ArgumentParser):

@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import checks
-from .defaults import default_save_steps
-from .errors import SalfError
+from .errors import ConfigError, SalfError
 from .io import atomic_write_json, atomic_write_text
 
 console = Console(highlight=False)
@@ -21,8 +20,11 @@ def dispatch(parser, args) -> int:
     handler = HANDLERS.get(args.verb)
     if handler is None:
         raise SalfError(f"unknown verb {args.verb!r}")
-    checks.check_arguments(args)  # before any model (or torch) loads
-    return handler(parser, args) or 0
+    try:
+        checks.check_arguments(args)  # before any model (or torch) loads
+        return handler(parser, args) or 0
+    except ConfigError as exc:  # a setting's error, named as the flag the user typed
+        raise SalfError(exc.cli_message()) from None
 
 
 # ---------------------------------------------------------------- models
@@ -186,15 +188,9 @@ def print_plan(result, ranks: int | None = None, engine: str | None = None) -> N
 
 
 # ---------------------------------------------------------------- train / evaluate / finetune
-def _train_kwargs(args) -> dict:
-    return dict(max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
-                batch_size=args.batch_size, grad_accum=args.grad_accum,
-                max_length=args.max_length, bf16=args.bf16, eval_steps=args.eval_steps,
-                save_steps=args.save_steps or default_save_steps(args.max_steps),
-                save_total_limit=args.save_total_limit, resume=args.resume,
-                gradient_checkpointing=args.gradient_checkpointing, loss=args.loss,
-                cache_prefix=args.cache_prefix, report_to=args.report_to,
-                dynamic=checks.dynamic_settings_of(args))
+def train_config(args):
+    """The TrainConfig of the training flags, LoRA included."""
+    return checks.train_config_of(args, lora=_lora(args))
 
 
 def _lora(args):
@@ -229,10 +225,9 @@ def cmd_train(parser, args) -> int:
                         full=args.full, head=args.head, tied=anat.tied,
                         allow_different_weights=args.allow_different_weights)
     console.print(f"[bold]plan:[/bold] {plan.describe()}" + (" + LoRA" if args.lora else ""))
-    metrics = run_training(args.model, ds, plan, args.out, loaded=loaded, lora=_lora(args),
+    metrics = run_training(args.model, ds, plan, args.out, train_config(args), loaded=loaded,
                            train_samples=args.train_samples, eval_samples=args.eval_samples,
-                           seed=args.seed, allow_different_weights=args.allow_different_weights,
-                           **_train_kwargs(args))
+                           dynamic=checks.dynamic_settings_of(args))
     print_train_summary(metrics, args.out)
     return 0
 
@@ -298,15 +293,12 @@ def cmd_evaluate(parser, args) -> int:
 def cmd_finetune(parser, args) -> int:
     from .finetune import finetune
 
-    kwargs = _train_kwargs(args)
-    for k in ("batch_size", "max_length"):
-        kwargs.pop(k)
-    s = finetune(args.model, args.dataset, args.out, samples=args.samples, policy=args.policy,
-                 head=args.head, max_targets=args.max_targets, logit_lens=args.logit_lens,
-                 test_samples=args.test_samples, lora=_lora(args), data_kwargs=data_kwargs(args),
-                 trust_remote_code=args.trust_remote_code, seed=args.seed,
-                 batch_size=args.batch_size, max_length=args.max_length,
-                 train_samples=args.train_samples, eval_samples=args.eval_samples, **kwargs)
+    s = finetune(args.model, args.dataset, args.out, train_config(args), samples=args.samples,
+                 policy=args.policy, head=args.head, max_targets=args.max_targets,
+                 logit_lens=args.logit_lens, test_samples=args.test_samples,
+                 data_kwargs=data_kwargs(args), trust_remote_code=args.trust_remote_code,
+                 train_samples=args.train_samples, eval_samples=args.eval_samples,
+                 dynamic=checks.dynamic_settings_of(args))
     print_finetune_summary(s)
     return 0
 

@@ -21,17 +21,6 @@ DEFAULT_MAX_LENGTH = 128
 # Where training also logs (--report-to): nowhere else, tensorboard, or a CSV.
 REPORT_TO = ("none", "tensorboard", "csv")
 
-
-def check_report_to(report_to: str) -> None:
-    """tensorboard needs its package: refused before training (and before a model loads)."""
-    if report_to == "tensorboard":
-        import importlib.util
-
-        from .errors import SalfError
-
-        if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
-            raise SalfError("--report-to tensorboard needs the tensorboard package (pip install tensorboard)")
-
 # Checkpoints `salf train` / `salf finetune` keep (the newest ones; older ones are deleted).
 DEFAULT_SAVE_TOTAL_LIMIT = 2
 

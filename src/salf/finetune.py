@@ -11,16 +11,21 @@ salf.distributed).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import distributed
 from .data import first_rows, load_dataset_spec, sample_rows
-from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_MAX_LENGTH, DEFAULT_POLICY
+from .config import TrainConfig
+from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .errors import SalfError
 from .io import atomic_write_json, ensure_out_dir
 from .models import anatomy, load_model
 from .pipeline import analyze
 from .plan import FreezePlan
+
+# what `finetune` trains with unless told otherwise (the CLI's batch and length)
+FINETUNE_CONFIG = TrainConfig(batch_size=16, max_length=96)
 
 
 def resolve_plan(info, num_layers: int, *, plan_path=None, freeze_below=None, full=False,
@@ -41,22 +46,28 @@ def resolve_plan(info, num_layers: int, *, plan_path=None, freeze_below=None, fu
     return plan
 
 
-def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
-                 train_samples=None, eval_samples=500, seed=0, progress=True, dynamic=None,
-                 **train_kwargs) -> dict:
-    """Fine-tune `model_spec` on `ds` with `plan`; returns metrics (also OUT/metrics.json).
+def run_training(model_spec: str, ds, plan, out_dir, config: TrainConfig | None = None, *, loaded=None,
+                 train_samples=None, eval_samples=500, dynamic=None, callbacks=()) -> dict:
+    """Fine-tune `model_spec` on `ds` with `plan` and `config` (a salf.config.TrainConfig; None:
+    its defaults); returns metrics (also OUT/metrics.json).
 
-    `lora` is a `salf.train.LoraSettings` or None; `dynamic` a `salf.dynamic.DynamicSettings`
-    (the cut moves while training) or None; `train_kwargs` go to `salf.train.train`.
+    `train_samples` rows of the train split (a seeded sample; None: all) train, the first
+    `eval_samples` of the validation split evaluate; `dynamic` is a
+    `salf.dynamic.DynamicSettings` (the cut moves while training) or None; `callbacks` go to
+    `salf.train.train` with it. final/salf.json names `model_spec` as the base unless
+    `config.base_spec` says otherwise.
     """
     from .train import train
     from .train.progress import say
 
     from .dynamic.setup import moving_cut, split_off_probe
 
+    config = config if config is not None else TrainConfig()
+    if config.base_spec is None:
+        config = replace(config, base_spec=model_spec)
     model, tokenizer, info = loaded or load_model(model_spec)
     splits, probe = split_off_probe(ds.splits, dynamic)
-    train_rows = sample_rows(splits["train"], train_samples, seed, f"{ds.name}/train")
+    train_rows = sample_rows(splits["train"], train_samples, config.seed, f"{ds.name}/train")
     # the first N validation rows (not a random sample): `salf evaluate --split validation
     # --samples N` then reproduces the eval recorded in metrics.json exactly
     eval_rows = (first_rows(ds, "validation", eval_samples)
@@ -64,13 +75,11 @@ def run_training(model_spec: str, ds, plan, out_dir, *, loaded=None, lora=None,
     if eval_samples and not eval_rows:
         say(f"{ds.name} has no validation rows: training without evaluation "
             "(metrics.json eval: null)")
-    callbacks = list(train_kwargs.pop("callbacks", None) or [])
+    callbacks = list(callbacks or [])
     if dynamic is not None:
         callbacks.append(moving_cut(dynamic, ds.task, tokenizer, probe, plan=plan, out_dir=out_dir,
-                                    max_length=train_kwargs.get("max_length", DEFAULT_MAX_LENGTH)))
-    return train(model, tokenizer, ds.task, train_rows, eval_rows, plan, out_dir, lora=lora,
-                 seed=seed, progress=progress, base_spec=model_spec, callbacks=callbacks,
-                 **train_kwargs)
+                                    max_length=config.max_length))
+    return train(model, tokenizer, ds.task, (train_rows, eval_rows), plan, out_dir, config, callbacks)
 
 
 def check_probe_rows(ds, dynamic) -> None:
@@ -95,29 +104,32 @@ def load_for_eval(spec: str, trust_remote_code: bool = False):
     return model, tok, {"base": spec}
 
 
-def finetune(model_spec: str, dataset_spec: str, out_dir, *,
+def finetune(model_spec: str, dataset_spec: str, out_dir, config: TrainConfig | None = None, *,
              samples: int = DEFAULT_ANALYSIS_SAMPLES,
              policy: str = DEFAULT_POLICY, head: str = "frozen", max_targets: int = 16,
-             logit_lens: bool = False, test_samples: int = 1000, lora=None,
+             logit_lens: bool = False, test_samples: int = 1000,
              data_kwargs: dict | None = None, trust_remote_code: bool = False,
-             progress: bool = True, seed: int = 0, batch_size: int = 16, max_length: int = 96,
-             train_samples=None, eval_samples=500, **train_kwargs) -> dict:
-    """The whole job: analyze -> plan -> evaluate zero-shot -> train -> evaluate; summary.json."""
+             train_samples=None, eval_samples=500, dynamic=None) -> dict:
+    """The whole job: analyze -> plan -> evaluate zero-shot -> train -> evaluate; summary.json.
+    `config`: the training options (None: FINETUNE_CONFIG, batch 16 x 96 tokens); its seed,
+    batch, length and progress serve the analysis too; `dynamic` as in `run_training`."""
     from .train import evaluate
     from .train.freeze import check_lora_targets
 
+    config = config if config is not None else FINETUNE_CONFIG
     out = ensure_out_dir(out_dir)
     t0 = time.perf_counter()
-    progress = progress and distributed.is_main()
+    progress = config.progress and distributed.is_main()
+    max_length, lora = config.max_length, config.lora
     ds = load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
-    check_probe_rows(ds, train_kwargs.get("dynamic"))  # data errors before the model loads
+    check_probe_rows(ds, dynamic)  # data errors before the model loads
     loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
     model, tokenizer, info = loaded
     if lora is not None:  # a typo in a target costs no analysis
         check_lora_targets(anatomy(model), lora.target_modules)
     result = analyze(model_spec, dataset_spec, out_dir=out / "analysis", samples=samples,
                      policy=policy, head=head, max_targets=max_targets, logit_lens=logit_lens,
-                     seed=seed, train_batch_size=batch_size * train_kwargs.get("grad_accum", 1),
+                     seed=config.seed, train_batch_size=config.batch_size * config.grad_accum,
                      train_max_length=max_length, loaded=loaded, dataset=ds, progress=progress)
     analysis_s = time.perf_counter() - t0
     rows = first_rows(ds, "test", test_samples)
@@ -125,10 +137,9 @@ def finetune(model_spec: str, dataset_spec: str, out_dir, *,
                       progress=progress)
     plan = result.plan
     plan.model["tied"] = anatomy(model).tied
-    metrics = run_training(model_spec, ds, plan, out / "train", loaded=loaded, lora=lora,
-                           train_samples=train_samples, eval_samples=eval_samples, seed=seed,
-                           progress=progress, batch_size=batch_size, max_length=max_length,
-                           **train_kwargs)
+    metrics = run_training(model_spec, ds, plan, out / "train", replace(config, progress=progress),
+                           loaded=loaded, train_samples=train_samples, eval_samples=eval_samples,
+                           dynamic=dynamic)
     trained = model if lora is None else None
     if trained is None:  # the PEFT wrapper is not returned by train(); reload the adapter
         trained, _, _ = load_for_eval(str(out / "train" / "final"))

@@ -30,128 +30,90 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import distributed
-from ..defaults import DEFAULT_MAX_LENGTH, REPORT_TO, check_report_to
-from ..errors import SalfError
+from ..config import TrainConfig
+from ..errors import ConfigError, SalfError
 from ..io import atomic_write_json, disk_full_is_an_error, publish_dir, read_json
 from . import extensions
 from .audit import compare, plan_as_dict, snapshot, write_audit
 from .checkpoints import clean_staging, last_checkpoint, load_callback_states, resume_point, step_of
 from .evaluate import META_FILE, evaluate_examples
-from .freeze import (LoraSettings, SalfFreezeCallback, apply_plan, assert_truncated, freeze_state,
+from .freeze import (SalfFreezeCallback, apply_plan, assert_truncated, freeze_state,
                      parameter_counts)
 from .interrupt import StopOnInterrupt
 from .metrics import build_metrics
 from .progress import ProgressBars, quiet_saves, say
 from .steplog import StepLog
-from .trainer import build_trainer, check_engine, training_arguments
+from .trainer import Data, build_trainer, check_engine, training_arguments
 
 CHECKPOINTS = "checkpoints"
-# settings a resumed run must share with the run it continues; callbacks add theirs
-# through run_settings() (salf.train.extensions), a new train() argument adds its name here
-RESUME_KEYS = ("plan", "lora", "loss", "lr", "batch_size", "grad_accum", "max_length", "epochs",
-               "max_steps", "seed", "bf16", "gradient_checkpointing", "n_train", "n_eval", "callbacks",
-               "processes", "engine")
+# settings a resumed run must share with the run it continues: the config's fields marked
+# "resume" (salf.config) and what the run adds; callbacks add theirs through run_settings()
+# (salf.train.extensions)
+RESUME_KEYS = ("plan", *TrainConfig.resume_fields(), "n_train", "n_eval", "callbacks", "processes",
+               "engine")
 # what a run.json written before a key existed meant by it
-RESUME_DEFAULTS = {"processes": 1, "engine": None}
+RESUME_DEFAULTS = {"processes": 1, "engine": None, "weight_decay": 0.0, "warmup_steps": 0}
 
 
 @dataclass
-class Data:
-    train: list[dict]
-    eval: list[dict]
-    pad_id: int
-    label_ids: list[int] | None
+class Run:
+    """One train() call: its folder, run.json settings, callbacks and resume point."""
+    out: Path
+    settings: dict
+    callbacks: list
+    resume_from: str | None = None
 
 
-def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_dir, *,
-          lora: LoraSettings | None = None, max_steps: int | None = None, epochs: float = 1,
-          lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_length: int = DEFAULT_MAX_LENGTH,
-          bf16: bool = False, seed: int = 0, eval_steps: int | None = None, save_steps: int | None = None,
-          resume: bool = False, gradient_checkpointing: bool = False, loss: str = "label",
-          cache_prefix: bool = False,
-          report_to: str = "none", progress: bool = True, weight_decay: float = 0.0,
-          warmup_steps: int = 0, save_total_limit: int | None = 2,
-          base_spec: str | None = None, callbacks: list | None = None,
-          allow_different_weights: bool = False) -> dict:
-    """Apply `plan` to `model`, fine-tune it, save it and return the metrics (also in metrics.json).
+def train(model: nn.Module, tokenizer, task, rows, plan, out_dir, config: TrainConfig | None = None,
+          callbacks=()) -> dict:
+    """Apply `plan` to `model`, fine-tune it with `config` (a salf.config.TrainConfig; None:
+    its defaults), save it into `out_dir` and return the metrics (also in metrics.json).
 
-    `lr` defaults to 2e-4 with LoRA, 5e-5 otherwise. `max_steps` (if given)
-    overrides `epochs`. With `save_steps`, checkpoints go to out_dir/checkpoints,
-    of which the newest `save_total_limit` are kept (None: all); `resume=True`
-    continues from the newest good one (a run with the same settings and seed ends
-    bit-identical to an uninterrupted run on CPU). Ctrl-C saves a checkpoint at the
-    end of the step and raises KeyboardInterrupt. `report_to`: "none", "tensorboard"
-    or "csv" (OUT/train_log.csv). `callbacks` are extra `TrainerCallback`s; see
-    salf.train.extensions for what they may add to checkpoints, run.json and metrics.json; a
-    moving cut is one of them (salf.dynamic.moving_cut: its schedule, checks and integrated
-    cost go to metrics.json["dynamic"] and OUT/dynamic.json).
-    `allow_different_weights` applies a plan made for other weights (see `apply_plan`).
-    Under a launcher every process calls `train` with the same arguments; `batch_size` is per
-    process; rank 0 writes OUT and every rank returns the metrics.
+    `rows`: the training rows, or a tuple (train_rows, eval_rows). A resumed run
+    (config.resume) with the same settings and seed ends bit-identical to an uninterrupted
+    run on CPU. Ctrl-C saves a checkpoint at the end of the step and raises
+    KeyboardInterrupt. `callbacks` are extra `TrainerCallback`s; see salf.train.extensions
+    for what they may add to checkpoints, run.json and metrics.json; a moving cut is one of
+    them (salf.dynamic.moving_cut). Under a launcher every process calls `train` with the
+    same arguments; rank 0 writes OUT and every rank returns the metrics.
     """
     wall_start = time.perf_counter()
-    lora = LoraSettings.from_dict(lora) if isinstance(lora, dict) else lora
-    lr = lr if lr is not None else (2e-4 if lora is not None else 5e-5)
-    train_rows, eval_rows = list(train_rows), list(eval_rows or [])
-    check_arguments(train_rows, loss=loss, report_to=report_to, batch_size=batch_size, grad_accum=grad_accum,
-                    max_steps=max_steps, save_total_limit=save_total_limit)
+    config = config if config is not None else TrainConfig()
+    train_rows, eval_rows = split_rows(rows)
     plan_dict = plan_as_dict(plan)
     # a callback that moves the cut comes last: it acts on what the others saw at a step
     callbacks = [SalfFreezeCallback(), *sorted(callbacks or [], key=_moves_cut)]
-    moving = any(map(_moves_cut, callbacks))
-    run = run_settings(plan_dict, lora, callbacks, loss=loss, lr=lr, batch_size=batch_size,
-                       grad_accum=grad_accum, max_length=max_length, epochs=epochs, max_steps=max_steps,
-                       seed=seed, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
-                       cache_prefix=cache_prefix, n_train=len(train_rows), n_eval=len(eval_rows),
-                       eval_steps=eval_steps, save_steps=save_steps,
-                       processes=distributed.world_size(), engine=distributed.engine())
-
-    out = Path(out_dir)
+    run = Run(Path(out_dir), run_settings(plan_dict, config, callbacks, n_train=len(train_rows),
+                                          n_eval=len(eval_rows)), callbacks)
+    out = run.out
     distributed.init()
-    resume_from = distributed.on_main(lambda: prepare_run_folder(out, run, resume, callbacks))
-    model = _apply_plan(model, plan, plan_dict, lora, gradient_checkpointing, seed, out,
-                        allow_different_weights)
-    data = encode_data(task, tokenizer, train_rows, eval_rows, max_length)
-    progress = progress and distributed.is_main()
-    evaluate = _evaluator(task, data, batch_size, progress) if data.eval else None
+    run.resume_from = distributed.on_main(lambda: prepare_run_folder(out, run.settings, config.resume,
+                                                                     callbacks))
+    model = _apply_plan(model, plan, plan_dict, config, out)
+    data = encode_data(task, tokenizer, train_rows, eval_rows, config.max_length)
+    progress = config.progress and distributed.is_main()
+    evaluate = _evaluator(task, data, config.batch_size, progress) if data.eval else None
     before, counts = snapshot(model), parameter_counts(model)
-    cache = _prefix_cache(model, plan_dict, loss, moving=moving) if cache_prefix else None
-    extensions.attach(callbacks, model, cache, _cost_settings(
-        model, task, plan_dict, lora, loss, max_length, batch_size * grad_accum, gradient_checkpointing))
+    cache = _prefix_cache(model, plan_dict, moving=any(map(_moves_cut, callbacks))) if config.cache_prefix else None
+    extensions.attach(callbacks, model, cache, _cost_settings(model, task, plan_dict, config))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    args = training_arguments(out / CHECKPOINTS, run, do_eval=bool(eval_steps) and bool(data.eval),
-                              weight_decay=weight_decay, warmup_steps=warmup_steps,
-                              tensorboard=report_to == "tensorboard",
-                              moving_cut=moving)
-    stopper = StopOnInterrupt()
-    trainer = build_trainer(model, args, data.train, data.eval, data.pad_id, loss=loss, evaluate=evaluate,
-                            cache=cache, callbacks=[*callbacks, stopper], keep=save_total_limit,
-                            resumed_from=resume_from)
-    check_engine(trainer)
-    step_log = StepLog(out, lambda: trainer.salf_tokens, csv=report_to == "csv",
-                       resume_step=step_of(resume_from) if resume_from else None)
-    trainer.add_callback(step_log)
-    if progress:
-        trainer.add_callback(ProgressBars(step_log))
-
-    result = run_trainer(trainer, resume_from, stopper, callbacks)
+    trainer, stopper, step_log = _trainer(model, data, run, evaluate, cache, progress)
+    result = run_trainer(trainer, run.resume_from, stopper, callbacks)
     model, cache_info = _trained_model(trainer, cache)
     truncation = assert_truncated(model)
     final_eval = evaluate(model) if evaluate else None
     audit = _audit(before, model, plan, out)
-    _save_final(model, tokenizer, out, {
-        "base": _base_spec(model, plan, base_spec), "lora": run["lora"], "plan": plan_dict,
-        "task": task.to_dict() if hasattr(task, "to_dict") else None,
-        "max_length": int(max_length), "loss": loss}, state_dict=_whole_weights(trainer))
+    _save_final(model, tokenizer, out, _final_meta(model, task, plan, plan_dict, config),
+                state_dict=_whole_weights(trainer))
 
-    metrics = build_metrics(run=run, plan=plan_dict, counts=counts, state=trainer.state,
+    metrics = build_metrics(run=run.settings, plan=plan_dict, counts=counts, state=trainer.state,
                             runtime_s=result.metrics.get("train_runtime"), examples=len(data.train),
                             final_eval=final_eval, audit=audit, truncation=truncation,
                             timing={**step_log.summary(), "wall_s": time.perf_counter() - wall_start},
                             prefix_cache=cache_info,
-                            resumed_from_step=step_of(resume_from) if resume_from else None)
+                            resumed_from_step=step_of(run.resume_from) if run.resume_from else None)
     metrics.update(extensions.metrics_sections(callbacks))
     distributed.on_main(lambda: atomic_write_json(out / "metrics.json", metrics))
     distributed.barrier()   # every rank returns once OUT is complete
@@ -161,45 +123,39 @@ def train(model: nn.Module, tokenizer, task, train_rows, eval_rows, plan, out_di
 # ----------------------------------------------------------------------------- the steps
 
 
-def check_arguments(train_rows: list, *, loss: str, report_to: str, batch_size: int, grad_accum: int,
-                    max_steps: int | None, save_total_limit: int | None) -> None:
-    """One SalfError, naming the CLI flag, for an argument a run cannot start with."""
-    if loss not in ("label", "lm"):
-        raise SalfError(f"--loss must be 'label' or 'lm', not {loss!r}")
-    if report_to not in REPORT_TO:
-        raise SalfError(f"--report-to must be one of {', '.join(REPORT_TO)}, not {report_to!r}")
-    check_report_to(report_to)
-    if int(batch_size) < 1:
-        raise SalfError(f"--batch-size must be at least 1, got {batch_size}")
-    if int(grad_accum) < 1:
-        raise SalfError(f"--grad-accum must be at least 1, got {grad_accum}")
-    if max_steps is not None and int(max_steps) < 1:
-        raise SalfError(f"--max-steps must be at least 1, got {max_steps}")
-    if save_total_limit is not None and int(save_total_limit) < 1:
-        raise SalfError(f"--save-total-limit must be at least 1, got {save_total_limit}")
+def split_rows(rows) -> tuple[list, list]:
+    """(train_rows, eval_rows) of train()'s `rows`: a tuple of both, or the training rows."""
+    train_rows, eval_rows = rows if isinstance(rows, tuple) else (rows, [])
+    train_rows, eval_rows = list(train_rows), list(eval_rows or [])
     if not train_rows:
         raise SalfError("no training rows")
+    return train_rows, eval_rows
 
 
-def run_settings(plan_dict: dict | None, lora: LoraSettings | None, callbacks, **settings) -> dict:
-    """run.json: the run's settings; a resume must match RESUME_KEYS (the callbacks'
-    run_settings() included, under "callbacks")."""
+def run_settings(plan_dict: dict | None, config: TrainConfig, callbacks, **context) -> dict:
+    """run.json: the config as it is (TrainConfig.record) and what the run adds: the plan's cut,
+    `context` (row counts), the processes and engine, the callbacks' run_settings(); a resume
+    must match RESUME_KEYS."""
     plan_keys = ("eof", "num_layers", "head", "train_embeddings", "layers")
-    run = {
+    return {
         "plan": {k: plan_dict.get(k) for k in plan_keys} if plan_dict else None,
-        "lora": lora.to_dict() if lora else None,
-        **settings,
+        **config.record(), **context,
+        "processes": distributed.world_size(), "engine": distributed.engine(),
         "callbacks": extensions.run_settings(callbacks) or None,
     }
-    for k in ("batch_size", "grad_accum", "max_length", "seed"):
-        run[k] = int(run[k])
-    for k in ("bf16", "gradient_checkpointing", "cache_prefix"):
-        run[k] = bool(run[k])
-    return run
 
 
 def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+def _same(old, new) -> bool:
+    """Equal settings; a number equals itself written as an int or a float (1 and 1.0)."""
+    numbers = (int, float)
+    if isinstance(old, numbers) and isinstance(new, numbers) and not isinstance(old, bool) \
+            and not isinstance(new, bool):
+        return old == new
+    return _canonical(old) == _canonical(new)
 
 
 def _differences(name: str, old, new):
@@ -208,7 +164,7 @@ def _differences(name: str, old, new):
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
             yield from _differences(f"{name}.{key}", old.get(key), new.get(key))
-    elif _canonical(old) != _canonical(new):
+    elif not _same(old, new):
         yield name, old, new
 
 
@@ -254,17 +210,16 @@ def prepare_run_folder(out: Path, run: dict, resume: bool, callbacks) -> str | N
     return resume_from
 
 
-def _apply_plan(model: nn.Module, plan, plan_dict, lora, gradient_checkpointing: bool, seed: int,
-                out: Path, allow_different_weights: bool) -> nn.Module:
+def _apply_plan(model: nn.Module, plan, plan_dict, config: TrainConfig, out: Path) -> nn.Module:
     """Apply the plan (seeded: LoRA's initial weights come from the RNG) and write plan.json."""
     from transformers import set_seed
 
-    set_seed(int(seed))
+    set_seed(config.seed)
     applied = freeze_state(model)
     if applied is None:
-        model = apply_plan(model, plan, lora=lora, gradient_checkpointing=gradient_checkpointing,
-                           allow_different_weights=allow_different_weights)
-    elif applied.eof != int(plan.eof) or (applied.lora is None) != (lora is None):
+        model = apply_plan(model, plan, lora=config.lora, gradient_checkpointing=config.gradient_checkpointing,
+                           allow_different_weights=config.allow_different_weights)
+    elif applied.eof != int(plan.eof) or (applied.lora is None) != (config.lora is None):
         raise SalfError("the model already has a different plan applied; pass a freshly loaded model")
     distributed.on_main(lambda: atomic_write_json(out / "plan.json", plan_dict))
     return model
@@ -293,37 +248,62 @@ def _moves_cut(callback) -> bool:
     return bool(getattr(callback, "moves_cut", False))
 
 
-def _cost_settings(model, task, plan_dict, lora, loss: str, max_length: int, batch_size: int,
-                   gradient_checkpointing: bool) -> dict:
+def _cost_settings(model, task, plan_dict, config: TrainConfig) -> dict:
     """The cost model's settings for this run's steps (what a dynamic schedule integrates)."""
     from ..cost import ModelShape
     from .freeze import unwrap
 
-    classification = getattr(task, "kind", None) == "classification" and loss == "label"
-    return {"shape": ModelShape.from_model(unwrap(model)), "seq_len": int(max_length),
-            "batch_size": int(batch_size), "loss_positions": "last" if classification else "all",
+    classification = getattr(task, "kind", None) == "classification" and config.loss == "label"
+    lora = config.lora
+    return {"shape": ModelShape.from_model(unwrap(model)), "seq_len": config.max_length,
+            "batch_size": config.batch_size * config.grad_accum,
+            "loss_positions": "last" if classification else "all",
             "head": (plan_dict or {}).get("head") or "frozen", "lora_rank": lora.r if lora else None,
-            "gradient_checkpointing": bool(gradient_checkpointing)}
+            "gradient_checkpointing": config.gradient_checkpointing}
 
 
-def _prefix_cache(model: nn.Module, plan_dict, loss: str, moving: bool = False):
+def _prefix_cache(model: nn.Module, plan_dict, moving: bool = False):
     """A PrefixCache at the cut, filled lazily on each example's first step (with a moving
-    cut it follows the cut, so it may start with nothing frozen)."""
+    cut it follows the cut, so it may start with nothing frozen; the 'lm' loss is refused
+    by TrainConfig)."""
     from .prefix_cache import PrefixCache
 
     if plan_dict and plan_dict.get("train_embeddings"):
-        raise SalfError("--cache-prefix needs a cut: full fine-tuning has no frozen prefix")
+        raise ConfigError("cache_prefix", "needs a cut: full fine-tuning has no frozen prefix")
     if distributed.sharded():
         name = distributed.ENGINE_NAMES[distributed.engine()]
-        raise SalfError(f"--cache-prefix skips the frozen layers, whose shards every {name} process "
-                        "must gather together; use it with DDP or one process")
-    if loss == "lm":
-        raise SalfError("--cache-prefix supports the label/SFT loss, not the full-sequence "
-                        "'lm' loss (its extra label token has no cached state)")
+        raise ConfigError("cache_prefix", f"skips the frozen layers, whose shards every {name} process "
+                                          "must gather together; use it with DDP or one process")
     eof = int(plan_dict["eof"]) if plan_dict else 0
     if eof < 1 and not moving:
-        raise SalfError("--cache-prefix needs a cut with at least one frozen layer (eof >= 1)")
+        raise ConfigError("cache_prefix", "needs a cut with at least one frozen layer (eof >= 1)")
     return PrefixCache(model, eof).attach()
+
+
+def _trainer(model, data: Data, run: Run, evaluate, cache, progress: bool):
+    """(trainer, Ctrl-C stopper, step log) of `run`, reading its run.json settings."""
+    settings, resume_from = run.settings, run.resume_from
+    moving = any(map(_moves_cut, run.callbacks))
+    args = training_arguments(run.out / CHECKPOINTS, settings,
+                              do_eval=bool(settings["eval_steps"]) and bool(data.eval), moving_cut=moving)
+    stopper = StopOnInterrupt()
+    trainer = build_trainer(model, args, data, settings, evaluate=evaluate, cache=cache,
+                            callbacks=[*run.callbacks, stopper], resumed_from=resume_from)
+    check_engine(trainer)
+    step_log = StepLog(run.out, lambda: trainer.salf_tokens, csv=settings["report_to"] == "csv",
+                       resume_step=step_of(resume_from) if resume_from else None)
+    trainer.add_callback(step_log)
+    if progress:
+        trainer.add_callback(ProgressBars(step_log))
+    return trainer, stopper, step_log
+
+
+def _final_meta(model: nn.Module, task, plan, plan_dict, config: TrainConfig) -> dict:
+    """final/salf.json: what a reload needs (the base model, LoRA, the plan, the task)."""
+    return {"base": _base_spec(model, plan, config.base_spec),
+            "lora": config.lora.to_dict() if config.lora is not None else None, "plan": plan_dict,
+            "task": task.to_dict() if hasattr(task, "to_dict") else None,
+            "max_length": config.max_length, "loss": config.loss}
 
 
 def run_trainer(trainer, resume_from: str | None, stopper: StopOnInterrupt, callbacks):

@@ -160,8 +160,7 @@ class SalfTrainer(Trainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
 
-def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: float, warmup_steps: int,
-                       tensorboard: bool, moving_cut: bool = False) -> TrainingArguments:
+def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, moving_cut: bool = False) -> TrainingArguments:
     """TrainingArguments for `run` (run.json's settings). Progress output, rotation and
     activation checkpointing are salf's, so the Trainer's are off.
 
@@ -182,8 +181,8 @@ def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: floa
         num_train_epochs=float(run["epochs"]),
         max_steps=int(run["max_steps"]) if run["max_steps"] else -1,
         learning_rate=float(run["lr"]),
-        weight_decay=float(weight_decay),
-        warmup_steps=int(warmup_steps),
+        weight_decay=float(run["weight_decay"]),
+        warmup_steps=int(run["warmup_steps"]),
         lr_scheduler_type="linear",
         optim="adamw_torch",
         bf16=bf16,
@@ -199,7 +198,7 @@ def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: floa
         save_strategy="steps" if run["save_steps"] else "no",
         save_steps=int(run["save_steps"]) if run["save_steps"] else 500,
         save_total_limit=None,          # SalfTrainer rotates (complete checkpoints only)
-        report_to=["tensorboard"] if tensorboard else [],
+        report_to=["tensorboard"] if run["report_to"] == "tensorboard" else [],
         disable_tqdm=True,              # salf.train.progress draws the bars
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -210,16 +209,25 @@ def training_arguments(ckpt_dir, run: dict, *, do_eval: bool, weight_decay: floa
     )
 
 
-def build_trainer(model, args: TrainingArguments, train_examples: list[dict], eval_examples: list[dict],
-                  pad_id: int, *, loss: str, evaluate=None, cache=None, callbacks=(),
-                  keep: int | None = None, resumed_from: str | None = None) -> SalfTrainer:
-    """The run's Trainer: `callbacks` in order, no console printer of its own; `cache` is the
-    PrefixCache (or None) that compute_loss consults."""
+@dataclasses.dataclass
+class Data:
+    """A run's encoded examples, the tokenizer's pad id and (classification) the label ids."""
+    train: list[dict]
+    eval: list[dict]
+    pad_id: int
+    label_ids: list[int] | None
+
+
+def build_trainer(model, args: TrainingArguments, data: Data, run: dict, *, evaluate=None, cache=None,
+                  callbacks=(), resumed_from: str | None = None) -> SalfTrainer:
+    """The Trainer of the run whose run.json settings are `run` (its loss, the checkpoints it
+    keeps): `callbacks` in order, no console printer of its own; `cache` is the PrefixCache
+    (or None) that compute_loss consults."""
     trainer = SalfTrainer(
-        model=model, args=args, train_dataset=Examples(train_examples),
-        eval_dataset=Examples(eval_examples) if args.eval_strategy != "no" else None,
-        data_collator=Collator(pad_id), salf_loss=loss, salf_eval=evaluate, salf_cache=cache,
-        salf_keep=keep, salf_protect=resumed_from, callbacks=list(callbacks),
+        model=model, args=args, train_dataset=Examples(data.train),
+        eval_dataset=Examples(data.eval) if args.eval_strategy != "no" else None,
+        data_collator=Collator(data.pad_id), salf_loss=run["loss"], salf_eval=evaluate, salf_cache=cache,
+        salf_keep=run["save_total_limit"], salf_protect=resumed_from, callbacks=list(callbacks),
     )
     trainer.remove_callback(PrinterCallback)    # per-step dicts: salf writes them to train_log.jsonl
     trainer.remove_callback(ProgressCallback)

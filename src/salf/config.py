@@ -1,0 +1,213 @@
+"""The options of a training run as one object (import-light: `salf --help` reads it).
+
+`TrainConfig` holds every option of `salf.train.train`. Each field's metadata says
+
+    flag, help, metavar, choices, cli_default   how `salf train/finetune` offer it (the CLI's
+                                                option group is generated from them)
+    at_least, at_most, above_zero               its bounds (salf.checks reads them too)
+    resume                                      a resumed run must share it (run.json)
+    record                                      run.json records it (False: this call only)
+
+It is validated once, when made (`__post_init__`): a `ConfigError` names the field
+(`batch_size must be at least 1, got 0`); the CLI prints the same error with the flag the
+user typed (`--batch-size must be at least 1, got 0`, ConfigError.cli_message).
+run.json holds `TrainConfig.record()` as it is, beside what the run adds (plan, row counts,
+processes, callbacks). See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from .defaults import DEFAULT_MAX_LENGTH, DEFAULT_SAVE_TOTAL_LIMIT, REPORT_TO
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # salf.train imports torch: this module stays light
+    from .train.freeze import LoraSettings
+
+# a seed must fit numpy's 32-bit generator, which transformers seeds
+MAX_SEED = 2**32 - 1
+LOSSES = ("label", "lm")
+DEFAULT_LR = {"lora": 2e-4, "full": 5e-5}
+NO_FLAG = None
+
+
+def option(default, help: str, *, flag: str | None = "", **meta):
+    """A TrainConfig field: its default and metadata (see the module docstring). `flag` ""
+    is the field's own name as a flag (max_steps -> --max-steps); None: no CLI flag."""
+    return field(default=default, metadata=MappingProxyType({"help": help, "flag": flag, **meta}))
+
+
+def flag_of(name: str, metadata=None) -> str:
+    """The flag users type for an option: max_steps -> --max-steps (or the field's own flag)."""
+    given = (metadata or {}).get("flag")
+    return given or "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of one training run (salf.train.train); checked when made.
+
+    `lr` None: 2e-4 with LoRA, 5e-5 otherwise (`learning_rate`). `max_steps` (if given)
+    overrides `epochs`. With `save_steps`, checkpoints go to OUT/checkpoints, of which the
+    newest `save_total_limit` are kept (None: all); `resume` continues from the newest good
+    one. `report_to`: "none", "tensorboard" or "csv" (OUT/train_log.csv). `lora`: a
+    salf.train.LoraSettings (or its dict). `allow_different_weights` applies a plan made
+    for other weights (see `apply_plan`). `base_spec`: the model spec final/salf.json names
+    (default: the plan's model). Under a launcher `batch_size` is per process.
+    """
+
+    epochs: float = option(1, "epochs (default %(default)s; --max-steps overrides)",
+                           above_zero=True, resume=True, cli_default=1.0)
+    max_steps: int | None = option(None, "stop after N optimizer steps", metavar="N", at_least=1,
+                                   resume=True)
+    lr: float | None = option(None, "learning rate (default 2e-4 with LoRA, 5e-5 otherwise)",
+                              above_zero=True, resume=True)
+    batch_size: int = option(8, "per-device batch (default %(default)s)", at_least=1, resume=True,
+                             cli_default=16)
+    grad_accum: int = option(1, "gradient accumulation steps (default %(default)s)", at_least=1,
+                             resume=True)
+    max_length: int = option(DEFAULT_MAX_LENGTH, "tokens per example (default %(default)s)",
+                             at_least=2, resume=True, cli_default=96)
+    eval_steps: int | None = option(None, "evaluate every N steps (default: once, after training)",
+                                    metavar="N", at_least=1)
+    save_steps: int | None = option(None, "checkpoint every N steps", metavar="N", at_least=1)
+    save_total_limit: int | None = option(
+        DEFAULT_SAVE_TOTAL_LIMIT, "keep only the newest N checkpoints (default %(default)s)",
+        metavar="N", at_least=1)
+    bf16: bool = option(False, "bf16 mixed precision (GPU)", resume=True)
+    gradient_checkpointing: bool = option(
+        False, "recompute activations of the trainable layers (never the frozen ones)", resume=True)
+    cache_prefix: bool = option(
+        False, "run the frozen prefix once per training example and replay it in later epochs "
+               "(needs a cut; pays off with --epochs > 1; memory: tokens x hidden x 4 bytes)")
+    loss: str = option("label", "classification loss: label token only, or full-sequence LM "
+                                "(default %(default)s)", choices=LOSSES, resume=True)
+    seed: int = option(0, "seed of the data order, LoRA's initial weights and the row samples "
+                          "(default %(default)s)", at_least=0, at_most=MAX_SEED, resume=True)
+    resume: bool = option(False, "continue from the last complete checkpoint in --out", record=False)
+    report_to: str = option("none", "per-step numbers also to TensorBoard or a CSV file in --out "
+                                    "(default %(default)s)", choices=REPORT_TO)
+    # no flag: the CLI builds it from --lora and its options
+    lora: LoraSettings | None = option(None, "LoRA on the trainable layers (salf.train.LoraSettings)",
+                          flag=NO_FLAG, resume=True)
+    weight_decay: float = option(0.0, "AdamW weight decay", flag=NO_FLAG, at_least=0, resume=True)
+    warmup_steps: int = option(0, "learning-rate warm-up steps", flag=NO_FLAG, at_least=0,
+                               resume=True)
+    progress: bool = option(True, "progress bars", flag=NO_FLAG, record=False)
+    base_spec: str | None = option(None, "the model spec final/salf.json names", flag=NO_FLAG,
+                                   record=False)
+    allow_different_weights: bool = option(False, "apply a plan made on other weights of the "
+                                                  "same shape", flag=NO_FLAG, record=False)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = _checked(f, getattr(self, f.name))
+            if value is not getattr(self, f.name):
+                object.__setattr__(self, f.name, value)
+        object.__setattr__(self, "lora", _lora(self.lora))
+        if self.cache_prefix and self.loss == "lm":
+            raise ConfigError("cache_prefix", "supports the label/SFT loss, not the full-sequence "
+                                              "'lm' loss (its extra label token has no cached state)")
+        if self.report_to == "tensorboard":
+            _check_tensorboard()
+
+    @property
+    def learning_rate(self) -> float:
+        """`lr`, or the default for this run (2e-4 with LoRA, 5e-5 otherwise)."""
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR["lora" if self.lora is not None else "full"]
+
+    def record(self) -> dict:
+        """What run.json records of this config: every field whose metadata says so, LoRA as
+        its dict and the learning rate the run uses."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("record", True)}
+        out["lora"] = self.lora.to_dict() if self.lora is not None else None
+        out["lr"] = self.learning_rate
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """A config from `record()`'s dict (run.json; keys of the run that are not fields
+        are left out)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def resume_fields(cls) -> tuple[str, ...]:
+        """The fields a resumed run must share with the run it continues."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume"))
+
+    @classmethod
+    def bounds(cls) -> dict[str, dict]:
+        """{field: {"at_least"/"at_most"/"above_zero": value}} of every bounded field."""
+        keys = ("at_least", "at_most", "above_zero")
+        out = {f.name: {k: f.metadata[k] for k in keys if k in f.metadata} for f in dataclasses.fields(cls)}
+        return {name: b for name, b in out.items() if b}
+
+    @classmethod
+    def cli_fields(cls) -> list[dataclasses.Field]:
+        """The fields the CLI offers as flags, in order."""
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("flag") is not None]
+
+
+def _number_kind(f: dataclasses.Field) -> type | None:
+    """int, float or bool for a field of that type (its annotation), else None."""
+    kind = str(f.type).split("|")[0].strip()
+    return {"int": int, "float": float, "bool": bool}.get(kind)
+
+
+def _checked(f: dataclasses.Field, value):
+    """`value` checked against the field's type, choices and bounds (an int-valued field
+    becomes a plain int); ConfigError naming the field."""
+    kind, meta = _number_kind(f), f.metadata
+    if value is None or kind is None:
+        if value is None and kind is not None and f.default is not None:
+            raise ConfigError(f.name, f"must be {'a number' if kind is not bool else 'True or False'}, "
+                                      "got None")
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f.name, f"must be one of {', '.join(map(str, meta['choices']))}, "
+                                      f"not {value!r}")
+        return value
+    if kind is bool:
+        return bool(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if kind is int else numbers.Real):
+        raise ConfigError(f.name, f"must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if kind is int:
+        value = int(value)
+    return _bounded(f.name, value, meta)
+
+
+def _bounded(name: str, value, meta):
+    if "at_least" in meta and value < meta["at_least"]:
+        raise ConfigError(name, f"must be at least {meta['at_least']}, got {value}")
+    if "at_most" in meta and value > meta["at_most"]:
+        raise ConfigError(name, f"must be at most {meta['at_most']}, got {value}")
+    if meta.get("above_zero") and not (math.isfinite(value) and value > 0):
+        raise ConfigError(name, f"must be a number above 0, got {value}")
+    return value
+
+
+def _lora(value):
+    """A LoraSettings from itself, its dict or None."""
+    if value is None or hasattr(value, "to_dict"):
+        return value
+    if isinstance(value, dict):
+        from .train.freeze import LoraSettings  # imports torch: only a dict pays for it
+
+        return LoraSettings.from_dict(value)
+    raise ConfigError("lora", f"must be a LoraSettings, its dict or None, got {value!r}")
+
+
+def _check_tensorboard() -> None:
+    """tensorboard needs its package: refused before training (and before a model loads)."""
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError("report_to", "tensorboard needs the tensorboard package (pip install tensorboard)")
