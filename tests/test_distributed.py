@@ -10,6 +10,8 @@
   plan: the one-process loss curve, frozen weights bit-identical, no gradient below the cut;
 * a moving cut (--dynamic) under DDP: the one-process schedule and loss curve, no gradient
   for a layer frozen mid-run, a resume after the move bit-identical;
+* an undone move (salf-budget's guard) under DDP: the layer trains again on both ranks,
+  whose weights agree, and a resume after the undo is bit-identical;
 * the refusals: --dynamic under FSDP or DeepSpeed, FSDP where accelerate would fall back to DDP.
 
 Losses of different process counts are compared within LOSS_TOL (the same examples per
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from salf.config import TrainConfig
 from salf.errors import SalfError
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -60,8 +63,8 @@ def _two_ranks(rank: int, port: int, out: str, done) -> None:
     from salf import distributed
 
     _join(rank, port)
-    for part, run in (("ddp", _ddp_part), ("dynamic", _dynamic_part), ("analysis", _analysis_part),
-                      ("fsdp", _fsdp_part)):
+    for part, run in (("ddp", _ddp_part), ("dynamic", _dynamic_part), ("undo", _undo_part),
+                      ("analysis", _analysis_part), ("fsdp", _fsdp_part)):
         folder = Path(out, part)
         folder.mkdir(exist_ok=True)
         Path(folder, f"rank{rank}.json").write_text(json.dumps(run(rank, folder)))
@@ -140,9 +143,11 @@ def _ddp_run(folder, callbacks=(), resume=False, steps=4, lora=None, eof=2, batc
 
     ds = load_dataset_spec("rotten-tomatoes", seed=0)
     model, tok, _ = load_model("tiny-llama")
-    return train(model, tok, ds.task, ds.splits["train"][:32], ds.splits["validation"][:8],
-                 FreezePlan.manual(eof, 4), folder, max_steps=steps, batch_size=batch_size, save_steps=2,
-                 resume=resume, progress=False, callbacks=list(callbacks), lora=lora, **kwargs)
+    return train(model, tok, ds.task, (ds.splits["train"][:32], ds.splits["validation"][:8]), FreezePlan.manual(eof, 4),
+                 folder,
+                 TrainConfig(max_steps=steps, batch_size=batch_size, save_steps=2, resume=resume, progress=False,
+                             lora=lora, **kwargs),
+                 callbacks=list(callbacks))
 
 
 def _ddp_part(rank: int, out: Path) -> dict:
@@ -309,6 +314,65 @@ def test_a_moving_cut_under_ddp_is_the_one_process_run_and_resumes_exactly(ranks
     assert log["schedule"] == schedule            # written once, by rank 0
 
 
+# ----------------------------------------------------------------------------- an undone move under DDP
+
+
+def _undo_part(rank: int, out: Path) -> dict:
+    """salf-budget's undo under DDP: a scripted policy moves the cut 0 -> 2 at step 2 and
+    back to 1 at step 4 (the cut at the wrap is 0, so layer 2 is in DDP's buckets and may
+    rejoin); recorded at the 6th step: what trains and has a gradient, and a digest of every
+    weight at the end (the replicas must agree); then the same run stopped right after the
+    undo and resumed."""
+    from transformers import TrainerCallback
+
+    from test_dynamic_budget import _move_then_undo, _registry, _StopAt
+
+    record: dict = {}
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 5:
+                params = list(model.named_parameters())
+                record["trainable"] = sorted(n for n, p in params if p.requires_grad)
+                record["with_grad"] = sorted(n for n, p in params if p.grad is not None)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            from salf.train.audit import tensor_digest
+
+            record["digest"] = {n: tensor_digest(p) for n, p in model.named_parameters()}
+
+    settings = dict(policy="scripted", checks=8)
+    with _registry({"scripted": _move_then_undo}):
+        whole = _ddp_run(out / "whole", [Record(), _scripted_cut(out / "whole", settings)], eof=0, steps=8)
+        _ddp_run(out / "resumed", [_StopAt(4), _scripted_cut(out / "resumed", settings)], eof=0, steps=8)
+        resumed = _ddp_run(out / "resumed", [_scripted_cut(out / "resumed", settings)], eof=0, steps=8,
+                           resume=True)
+    return dict(record, schedule=whole["dynamic"]["schedule"], resumed_schedule=resumed["dynamic"]["schedule"],
+                whole=whole["train"]["loss_curve"], resumed=resumed["train"]["loss_curve"],
+                audit=whole["dynamic"]["audit"])
+
+
+def _scripted_cut(folder, settings: dict):
+    from salf.dynamic import DynamicSettings, moving_cut
+
+    return moving_cut(DynamicSettings(**settings), out_dir=folder)
+
+
+def test_an_undone_move_under_ddp_trains_again_on_every_rank_and_resumes_exactly(ranks):
+    out = ranks / "undo"
+    results = _rank_results(out)
+    for r in results:
+        assert r["schedule"] == r["resumed_schedule"] == [[0, 0], [2, 2], [4, 1]]
+        assert any(".layers.1." in n for n in r["trainable"])          # layer 2 trains again
+        assert not any(".layers.0." in n for n in r["trainable"])
+        assert r["with_grad"] == r["trainable"]                        # and gets its gradient
+        assert r["audit"]["ok"] and r["audit"]["undone_intervals"]
+        assert r["resumed"] == r["whole"]                              # bit-identical loss curve
+    assert results[0]["digest"] == results[1]["digest"]                # the replicas agree
+    whole, resumed = (_tensors(out / d / "final" / "model.safetensors") for d in ("whole", "resumed"))
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
 # ----------------------------------------------------------------------------- analysis
 
 ANALYSES = {   # a classification trace with the logit lens, an SFT trace sampling 2 targets per row
@@ -448,7 +512,7 @@ def test_fsdp2_in_accelerates_layout_trains_a_plan(ranks):
 # ----------------------------------------------------------------------------- refusals
 
 
-def _tiny_run(tmp_path, **kwargs):
+def _tiny_run(tmp_path, callbacks=()):
     from salf.data import load_dataset_spec
     from salf.models import load_model
     from salf.plan import FreezePlan
@@ -456,8 +520,8 @@ def _tiny_run(tmp_path, **kwargs):
 
     ds = load_dataset_spec("rotten-tomatoes", seed=0)
     model, tok, _ = load_model("tiny-llama")
-    return train(model, tok, ds.task, ds.splits["train"][:8], [], FreezePlan.manual(2, 4),
-                 tmp_path / "out", max_steps=1, batch_size=2, progress=False, **kwargs)
+    return train(model, tok, ds.task, (ds.splits["train"][:8], []), FreezePlan.manual(2, 4), tmp_path / "out",
+                 TrainConfig(max_steps=1, batch_size=2, progress=False), callbacks)
 
 
 @pytest.mark.parametrize("env, engine", [({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
