@@ -211,21 +211,18 @@ def _add_dynamic_args(p: argparse.ArgumentParser):
     g.add_argument(FLAGS["percentile"], dest="percentile", type=float, default=None, metavar="P",
                    help="autofreeze: the gradient-norm change-rate percentile a layer must reach "
                         f"to keep training (default {d.percentile:g})")
-    g.add_argument(FLAGS["tolerance"], dest="tolerance", type=float, default=None, metavar="F",
-                   help="salf-budget: the moves may give up at most F of the run's predicted total "
-                        f"improvement of the training loss (default {d.tolerance:g})")
-    g.add_argument(FLAGS["min_saving"], dest="min_saving", type=float, default=None, metavar="F",
-                   help="salf-budget: a move must save at least F of the run's full fine-tuning FLOPs "
-                        f"over the steps left (default {d.min_saving:g})")
-    g.add_argument(FLAGS["probe_budget"], dest="probe_budget", type=float, default=None, metavar="F",
-                   help="salf-budget: the probe's reads stay within F of the run's FLOPs "
-                        f"(default {d.probe_budget:g})")
-    g.add_argument(FLAGS["law_checks"], dest="law_checks", type=int, default=None, metavar="N",
-                   help="salf-budget: checks per run; each reads the training loss (free), the probe "
-                        f"only where a move could be allowed (default {d.law_checks})")
+    for name, kind, metavar, text in (   # salf-budget's settings (docs/method.md)
+            ("tolerance", float, "F", "the moves may give up at most F x the training loss's level"),
+            ("min_saving", float, "F", "a move must save at least F of the run's full fine-tuning "
+                                       "FLOPs over the steps left"),
+            ("probe_budget", float, "F", "the probe's reads stay within F of the run's FLOPs"),
+            ("law_checks", int, "N", "checks per run; each reads the training loss (free), the "
+                                     "probe only where a move could be allowed")):
+        g.add_argument(FLAGS[name], dest=name, type=kind, default=None, metavar=metavar,
+                       help=f"salf-budget: {text} (default {getattr(d, name):g})")
     g.add_argument(FLAGS["guard"], dest="guard", action=argparse.BooleanOptionalAction, default=None,
-                   help="salf-budget: undo a move when the training loss since it regresses beyond "
-                        "what the law predicted before it (default: on)")
+                   help="salf-budget: undo a move when the training loss over the steps since it "
+                        "rose beyond the noise from as many steps before it (default: on)")
 
 
 # ---------------------------------------------------------------- verbs

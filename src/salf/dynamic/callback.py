@@ -106,7 +106,6 @@ class DynamicFreezeCallback(TrainerCallback):
         self._read_share = 0.0                   # one probe read's FLOPs / the run's (full)
         self._probe_state: dict | None = None                 # a checkpoint's, until its tensors come
         self._steps: list[int] = []
-        self._multipliers: list[float] | None = None
         self._run: RunShape | None = None
         self.model = None          # set by attach(): what a resumed state re-cuts
         self.cost_settings: dict | None = None
@@ -175,11 +174,12 @@ class DynamicFreezeCallback(TrainerCallback):
                             "(salf.train.apply_plan) before the Trainer is built")
         L = anatomy(unwrap(model)).num_layers
         max_eof = self.settings.deepest_cut(L, int(self.record.schedule[0][1]) if self.record.schedule else fs.eof)
-        self._multipliers = (_lr_multipliers(lr_scheduler, total)
-                             if self.settings.clock == "lr-area" else None) or [1.0] * total
-        self._run = RunShape(num_layers=L, total_steps=total, total_progress=sum(self._multipliers),
-                             max_eof=max_eof, multipliers=self._multipliers,
-                             cut_cost=self._cut_costs(L), train_losses=self._loss_view())
+        multipliers = (_lr_multipliers(lr_scheduler, total)
+                       if self.settings.clock == "lr-area" else None) or [1.0] * total
+        # the policy reads the record's losses as they are appended (no copy per step)
+        self._run = RunShape(num_layers=L, total_steps=total, total_progress=sum(multipliers),
+                             max_eof=max_eof, multipliers=multipliers,
+                             cut_cost=self._cut_costs(L), train_losses=self.record.train_losses)
         per_run = self.settings.law_checks if "train_loss" in self.settings.needs else self.settings.checks
         self._steps = check_steps(total, per_run)
         self._read_share = self._probe_read_share(args, total)
@@ -195,10 +195,6 @@ class DynamicFreezeCallback(TrainerCallback):
             step = int(state.global_step)
             if not self.record.train_losses or self.record.train_losses[-1][0] < step:
                 self.record.train_losses.append([step, self._run.clock(step), float(logs["loss"])])
-                self._run.train_losses = self._loss_view()
-
-    def _loss_view(self) -> list[tuple[int, float, float]]:
-        return [(int(s), float(x), float(y)) for s, x, y in self.record.train_losses]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if "grad_norms" not in self.settings.needs or model is None:
@@ -240,7 +236,7 @@ class DynamicFreezeCallback(TrainerCallback):
     # ------------------------------------------------------------------ measuring and moving
     def _measure(self, model, step: int) -> Check:
         check = Check(step=step, eof=self.current_eof if self.record.schedule else freeze_state(model).eof,
-                      progress=sum(self._multipliers[:step]))
+                      progress=self._run.clock(step))
         if "probe" in self.settings.needs and self._probe_now(check):
             read = self.probe.read(model, cut=check.eof)
             check.deviation, check.loss = read["deviation"], read["loss"]

@@ -45,15 +45,15 @@ class DynamicSettings:
     max_eof   the deepest cut any policy may reach (None = L - 1: one layer keeps training).
     start     linear: fraction of the run before the first freeze; freezeout: t0.
     percentile  autofreeze: the rate percentile a layer must reach to keep training.
-    tolerance   salf-budget: the moves may give up at most this fraction of the run's
-              predicted total improvement of the training loss (salf.dynamic.budget).
+    tolerance   salf-budget: the moves may give up at most this fraction of the training
+              loss's level (salf.dynamic.budget).
     min_saving  salf-budget: a move must save at least this fraction of the run's full
               fine-tuning FLOPs over the steps left.
     probe_budget  salf-budget: the probe's reads stay within this share of the run's FLOPs.
     law_checks  salf-budget: checks per run (the law reads the training loss, free; the probe
               is read only at checks where the budget could allow a move).
-    guard     salf-budget: undo a move when the training loss since it regresses beyond the
-              law's prediction.
+    guard     salf-budget: undo a move when the training loss since it rose beyond the noise
+              from as many steps before it.
     """
 
     policy: str = "salf"
