@@ -49,13 +49,13 @@ MIN_LAW_SHARE = 0.05     # the law is fitted once this share of the run (and >= 
 TRANSIENT = 2.0          # leading losses above this x the median so far: the label format, not the law
 
 
-def law_points(run: RunShape, upto: int | None = None) -> list[tuple[float, float]]:
-    """(clock, loss) of each step's training loss up to step `upto` (all without it), from
+def law_points(run: RunShape) -> list[tuple[float, float]]:
+    """(clock, loss) of each logged step's training loss so far, from
     the first step whose loss is within TRANSIENT x the median of them all: a classification
     run's first steps learn the label format (rotten-tomatoes: 6.14, 1.44, then 0.3-0.8;
     bbc-news: 6.75 ... 0.79 over six steps), a drop the law is not about and which would
     otherwise make everything after it look saturated."""
-    points = [(x, y) for s, x, y in run.train_losses if upto is None or s <= upto]
+    points = [(x, y) for _, x, y in run.train_losses]
     if not points:
         return points
     median = statistics.median(y for _, y in points)
@@ -63,8 +63,8 @@ def law_points(run: RunShape, upto: int | None = None) -> list[tuple[float, floa
     return points[start:]
 
 
-def training_law(run: RunShape, step: int, upto: int | None = None) -> dict:
-    """What the training losses logged up to `upto` (default: all so far) say at `step`:
+def training_law(run: RunShape, step: int) -> dict:
+    """What the training losses logged so far say at `step`:
     the loss level now (the mean of the last third of the points), the improvement rate
     per unit of clock between the middle and the last third (the first third, with the
     run's fastest early drop, is left out), its upper bound (+ RATE_Z
@@ -72,7 +72,7 @@ def training_law(run: RunShape, step: int, upto: int | None = None) -> dict:
     the run kept improving at that upper rate over the clock left — an over-estimate, since
     the rate only falls, so a noisy flat stretch never reads as saturation. {"reason"} alone
     while there are too few losses."""
-    points = law_points(run, upto)
+    points = law_points(run)
     needed = max(8, math.ceil(MIN_LAW_SHARE * run.total_steps))
     if len(points) < needed:
         return {"reason": f"{len(points)} training losses, the law needs {needed}"}
