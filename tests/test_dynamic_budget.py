@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from salf.choices import DYNAMIC_POLICIES, Registry
 from salf.config import TrainConfig
 from salf.dynamic import Check, DynamicSettings, RunShape, decide
-from salf.dynamic.budget import ceiling, guard, probe_wanted, training_law
+from salf.dynamic.budget import READ_SHARE, ceiling, charged, guard, probe_wanted, share_allowed, training_law
 from salf.errors import SalfError
 
 L = 8
@@ -120,6 +120,40 @@ def test_the_guard_undoes_a_move_the_loss_did_not_take_and_caps_later_moves():
     assert ceiling(undone, run) == 0 and not probe_wanted(SETTINGS, undone, run)
 
 
+def test_one_move_freezes_at_most_max_move_of_the_layers():
+    """A saturated run the budget lets freeze to L - 1 at once moves ceil(0.3 x 8) = 3 layers
+    with the bound, and goes on from there at the next read."""
+    history = [_read(0, 0, [0.0] * (L + 1)), _read(12, 0, SHARES)]
+    run = _run(120, _losses(12, flat_after=3))
+    bounded = DynamicSettings(policy="salf-budget", max_move=0.3)
+    decision = decide(bounded, history, run)
+    assert decision.eof == 3 and decision.details["depth"] == L - 1
+    assert "one move's bound" in decision.reason
+    assert decision.details["share"] == SHARES[3]
+    later = [*history, _read(36, 3, SHARES[:4] + [0.0] * 5)]     # frozen spaces stop moving
+    assert decide(bounded, later, _run(120, _losses(36, flat_after=3))).eof == 6
+    assert decide(SETTINGS, history, run).eof == L - 1              # 0: no bound
+
+
+def test_hindsight_accounting_frees_what_a_move_no_longer_puts_at_stake():
+    """A move made while R was large (the early noise) spent the whole budget for good under
+    "fixed"; re-read in hindsight, once the run has flattened, it is charged its share of the
+    little improvement made since plus the little still ahead, so a later move is allowed."""
+    run = _run(120, _losses(100, flat_after=30))
+    law = training_law(run, 100)
+    move = _read(20, 0, SHARES)
+    move.given_up, move.share = SETTINGS.tolerance * law["level"], 0.05   # the whole budget
+    history = [_read(0, 0, [0.0] * (L + 1)), move, Check(step=100, eof=3, progress=100.0)]
+    fixed = DynamicSettings(policy="salf-budget")
+    hindsight = DynamicSettings(policy="salf-budget", accounting="hindsight")
+    assert share_allowed(fixed, history, run, law) == 0.0
+    made = training_law(run, 20)["level"] - law["level"]
+    assert charged(hindsight, history, run, law) == pytest.approx(0.05 * (made + law["remaining"]))
+    assert share_allowed(hindsight, history, run, law) > READ_SHARE
+    undone = [*history, Check(step=110, eof=0, progress=110.0)]   # an undone move keeps its charge
+    assert charged(hindsight, undone, run, law) == move.given_up
+
+
 def test_only_an_undo_may_move_the_cut_back():
     from salf.dynamic.policies import Decision
 
@@ -130,9 +164,21 @@ def test_only_an_undo_may_move_the_cut_back():
 
 def test_budget_settings_are_checked_by_name():
     for bad in (dict(tolerance=-0.1), dict(min_saving=2.0), dict(probe_budget=float("nan")),
-                dict(law_checks=0), dict(guard="yes")):
+                dict(law_checks=0), dict(guard="yes"), dict(max_move=1.5),
+                dict(accounting="later")):
         with pytest.raises(SalfError, match="dynamic"):
             DynamicSettings(policy="salf-budget", **bad)
+
+
+def test_settings_added_later_stay_out_of_the_record_at_the_published_value():
+    """A run recorded before max_move/accounting existed (its run.json, a sweep cell, a
+    checkpoint) records the same settings as one made now at their defaults, so it resumes;
+    set, they are recorded."""
+    recorded = DynamicSettings(policy="salf-budget").to_dict()
+    assert "max_move" not in recorded and "accounting" not in recorded
+    assert DynamicSettings.from_dict(recorded) == DynamicSettings(policy="salf-budget")
+    changed = DynamicSettings(policy="salf-budget", max_move=0.2, accounting="hindsight").to_dict()
+    assert changed["max_move"] == 0.2 and changed["accounting"] == "hindsight"
 
 
 # ----------------------------------------------------------------------------- an undone move

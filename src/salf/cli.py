@@ -175,7 +175,7 @@ def add_config_options(g, config_cls, defaults: dict | None = None, helps: dict 
 
 def _add_dynamic_args(p: argparse.ArgumentParser):
     """Dynamic freezing: the cut moves deeper while training (docs/method.md)."""
-    from .dynamic.settings import CLOCKS, FLAGS, PLASTICITY, POLICIES, DynamicSettings
+    from .dynamic.settings import ACCOUNTING, CLOCKS, FLAGS, PLASTICITY, POLICIES, DynamicSettings
 
     d = DynamicSettings()
     g = p.add_argument_group("dynamic freezing (the cut moves deeper while training; docs/method.md)")
@@ -217,9 +217,16 @@ def _add_dynamic_args(p: argparse.ArgumentParser):
                                        "FLOPs over the steps left"),
             ("probe_budget", float, "F", "the probe's reads stay within F of the run's FLOPs"),
             ("law_checks", int, "N", "checks per run; each reads the training loss (free), the "
-                                     "probe only where a move could be allowed")):
+                                     "probe only where a move could be allowed"),
+            ("max_move", float, "F", "a move freezes at most F of the model's layers (rounded up; "
+                                     "0: no bound)")):
         g.add_argument(FLAGS[name], dest=name, type=kind, default=None, metavar=metavar,
                        help=f"salf-budget: {text} (default {getattr(d, name):g})")
+    g.add_argument(FLAGS["accounting"], dest="accounting", choices=ACCOUNTING, default=None,
+                   help="salf-budget: what a move is charged against the loss budget: fixed (its "
+                        "upper-bound cost when made) or hindsight (re-read at every check: the "
+                        "improvement made since the move plus what is still ahead, times its "
+                        f"share) (default {d.accounting})")
     g.add_argument(FLAGS["guard"], dest="guard", action=argparse.BooleanOptionalAction, default=None,
                    help="salf-budget: undo a move when the training loss over the steps since it "
                         "rose beyond the noise from as many steps before it (default: on)")

@@ -214,7 +214,8 @@ class DynamicFreezeCallback(TrainerCallback):
         self.record.history.append(check)
         # under DDP every rank probes its replica; rank 0's decision moves every rank's cut
         decision = distributed.from_main(decide(self.settings, self.record.history, self._run))
-        check.given_up = decision.details.get("given_up") if decision.eof > check.eof else None
+        if decision.eof > check.eof:
+            check.given_up, check.share = decision.details.get("given_up"), decision.details.get("share")
         if decision.eof < check.eof and distributed.world_size() > 1 and decision.eof < self._wrap_eof:
             # DDP's buckets hold only what trained at the wrap: nothing below it can rejoin
             decision = Decision(check.eof, f"hold: {decision.reason} — not below eof {self._wrap_eof}, "

@@ -43,6 +43,7 @@ class Check:
     probe_from_layer: int | None = None  # the probe read ran decoder layers from here up
     shift: list[float] | None = None     # per space: mean |Δ cos(t_l, b_y)| since the last read
     given_up: float | None = None        # salf-budget: the loss the move decided here gives up
+    share: float | None = None           # salf-budget: the share ρ of the layers that move froze
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -17,9 +17,12 @@ FLAGS = {"policy": "--dynamic", "tau": "--plasticity-share", "epsilon": "--remai
          "min_points": "--law-points", "max_eof": "--deepest-cut", "start": "--freeze-start",
          "percentile": "--rate-percentile", "tolerance": "--loss-tolerance",
          "min_saving": "--min-saving", "probe_budget": "--probe-budget", "law_checks": "--law-checks",
-         "guard": "--undo-guard"}
+         "guard": "--undo-guard", "max_move": "--max-move", "accounting": "--budget-accounting"}
 CLOCKS = ("lr-area", "steps")
 PLASTICITY = ("shift", "deviation")
+ACCOUNTING = ("fixed", "hindsight")
+# settings added after cells were published, with the value those cells ran with
+LATER = {"max_move": 0.0, "accounting": "fixed"}
 # what each policy needs measured at a check
 NEEDS = {c.name: set(c.needs) for c in DYNAMIC_POLICIES}
 
@@ -54,6 +57,11 @@ class DynamicSettings:
               is read only at checks where the budget could allow a move).
     guard     salf-budget: undo a move when the training loss since it rose beyond the noise
               from as many steps before it.
+    max_move  salf-budget: a move freezes at most this share of the model's layers (rounded
+              up; 0: no bound — the setting of the first published cells, commit 6436724).
+    accounting  salf-budget: what a move is charged against the budget: "fixed", its
+              upper-bound cost when it was made (ρ·R then); "hindsight", re-read at every
+              check as ρ × (the improvement made since the move + R now).
     """
 
     policy: str = "salf"
@@ -72,6 +80,8 @@ class DynamicSettings:
     probe_budget: float = 0.01
     law_checks: int = 40
     guard: bool = True
+    max_move: float = 0.0
+    accounting: str = "fixed"
 
     def __post_init__(self):
         self.validate()
@@ -81,11 +91,15 @@ class DynamicSettings:
         if self.plasticity not in PLASTICITY:
             raise SalfError(f"{_named('plasticity')} must be one of {', '.join(PLASTICITY)}, "
                             f"got {self.plasticity!r}")
+        if self.accounting not in ACCOUNTING:
+            raise SalfError(f"{_named('accounting')} must be one of {', '.join(ACCOUNTING)}, "
+                            f"got {self.accounting!r}")
         if self.clock not in CLOCKS:
             raise SalfError(f"{_named('clock')} must be one of {', '.join(CLOCKS)}, got {self.clock!r}")
         for name, lo, hi in (("tau", 0.0, math.inf), ("epsilon", 0.0, math.inf),
                              ("percentile", 0.0, 100.0), ("tolerance", 0.0, 1.0),
-                             ("min_saving", 0.0, 1.0), ("probe_budget", 0.0, 1.0)):
+                             ("min_saving", 0.0, 1.0), ("probe_budget", 0.0, 1.0),
+                             ("max_move", 0.0, 1.0)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
                 raise SalfError(f"{_named(name)} must be a number in [{lo:g}, {hi:g}], got {value!r}")
@@ -118,7 +132,11 @@ class DynamicSettings:
         return set(DYNAMIC_POLICIES.get(self.policy)[0].needs)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as recorded (run.json, sweep cells); a setting added after runs were
+        published is left out while it keeps the value those runs had, so their records —
+        and a resume of their checkpoints — still match."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in LATER or v != LATER[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DynamicSettings":
