@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from salf.analysis import trace
+from salf.config import TraceConfig
 from salf.data import load_dataset_spec
 from salf.models import anatomy, load_model
 from salf.data import make_batches, sample_rows
@@ -42,6 +43,7 @@ def main():
     rows = sample_rows(ds.splits["train"], args.samples, 0, "bench")
     batches = make_batches(ds.task, tok, rows, args.batch_size, args.max_length)
     label_ids = ds.task.label_token_ids(tok) if ds.task.kind == "classification" else None
+    config = TraceConfig(task_kind=ds.task.kind, label_token_ids=label_ids, progress=False)
     base = getattr(model, model.base_model_prefix)
 
     def pos(b):
@@ -60,7 +62,7 @@ def main():
                      position_ids=pos(b), use_cache=False)
 
     def run_trace():
-        trace(model, anat, batches, ds.task.kind, label_token_ids=label_ids, progress=False)
+        trace(model, anat, batches, config)
 
     variants = {"forward": forward, "forward-body": forward_body, "trace": run_trace}
     times = {k: [] for k in variants}
@@ -74,8 +76,8 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
 
     with tempfile.TemporaryDirectory() as tmp:
-        analyze(args.model, args.dataset, out_dir=tmp, samples=16, loaded=(model, tok, info),
-                dataset=ds, progress=False)
+        analyze(args.model, args.dataset, out_dir=tmp, config=TraceConfig(samples=16, progress=False),
+                loaded=(model, tok, info), dataset=ds)
         plan_times = []
         for policy in ("max-gain", "paper", "onset", "knee", "budget=0.5") * 2:
             t = time.perf_counter()

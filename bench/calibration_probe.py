@@ -29,10 +29,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from salf.config import TrainConfig
-from salf.cost import ModelShape, cost_curve
+from salf.cost import ModelShape, StepSettings, cost_curve
 from salf.data import load_dataset_spec
 from salf.models import anatomy, load_model
-from salf.finetune import run_training
+from salf.finetune import RunOptions, run_training
 from salf.plan import FreezePlan
 
 OUT = Path(__file__).parent / "results" / "calibration-probe"
@@ -79,15 +79,15 @@ def main(argv=None) -> int:
         anat = anatomy(model)
         plan = FreezePlan.manual(k, anat.num_layers, head="frozen",
                                  model=dict(info.to_dict(), tied=anat.tied))
-        curve = cost_curve(ModelShape.from_model(model), args.max_length, args.batch_size,
-                           loss_positions="last" if kind == "classification" else "all",
-                           head="frozen", include_full=True)
+        step = StepSettings(args.max_length, args.batch_size,
+                            loss_positions="last" if kind == "classification" else "all", head="frozen")
+        curve = cost_curve(ModelShape.from_model(model), step, include_full=True)
         work = Path(tempfile.mkdtemp(prefix="salf-probe-"))
         t0 = time.perf_counter()
         config = TrainConfig(seed=args.seed, progress=False, max_steps=args.steps,
                              batch_size=args.batch_size, max_length=args.max_length, lr=args.lr)
-        m = run_training(args.model, ds, plan, work, config, loaded=(model, tok, info), eval_samples=0,
-                         callbacks=[StopAfter(args.probe_steps)])
+        m = run_training(args.model, ds, plan, work, config, loaded=(model, tok, info),
+                         run=RunOptions(eval_samples=0), callbacks=[StopAfter(args.probe_steps)])
         wall = time.perf_counter() - t0
         shutil.rmtree(work, ignore_errors=True)
         losses = [p["loss"] for p in m["train"]["loss_curve"]]

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from salf.cost import ModelShape, cost_curve
+from salf.cost import ModelShape, StepSettings, cost_curve
 from salf.data import load_dataset_spec
 from salf.models import anatomy, load_model
 from salf.data import make_batches, sample_rows
@@ -128,10 +128,10 @@ def main():
                 times[v].append(time.perf_counter() - t)
     del state
     shape = ModelShape.from_model(load_model("smollm2-135m")[0])
-    pred = cost_curve(shape, args.length, args.batch, loss_positions="last", machine="cpu",
+    pred = cost_curve(shape, StepSettings(args.length, args.batch, loss_positions="last", machine="cpu"),
                       include_full=True)
-    pred_lora = cost_curve(shape, args.length, args.batch, loss_positions="last", machine="cpu",
-                           lora_rank=16, include_full=True)
+    pred_lora = cost_curve(shape, StepSettings(args.length, args.batch, loss_positions="last", lora_rank=16,
+                                               machine="cpu"), include_full=True)
     full_t = statistics.median(times["full"])
     rows = []
     for v in variants:

@@ -27,7 +27,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from salf.cost import ModelShape, cost_curve
+from salf.cost import ModelShape, StepSettings, cost_curve
 from salf.plan import FreezePlan
 from salf.train.freeze import LoraSettings, apply_plan
 
@@ -112,17 +112,15 @@ def variants(L, tied, cuts):
 def predicted_ratio(shape, kind, k, B, T, machine, dtype_bytes):
     """The cost model's step-time ratio vs full for this variant (None where not modelled)."""
     tied = SHAPES[shape]["tie_word_embeddings"]
-    kw = dict(loss_positions="all", dtype_bytes=dtype_bytes, machine=machine, attention="causal",
-              include_full=True)
+    kw = dict(loss_positions="all", dtype_bytes=dtype_bytes, machine=machine, attention="causal")
     if kind == "full":
         return 1.0
     if kind in ("salf", "plain", "gc"):
-        curve = cost_curve(SHAPE_CACHE[shape], T, B, head="frozen" if tied else "trainable",
-                           gradient_checkpointing=kind == "gc", **kw)
-        return curve[k]["step_time_ratio"]
+        step = StepSettings(T, B, head="frozen" if tied else "trainable", gradient_checkpointing=kind == "gc", **kw)
+        return cost_curve(SHAPE_CACHE[shape], step, include_full=True)[k]["step_time_ratio"]
     if kind == "lora":
-        curve = cost_curve(SHAPE_CACHE[shape], T, B, head="frozen", lora_rank=16, **kw)
-        return curve[k]["step_time_ratio"]
+        step = StepSettings(T, B, head="frozen", lora_rank=16, **kw)
+        return cost_curve(SHAPE_CACHE[shape], step, include_full=True)[k]["step_time_ratio"]
     return None
 
 

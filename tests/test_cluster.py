@@ -17,7 +17,7 @@ from datafiles import reviews_csv
 from salf.cli import main
 from salf.cluster import (BF16_MIXED, ENGINES, check_cluster, cluster_curve, precision_for,
                           table_cuts)
-from salf.cost import ModelShape, cost_curve
+from salf.cost import ModelShape, StepSettings, cost_curve
 from salf.errors import SalfError
 
 SEQ, BATCH = 96, 4
@@ -38,7 +38,7 @@ def _curve(shape, ranks, engine, **kw):
 # Formulas
 
 def test_one_fp32_rank_costs_what_the_one_device_model_says(smollm2):
-    one_device = cost_curve(smollm2, SEQ, BATCH, machine="cpu", include_full=True)
+    one_device = cost_curve(smollm2, StepSettings(SEQ, BATCH, machine="cpu"), include_full=True)
     ranked = _curve(smollm2, 1, "ddp")      # one process: no DDP wrapper, no buckets
     assert len(ranked) == len(one_device) == smollm2.num_layers + 2
     for single, rank in zip(one_device, ranked):

@@ -313,10 +313,13 @@ def test_step_settings_are_checked_once():
     from salf.plan import HEADS
 
     shape = _smollm2_shape()
-    s = StepSettings.check(shape, 128, 8, loss_positions=16, lora_rank=4, lora_targets=["q_proj", "v_proj"],
-                           machine="cpu")
+    given = StepSettings(128, 8, loss_positions=16, lora_rank=4, lora_targets=["q_proj", "v_proj"],
+                         machine="cpu")
+    s = given.check(shape)
     assert (s.tokens, s.loss_tokens, s.machine) == (8 * 128, 8 * 16, MACHINES["cpu"])
     assert [name for name, _, _ in s.lora_targets] == ["q_proj", "v_proj"]
+    assert (given.lora_targets, given.machine) == (("q_proj", "v_proj"), "cpu")    # as given
+    assert s.check(shape) == s                   # checking the checked copy changes nothing
     with pytest.raises(AttributeError):          # frozen: every cut of a curve sees the same settings
         s.head = "untied-copy"
     with pytest.raises(SalfError, match="no LoRA target"):
@@ -326,6 +329,58 @@ def test_step_settings_are_checked_once():
     assert [cost_curve(untied, 128, 8, head=h, machine="cpu")[30]["valid"] for h in HEADS] == [False, True, True]
     with pytest.raises(SalfError, match=f"cost model: head must be one of {', '.join(HEADS)}"):
         cost_curve(untied, 128, 8, head="half", machine="cpu")
+
+
+@pytest.mark.parametrize("bad", [dict(seq_len=0), dict(batch_size=-1), dict(loss_positions="first"),
+                                 dict(optimizer="lion"), dict(dtype_bytes=3), dict(head="half"),
+                                 dict(lora_rank=0), dict(attention="flash2")])
+def test_a_bad_step_setting_is_refused_when_made_and_named(bad):
+    from salf.cost import StepSettings
+
+    (field, value), = bad.items()
+    with pytest.raises(SalfError, match=f"^cost model: .*{field}.*{value!r}"):
+        StepSettings(**dict(dict(seq_len=128, batch_size=8), **bad))
+
+
+def test_step_settings_that_depend_on_the_model_are_refused_by_check():
+    from salf.cost import StepSettings
+
+    shape = _smollm2_shape()     # tied
+    for bad, match in ((dict(head="trainable"), "head 'trainable' is impossible with tied"),
+                       (dict(lora_rank=4, lora_targets=["wq"]), "no LoRA target among"),
+                       (dict(machine="tpu"), "unknown machine 'tpu'")):
+        step = StepSettings(128, 8, **bad)
+        with pytest.raises(SalfError, match=match):
+            step.check(shape)
+        with pytest.raises(SalfError, match=match):
+            cost_curve(shape, step)
+
+
+def test_the_settings_object_is_one_form_of_the_arguments():
+    """StepSettings, or its fields as cost_curve's loose arguments (older code): same numbers,
+    on the settings the tests of this file cover; mixing the two forms is refused."""
+    from salf.cost import StepSettings, layer_set_cost
+
+    smol, big = _smollm2_shape(), _llama1b_shape()
+    cases = [(smol, 128, 8, dict(loss_positions=lp, machine="cpu")) for lp in ("last", "all", 16)]
+    cases += [(smol, 128, 8, dict(head="untied-copy", machine="cpu")),
+              (smol, 128, 8, dict(lora_rank=4, lora_targets=["q_proj", "v_proj"], machine="cpu")),
+              (smol, 32, 2, dict(attention="eager", gradient_checkpointing=True, machine="cpu")),
+              (smol, 128, 8, dict(loss_positions="last", machine=Machine("ideal", 1e12, float("inf")))),
+              (big, 1024, 8, dict(dtype_bytes=2, machine="h200")),
+              (big, 1024, 8, dict(dtype_bytes=2, lora_rank=16, machine="h200")),
+              (big, 1024, 8, dict(dtype_bytes=2, gradient_checkpointing=True, machine="h200"))]
+    for shape, seq, batch, kw in cases:
+        step = StepSettings(seq, batch, **kw)
+        assert cost_curve(shape, step, include_full=True) == cost_curve(shape, seq, batch, include_full=True, **kw)
+        assert cost_curve(shape, step) == cost_curve(shape, seq_len=seq, batch_size=batch, **kw)
+        assert layer_set_cost(shape, [0, 5], step) == layer_set_cost(shape, [0, 5], seq, batch, **kw)
+        assert full_cost(shape, seq, batch, **kw) == cost_curve(shape, step, include_full=True)[-1]
+    step = StepSettings(128, 8)
+    for mixed in (lambda: cost_curve(smol, step, 8), lambda: cost_curve(smol, step, head="frozen"),
+                  lambda: cost_curve(smol, 128, 8, seq_len=128), lambda: cost_curve(smol, 128, 8, heads="x")):
+        with pytest.raises(TypeError):
+            mixed()
 
 
 def test_table_and_plan_prediction_are_json_ready():

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from salf.config import TrainConfig
-from salf.cost import ModelShape, forward_flops
+from salf.cost import ModelShape, StepSettings, forward_flops
 from salf.data import ClassificationTask, collate, encode, pad_token_id
 from salf.dynamic import (DynamicFreezeCallback, DynamicSettings, Probe, check_steps, moving_cut,
                           schedule_cost)
@@ -139,8 +139,11 @@ def test_integrated_cost_of_a_two_move_schedule_matches_the_flop_counter(tmp_pat
     with FlopCounterMode(display=False) as counter:
         trainer.train()
     assert callback.schedule == [[0, 0], [2, 1], [4, 2]]
-    cost = schedule_cost(ModelShape.from_model(model), callback.schedule, 6, seq_len=T, batch_size=4,
-                         loss_positions="last", attention="eager")
+    step = StepSettings(T, 4, loss_positions="last", attention="eager")
+    cost = schedule_cost(ModelShape.from_model(model), callback.schedule, 6, step)
+    # the loose keywords of older code give the same numbers
+    assert schedule_cost(ModelShape.from_model(model), callback.schedule, 6, seq_len=T, batch_size=4,
+                         loss_positions="last", attention="eager") == cost
     assert cost["matmul_flops"] == pytest.approx(counter.get_total_flops(), rel=0.05)
     assert cost["steps_at_eof"] == {"0": 2, "1": 2, "2": 2}
     assert 0 < cost["flops_ratio"] < 1

@@ -170,12 +170,12 @@ def test_from_json_missing_file(tmp_path):
 def test_prediction_from_cost_model_fits_in_plan(tmp_path):
     import transformers
 
-    from salf.cost import ModelShape, cost_curve, plan_prediction
+    from salf.cost import ModelShape, StepSettings, cost_curve, plan_prediction
 
     shape = ModelShape.from_config(transformers.LlamaConfig(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True))
-    entry = cost_curve(shape, 128, 8, loss_positions="last", machine="cpu")[22]
+    entry = cost_curve(shape, StepSettings(128, 8, loss_positions="last", machine="cpu"))[22]
     plan = FreezePlan.manual(22, 30, model={"tied": shape.tied}, predicted=plan_prediction(entry))
     again = FreezePlan.from_json(plan.to_json(tmp_path / "p.json"))
     assert again.predicted["flops_ratio"] == pytest.approx(entry["flops_ratio"])

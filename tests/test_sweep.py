@@ -69,7 +69,7 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch, bench_modul
     kept.write_text(json.dumps(old))
     # a layer-set cell from before set costs counted only the trained layers: charged as
     # its lowest layer's prefix (cost of cut 1); --report-only recomputes it
-    from salf.cost import ModelShape, layer_set_cost
+    from salf.cost import ModelShape, StepSettings, layer_set_cost
     from salf.models import load_model
 
     assert old["cost_basis"] == "trained-layers"
@@ -78,8 +78,8 @@ def test_tiny_sweep_schema_and_resume(tmp_path, capsys, monkeypatch, bench_modul
                                                            layers=[1, 3], selector="spectrum")))
     assert main(argv + ["--report-only"]) == 0
     fixed = json.loads((cells / "set-1_3-s1.json").read_text())
-    want = layer_set_cost(ModelShape.from_model(load_model("tiny-llama")[0]), [1, 3], 96, 4,
-                          loss_positions="last")["flops_ratio"]
+    want = layer_set_cost(ModelShape.from_model(load_model("tiny-llama")[0]), [1, 3],
+                          StepSettings(96, 4, loss_positions="last"))["flops_ratio"]
     assert fixed["cost_basis"] == "trained-layers" and fixed["cost"] == pytest.approx(want)
     assert costs[3] < fixed["cost"] < costs[1]
     (cells / "set-1_3-s1.json").unlink()

@@ -219,7 +219,8 @@ def analyze(model, data, *, tokenizer=None, collator=None, policy: str = DEFAULT
     (`smollm2-135m`, a local folder) with `data` a dataset spec (built-in name, .csv/.jsonl
     path), as `salf analyze` takes them. `samples` rows are read (a seeded sample), `policy`
     picks the cut (`salf plan --help`), `head` is the plan's head; `out_dir` also writes
-    trace.json, plan.json, report.md and trace.png there.
+    trace.json, plan.json, report.md and trace.png there. (The options go into a
+    salf.config.TraceConfig, checked before anything is read.)
 
     Example::
 
@@ -228,26 +229,33 @@ def analyze(model, data, *, tokenizer=None, collator=None, policy: str = DEFAULT
         print(analysis.plan.describe())     # freeze embeddings + layers 1-12 of 30, train 13-30, ...
         model = salf.freeze(model, analysis.plan)
     """
+    from .config import TraceConfig
+
+    config = TraceConfig(policy=policy, samples=samples, head=head)
     if isinstance(model, (str, os.PathLike)):
         from .pipeline import analyze as analyze_spec
 
         if not isinstance(data, (str, os.PathLike)):
             raise ArgumentTypeError("salf.analyze: with a model spec, data must be a dataset spec (a built-in "
                                     f"name or a file path), got {type(data).__name__}")
-        return analyze_spec(str(model), str(data), out_dir=out_dir, samples=samples, policy=policy, head=head)
+        return analyze_spec(str(model), str(data), out_dir=out_dir, config=config)
     if not isinstance(model, torch.nn.Module):
         raise ArgumentTypeError(f"salf.analyze: model must be a torch.nn.Module or a model spec, "
                                 f"got {type(model).__name__}")
-    batches = lm_batches(data, collator=collator, tokenizer=tokenizer, rows=samples, what="salf.analyze data")
-    result = _analysis(model, batches, policy, head)
+    batches = lm_batches(data, collator=collator, tokenizer=tokenizer, rows=config.samples,
+                         what="salf.analyze data")
+    result = _analysis(model, batches, config)
     if out_dir is not None:
         _write(Path(out_dir), result)
     return result
 
 
-def _analysis(model, batches: list[dict], policy: str, head: str):
-    """Trace, cost table and cut of `model` on the LM batches (pipeline.analyze's steps)."""
-    from .analysis import choose_cut, trace
+def _analysis(model, batches: list[dict], config):
+    """Trace, cost table and cut of `model` on the LM batches (pipeline.analyze's steps), with
+    the TraceConfig `config`'s policy and head."""
+    from dataclasses import replace
+
+    from .analysis import TraceMeta, choose_cut, trace
     from .cost import ModelShape, cost_table, plan_prediction
     from .data import sample_hash
     from .models import anatomy, weights_hash
@@ -265,18 +273,18 @@ def _analysis(model, batches: list[dict], policy: str, head: str):
     model.eval()
     try:
         with torch.no_grad():
-            tr = trace(model, anat, batches, "sft", progress=False, model_info=info, data_info=data_info,
-                       shapes=shape.to_dict())
+            tr = trace(model, anat, batches, replace(config, task_kind="sft", progress=False),
+                       meta=TraceMeta(model=info, data=data_info, shapes=shape.to_dict()))
     finally:
         model.train(was_training)
     seq_len = max(1, sorted(tokens)[len(tokens) // 2])
-    cost = cost_table(shape, seq_len, BATCH_SIZE, loss_positions="all", head=head)
+    cost = cost_table(shape, seq_len, BATCH_SIZE, loss_positions="all", head=config.head)
     tr.extra["cost"] = cost
-    choice = choose_cut(tr, policy, cost=[c["flops_ratio"] for c in cost["cuts"]])
+    choice = choose_cut(tr, config.policy, cost=[c["flops_ratio"] for c in cost["cuts"]])
     k = choice["eof"]
     predicted = dict(plan_prediction(cost["cuts"][k]), benefit=choice["benefit"],
                      predicted_deviation=choice["predicted"])
-    plan = FreezePlan(eof=k, num_layers=anat.num_layers, head=head, policy=choice["policy"],
+    plan = FreezePlan(eof=k, num_layers=anat.num_layers, head=config.head, policy=choice["policy"],
                       policy_params=choice["params"], reason=choice["reason"], model=info,
                       data=dict(tr.data), predicted=predicted)
     return Analysis(trace=tr, plan=plan, choice=choice, cost=cost)

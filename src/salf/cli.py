@@ -19,10 +19,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
 from .choices import CUT_POLICIES
-from .config import TrainConfig, flag_of
+from .config import CLI_HEADS, TraceConfig, TrainConfig, flag_of
 from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_FINETUNE_STEPS, DEFAULT_POLICY, default_save_steps
 from .errors import SalfError
-from .plan import HEADS
 
 MANUAL = """\
 salf finds *where* to fine-tune a language model. It reads how the pretrained
@@ -49,10 +48,7 @@ environment: SALF_CACHE (default ~/.cache/salf) holds provisioned models and dat
 Errors are one line on stderr with exit code 2.
 """
 
-# The heads a flag can ask for. "untied-copy" trains the head of tied and untied models
-# alike, so the flags leave out "trainable" (refused on tied models; plans may hold it).
-CLI_HEADS = tuple(h for h in HEADS if h != "trainable")
-
+# CLI_HEADS (salf.config): the heads a flag can ask for (every one but "trainable").
 POLICY_CHOICES = " | ".join(CUT_POLICIES.labels())
 
 
@@ -112,20 +108,10 @@ def _add_data_args(p: argparse.ArgumentParser):
 
 
 def _add_analysis_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("analysis")
-    g.add_argument("--samples", type=int, default=DEFAULT_ANALYSIS_SAMPLES,
-                   help="analysis examples (default %(default)s)")
-    g.add_argument("--policy", default=DEFAULT_POLICY, metavar="POLICY",
-                   help=f"how to choose the cut: {POLICY_CHOICES} (B = max predicted training cost "
-                        "relative to full fine-tuning, e.g. budget=0.5; docs/method.md); "
-                        "default %(default)s")
-    g.add_argument("--max-targets", type=int, default=16,
-                   help="SFT: response positions sampled per example (default %(default)s)")
-    g.add_argument("--logit-lens", action="store_true",
-                   help="also record full-vocabulary logit-lens cross-entropy per space")
-    g.add_argument("--head", choices=CLI_HEADS, default="frozen",
-                   help="output head: keep it frozen, or train an untied copy (V x d parameters); "
-                        "default %(default)s")
+    """The analysis options analyze and finetune share, generated from TraceConfig's fields
+    of cli_group "analysis" (salf.config), as the training options are from TrainConfig's."""
+    add_config_options(p.add_argument_group("analysis"), TraceConfig,
+                       fields=TraceConfig.cli_fields("analysis"))
 
 
 def _add_train_args(p: argparse.ArgumentParser, max_steps: int | None):
@@ -155,12 +141,14 @@ def _add_train_args(p: argparse.ArgumentParser, max_steps: int | None):
                       help="comma-separated module names (default: every attention/MLP projection)")
 
 
-def add_config_options(g, config_cls, defaults: dict | None = None, helps: dict | None = None) -> None:
-    """One option per field of `config_cls` with a flag in its metadata (salf.config.option):
-    bool fields are switches, int/float/str fields take a value (str ones among `choices`);
-    the default is the verb's (`defaults`), else the field's `cli_default`, else its own."""
+def add_config_options(g, config_cls, defaults: dict | None = None, helps: dict | None = None,
+                       fields=None) -> None:
+    """One option per field of `config_cls` with a flag in its metadata (salf.config.option),
+    or per field of `fields` (some of them): bool fields are switches, int/float/str fields
+    take a value (str ones among `cli_choices`, else `choices`); the default is the verb's
+    (`defaults`), else the field's `cli_default`, else its own."""
     defaults, helps = defaults or {}, helps or {}
-    for f in config_cls.cli_fields():
+    for f in config_cls.cli_fields() if fields is None else fields:
         meta = f.metadata
         default = defaults.get(f.name, meta.get("cli_default", f.default))
         kind = str(f.type).split("|")[0].strip()
@@ -170,6 +158,8 @@ def add_config_options(g, config_cls, defaults: dict | None = None, helps: dict 
         else:
             options.update(default=default, type={"int": int, "float": float}.get(kind, str))
             options.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
+            if "cli_choices" in meta:
+                options["choices"] = meta["cli_choices"]
         g.add_argument(flag_of(f.name, meta), dest=f.name, **options)
 
 
@@ -303,13 +293,7 @@ def _add_analyze(sub):
     _add_model_args(p)
     _add_data_args(p)
     _add_analysis_args(p)
-    p.add_argument("--split", default="train", help="split the analysis reads (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="analysis batch size (default %(default)s)")
-    p.add_argument("--max-length", type=int, default=128,
-                   help="tokens per example (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the analysis sample and SFT target positions (default %(default)s)")
+    add_config_options(p, TraceConfig, fields=TraceConfig.cli_fields("analyze"))
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for trace.json, plan.json, report.md, trace.png (created)")
 

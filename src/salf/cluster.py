@@ -202,14 +202,14 @@ def cluster_curve(shape: ModelShape, seq_len: int, batch_size: int, ranks: int,
     peak) per rank, `collectives` (payload bytes), `comm` and `comm_bytes` (bytes each
     rank sends in one optimizer step).
     """
-    from .cost import OPTIMIZER_STATES, cost_curve
+    from .cost import OPTIMIZER_STATES, StepSettings, cost_curve
 
     check_cluster(ranks, engine)
     if settings.get("lora_rank") is not None:
         raise SalfError("cluster cost model: LoRA is not modelled; cost the cut without lora_rank")
     prec = precision_for(settings.get("dtype_bytes", 4), precision)
-    entries = cost_curve(shape, seq_len, batch_size, include_full=True, **settings)
-    n_states = OPTIMIZER_STATES[settings.get("optimizer", "adamw")]   # checked by cost_curve
+    entries = cost_curve(shape, StepSettings(seq_len, batch_size, **settings), include_full=True)
+    n_states = OPTIMIZER_STATES[settings.get("optimizer", "adamw")]   # checked by StepSettings
     return [_rank_cost(shape, e, ranks, engine, prec, n_states) for e in entries]
 
 

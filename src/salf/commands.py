@@ -115,15 +115,23 @@ def cmd_datasets(parser, args) -> int:
 
 
 # ---------------------------------------------------------------- analyze / plan
+def trace_config(args):
+    """The TraceConfig of the analysis flags: all of `salf analyze`'s, the shared "analysis"
+    group of another verb's (its --batch-size, --seed, ... are the training run's). Checked
+    when made: its ConfigError names the field, `dispatch` the flag (salf.config)."""
+    from .config import TraceConfig
+
+    fields = TraceConfig.cli_fields(None if args.verb == "analyze" else "analysis")
+    return TraceConfig(**{f.name: getattr(args, f.name) for f in fields})
+
+
 def cmd_analyze(parser, args) -> int:
     from .data import load_dataset_spec
     from .pipeline import analyze
 
+    config = trace_config(args)
     ds = load_dataset_spec(args.dataset, **data_kwargs(args))  # data errors before the model loads
-    result = analyze(args.model, args.dataset, out_dir=args.out, samples=args.samples,
-                     split=args.split, policy=args.policy, batch_size=args.batch_size,
-                     max_length=args.max_length, max_targets=args.max_targets,
-                     logit_lens=args.logit_lens, head=args.head, seed=args.seed,
+    result = analyze(args.model, args.dataset, out_dir=args.out, config=config,
                      data_kwargs=data_kwargs(args), trust_remote_code=args.trust_remote_code,
                      dataset=ds)
     print_trace_table(result)
@@ -226,8 +234,7 @@ def cmd_train(parser, args) -> int:
                         allow_different_weights=args.allow_different_weights)
     console.print(f"[bold]plan:[/bold] {plan.describe()}" + (" + LoRA" if args.lora else ""))
     metrics = run_training(args.model, ds, plan, args.out, train_config(args), loaded=loaded,
-                           train_samples=args.train_samples, eval_samples=args.eval_samples,
-                           dynamic=checks.dynamic_settings_of(args))
+                           run=run_options(args))
     print_train_summary(metrics, args.out)
     return 0
 
@@ -290,15 +297,21 @@ def cmd_evaluate(parser, args) -> int:
     return 0
 
 
-def cmd_finetune(parser, args) -> int:
-    from .finetune import finetune
+def run_options(args):
+    """The RunOptions of `salf train/finetune`: --train-samples, --eval-samples, --dynamic."""
+    from .finetune import RunOptions
 
-    s = finetune(args.model, args.dataset, args.out, train_config(args), samples=args.samples,
-                 policy=args.policy, head=args.head, max_targets=args.max_targets,
-                 logit_lens=args.logit_lens, test_samples=args.test_samples,
-                 data_kwargs=data_kwargs(args), trust_remote_code=args.trust_remote_code,
-                 train_samples=args.train_samples, eval_samples=args.eval_samples,
-                 dynamic=checks.dynamic_settings_of(args))
+    return RunOptions(train_samples=args.train_samples, eval_samples=args.eval_samples,
+                      dynamic=checks.dynamic_settings_of(args))
+
+
+def cmd_finetune(parser, args) -> int:
+    from .finetune import FinetuneOptions, finetune
+
+    options = FinetuneOptions(analysis=trace_config(args), test_samples=args.test_samples)
+    s = finetune(args.model, args.dataset, args.out, train_config(args), options=options,
+                 run=run_options(args), data_kwargs=data_kwargs(args),
+                 trust_remote_code=args.trust_remote_code)
     print_finetune_summary(s)
     return 0
 

@@ -13,6 +13,11 @@ It is validated once, when made (`__post_init__`): a `ConfigError` names the fie
 user typed (`--batch-size must be at least 1, got 0`, ConfigError.cli_message).
 run.json holds `TrainConfig.record()` as it is, beside what the run adds (plan, row counts,
 processes, callbacks). See docs/training.md.
+
+`TraceConfig` holds every option of one analysis (`salf.pipeline.analyze`, the trace of
+`salf.analysis.trace`, the cut policy) the same way; its `cli_group` metadata says where the
+CLI offers a flag ("analysis": the group `salf analyze` and `salf finetune` share, "analyze":
+`salf analyze`'s own options).
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from .defaults import DEFAULT_MAX_LENGTH, DEFAULT_SAVE_TOTAL_LIMIT, REPORT_TO
+from .choices import CUT_POLICIES
+from .defaults import (DEFAULT_ANALYSIS_SAMPLES, DEFAULT_MAX_LENGTH, DEFAULT_POLICY,
+                       DEFAULT_SAVE_TOTAL_LIMIT, REPORT_TO)
 from .errors import ConfigError
+from .plan import HEADS
 
 if TYPE_CHECKING:  # salf.train imports torch: this module stays light
     from .train.freeze import LoraSettings
@@ -35,10 +44,18 @@ MAX_SEED = 2**32 - 1
 LOSSES = ("label", "lm")
 DEFAULT_LR = {"lora": 2e-4, "full": 5e-5}
 NO_FLAG = None
+# Temperature of the label-set softmax over cosines. Cosines live in [-1, 1], so
+# TAU = 0.1 spreads them over a logit range of 20: a cosine lead of 0.1 is one nat.
+# A fixed constant (not fitted) so label_ce values are comparable across spaces,
+# models and runs (salf.analysis.TAU).
+TAU = 0.1
+# The heads a flag can ask for. "untied-copy" trains the head of tied and untied models
+# alike, so the flags leave out "trainable" (refused on tied models; plans may hold it).
+CLI_HEADS = tuple(h for h in HEADS if h != "trainable")
 
 
 def option(default, help: str, *, flag: str | None = "", **meta):
-    """A TrainConfig field: its default and metadata (see the module docstring). `flag` ""
+    """A config field: its default and metadata (see the module docstring). `flag` ""
     is the field's own name as a flag (max_steps -> --max-steps); None: no CLI flag."""
     return field(default=default, metadata=MappingProxyType({"help": help, "flag": flag, **meta}))
 
@@ -155,6 +172,96 @@ class TrainConfig:
     def cli_fields(cls) -> list[dataclasses.Field]:
         """The fields the CLI offers as flags, in order."""
         return [f for f in dataclasses.fields(cls) if f.metadata.get("flag") is not None]
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Every option of one analysis (salf.pipeline.analyze; salf.analysis.trace reads the
+    trace's part); checked when made.
+
+    The sample: `samples` rows (None: all) of `split`, drawn with `seed`, encoded in batches
+    of `batch_size` x `max_length` tokens. The trace: at most `max_targets` response
+    positions per SFT example (None: all; drawn with `seed`), `logit_lens` (True: at every
+    space, "last": at the output space only), `tau`, `position_ids_from_mask`,
+    `basis_cache_dir`, `target_cosines` and `progress` (salf.analysis.trace). The task:
+    `task_kind` ("classification", "sft", a task object, or None: from the batches) and
+    `label_token_ids` (classification; `analyze` takes both from the dataset). The plan:
+    `policy` picks the cut, `head` is the plan's head, priced for a training run of
+    `train_batch_size` x `train_max_length` tokens.
+
+    Metadata besides TrainConfig's: `none_ok` (None is accepted: no limit), `words` (strings
+    accepted besides the type's values: logit_lens="last"), `cli_choices` (the CLI offers
+    fewer choices than the library takes) and `cli_group` (module doc).
+    """
+
+    samples: int | None = option(DEFAULT_ANALYSIS_SAMPLES, "analysis examples (default %(default)s)",
+                                 at_least=1, none_ok=True)
+    policy: str = option(DEFAULT_POLICY, "how to choose the cut: "
+                         f"{' | '.join(CUT_POLICIES.labels())} (B = max predicted training cost "
+                         "relative to full fine-tuning, e.g. budget=0.5; docs/method.md); "
+                         "default %(default)s", metavar="POLICY")
+    max_targets: int | None = option(16, "SFT: response positions sampled per example (default "
+                                         "%(default)s)", at_least=1, none_ok=True)
+    logit_lens: bool | str = option(False, "also record full-vocabulary logit-lens cross-entropy "
+                                           "per space", words=("last",))
+    head: str = option("frozen", "output head: keep it frozen, or train an untied copy (V x d "
+                                 "parameters); default %(default)s", choices=HEADS,
+                       cli_choices=CLI_HEADS)
+    split: str = option("train", "split the analysis reads (default %(default)s)",
+                        cli_group="analyze")
+    batch_size: int = option(8, "analysis batch size (default %(default)s)", at_least=1,
+                             cli_group="analyze")
+    max_length: int = option(128, "tokens per example (default %(default)s)", at_least=2,
+                             cli_group="analyze")
+    seed: int = option(0, "seed of the analysis sample and SFT target positions (default "
+                          "%(default)s)", at_least=0, at_most=MAX_SEED, cli_group="analyze")
+    train_batch_size: int = option(16, "batch of the training run the cost model prices",
+                                   flag=NO_FLAG, at_least=1)
+    train_max_length: int = option(96, "tokens per example of that training run", flag=NO_FLAG,
+                                   at_least=1)
+    task_kind: object = option(None, "classification, sft, a task, or None (from the batches)",
+                               flag=NO_FLAG)
+    label_token_ids: list | None = option(None, "first-token id of every label, in label order",
+                                          flag=NO_FLAG)
+    tau: float = option(TAU, "temperature of the label-set softmax over cosines", flag=NO_FLAG,
+                        above_zero=True)
+    position_ids_from_mask: bool = option(True, "position ids from the attention mask (left "
+                                                "padding shifts no position)", flag=NO_FLAG)
+    basis_cache_dir: str | Path | None = option(None, "where the semantic basis is cached",
+                                                flag=NO_FLAG)
+    target_cosines: bool = option(False, "keep every target's cosine (extra.target_cosines)",
+                                  flag=NO_FLAG)
+    progress: bool = option(True, "progress bars", flag=NO_FLAG)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if (value is None and f.metadata.get("none_ok")) or \
+                    (isinstance(value, str) and value in f.metadata.get("words", ())):
+                continue  # None (no limit) or a word the field takes besides its type's values
+            checked = _checked(f, value)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+
+    @classmethod
+    def with_options(cls, config: "TraceConfig | None", options: dict, caller: str) -> "TraceConfig":
+        """`config` (None: the defaults) with `options`, a caller's keyword arguments named as
+        fields, replaced; a TypeError names a keyword that is no field."""
+        if config is not None and not isinstance(config, cls):
+            raise TypeError(f"{caller}(): config must be a TraceConfig, got {type(config).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        config = config if config is not None else cls()
+        return dataclasses.replace(config, **options) if options else config
+
+    @classmethod
+    def cli_fields(cls, group: str | None = None) -> list[dataclasses.Field]:
+        """The fields the CLI offers as flags, in order; with `group`, those of that
+        `cli_group` ("analysis", the default, or "analyze")."""
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("flag") is not None
+                and group in (None, f.metadata.get("cli_group", "analysis"))]
 
 
 def _number_kind(f: dataclasses.Field) -> type | None:

@@ -25,11 +25,11 @@ down in docs/cost-model.md; the short version:
 * step time = matmul FLOPs / matmul throughput + streamed bytes / bandwidth
   + page-faulted bytes / page-fault bandwidth, with a `Machine` profile.
 
-The code follows the same split: `StepSettings.check` checks a step's settings
-once, `_cut` says what one cut trains, one short function computes each part
-(`_matmul_flops`, `_trainable_params`, `_other_flops`, `_bytes_moved`,
-`_page_faulted_bytes`, `_peak_memory`, `_step_time`) and `_cost` gathers them
-into one entry.
+The code follows the same split: `StepSettings` holds and checks a step's settings
+(`StepSettings.check` against the model, once per call), `_cut` says what one cut
+trains, one short function computes each part (`_matmul_flops`, `_trainable_params`,
+`_other_flops`, `_bytes_moved`, `_page_faulted_bytes`, `_peak_memory`, `_step_time`)
+and `_cost` gathers them into one entry.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import KW_ONLY, MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import SalfError
 from .plan import check_head
@@ -365,36 +365,56 @@ def measure_machine(name: str = "measured", repeats: int = 3) -> Machine:
 
 @dataclass(frozen=True)
 class StepSettings:
-    """One training step's settings, checked once against a model shape (`StepSettings.check`).
+    """One training step's settings: what `cost_curve`, `layer_set_cost` and
+    `schedule_cost` take. A bad value raises a one-line SalfError naming it when the
+    settings are made; `check(shape)` checks them against a model once per call.
 
-    `lora_targets` holds the targeted linear maps of one layer, (name, in, out),
-    resolved against the shape (empty without LoRA).
+    `lora_targets`: the targeted linear maps (names; None or "all-linear": every one);
+    `machine`: a preset name, "auto", a dict or a `Machine`. The checked copy holds
+    them resolved: the targets as (name, in, out) of one layer (empty without LoRA),
+    the machine as a `Machine`.
     """
 
     seq_len: int
     batch_size: int
-    loss_positions: str | int
-    optimizer: str
-    dtype_bytes: int
-    head: str
-    lora_rank: int | None
-    lora_targets: tuple[tuple[str, int, int], ...]
-    gradient_checkpointing: bool
-    attention: str
-    machine: Machine
+    loss_positions: str | int = "all"
+    optimizer: str = "adamw"
+    dtype_bytes: int = 4
+    head: str = "frozen"
+    lora_rank: int | None = None
+    gradient_checkpointing: bool = False
+    _: KW_ONLY
+    lora_targets: str | tuple | None = None
+    attention: str = "sdpa"
+    machine: str | Machine | dict | None = "auto"
+
+    def __post_init__(self):
+        _check_values(self)
+        if isinstance(self.lora_targets, (list, set, frozenset)):      # frozen all the way down
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @classmethod
-    def check(cls, shape: ModelShape, seq_len: int, batch_size: int, loss_positions="all",
-              optimizer: str = "adamw", dtype_bytes: int = 4, head: str = "frozen",
-              lora_rank: int | None = None, gradient_checkpointing: bool = False, *,
-              lora_targets=None, attention: str = "sdpa", machine="auto") -> "StepSettings":
-        """The settings of `cost_curve` (same arguments), or a one-line SalfError."""
-        _check_step(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
-                    lora_rank, attention)
-        m = get_machine(machine)
-        targets = _lora_targets(shape, lora_targets) if lora_rank is not None else ()
-        return cls(seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head, lora_rank,
-                   targets, gradient_checkpointing, attention, m)
+    def of(cls, step: "StepSettings | int | None" = None, batch_size: int | None = None,
+           **settings) -> "StepSettings":
+        """`step` itself when it is a StepSettings; else the settings of the loose form the
+        cost functions also take: (seq_len, batch_size, **settings), by position or name."""
+        if isinstance(step, cls):
+            if batch_size is not None or settings:
+                raise TypeError("give the step's settings as a StepSettings or as arguments, not both")
+            return step
+        for name, value in (("seq_len", step), ("batch_size", batch_size)):
+            if value is not None:
+                if name in settings:
+                    raise TypeError(f"got multiple values for argument {name!r}")
+                settings[name] = value
+        return cls(**settings)
+
+    def check(self, shape: ModelShape) -> "StepSettings":
+        """These settings checked against `shape`, the LoRA targets and the machine resolved
+        (what the cost of one step reads), or a one-line SalfError."""
+        check_head(self.head, shape.tied, context="cost model")
+        targets = _lora_targets(shape, self.lora_targets) if self.lora_rank is not None else ()
+        return replace(self, lora_targets=targets, machine=get_machine(self.machine))
 
     @property
     def tokens(self) -> int:
@@ -415,24 +435,24 @@ class StepSettings:
         return impl if impl in OPTIMIZER_WORDS else "fused"
 
 
-def _check_step(shape: ModelShape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes,
-                head, lora_rank, attention) -> None:
-    if not (isinstance(seq_len, int) and seq_len > 0 and isinstance(batch_size, int) and batch_size > 0):
+def _check_values(s: StepSettings) -> None:
+    """The checks that need no model (the head's tied-weights rule is `StepSettings.check`'s)."""
+    if not (isinstance(s.seq_len, int) and s.seq_len > 0 and isinstance(s.batch_size, int) and s.batch_size > 0):
         raise SalfError(f"cost model: seq_len and batch_size must be positive integers, got "
-                        f"{seq_len!r} and {batch_size!r}")
-    if loss_positions not in ("all", "last") and not (isinstance(loss_positions, int) and loss_positions > 0):
+                        f"{s.seq_len!r} and {s.batch_size!r}")
+    if s.loss_positions not in ("all", "last") and not (isinstance(s.loss_positions, int) and s.loss_positions > 0):
         raise SalfError(f"cost model: loss_positions must be 'all', 'last' or a positive count, "
-                        f"got {loss_positions!r}")
-    if optimizer not in OPTIMIZER_STATES:
-        raise SalfError(f"cost model: unknown optimizer {optimizer!r}; choose from "
+                        f"got {s.loss_positions!r}")
+    if s.optimizer not in OPTIMIZER_STATES:
+        raise SalfError(f"cost model: unknown optimizer {s.optimizer!r}; choose from "
                         f"{', '.join(OPTIMIZER_STATES)}")
-    if dtype_bytes not in (1, 2, 4, 8):
-        raise SalfError(f"cost model: dtype_bytes must be 1, 2, 4 or 8, got {dtype_bytes!r}")
-    check_head(head, shape.tied, context="cost model")
-    if lora_rank is not None and not (isinstance(lora_rank, int) and lora_rank > 0):
-        raise SalfError(f"cost model: lora_rank must be a positive integer, got {lora_rank!r}")
-    if attention not in ("sdpa", "eager", "causal"):
-        raise SalfError(f"cost model: attention must be 'sdpa', 'eager' or 'causal', got {attention!r}")
+    if s.dtype_bytes not in (1, 2, 4, 8):
+        raise SalfError(f"cost model: dtype_bytes must be 1, 2, 4 or 8, got {s.dtype_bytes!r}")
+    check_head(s.head, None, context="cost model")
+    if s.lora_rank is not None and not (isinstance(s.lora_rank, int) and s.lora_rank > 0):
+        raise SalfError(f"cost model: lora_rank must be a positive integer, got {s.lora_rank!r}")
+    if s.attention not in ("sdpa", "eager", "causal"):
+        raise SalfError(f"cost model: attention must be 'sdpa', 'eager' or 'causal', got {s.attention!r}")
 
 
 def _is_input_projection(name: str) -> bool:
@@ -444,7 +464,7 @@ def _lora_targets(shape: ModelShape, targets) -> tuple[tuple[str, int, int], ...
     if targets in (None, "all-linear"):
         chosen = shape.linear_shapes
     else:
-        wanted = set(targets)
+        wanted = {t if isinstance(t, str) else t[0] for t in targets}     # names, or resolved (name, in, out)
         chosen = [s for s in shape.linear_shapes if s[0].split(".")[-1] in wanted or s[0] in wanted]
         if not chosen:
             raise SalfError(f"cost model: no LoRA target among {sorted(wanted)} in this model's layers "
@@ -733,12 +753,13 @@ def _cost(shape: ModelShape, s: StepSettings, k: int | None, layers=None) -> dic
 # ---------------------------------------------------------------------------------------
 # Public API
 
-def cost_curve(shape: ModelShape, seq_len: int, batch_size: int, loss_positions="all",
-               optimizer: str = "adamw", dtype_bytes: int = 4, head: str = "frozen",
-               lora_rank: int | None = None, gradient_checkpointing: bool = False, *,
-               lora_targets=None, attention: str = "sdpa", machine="auto",
-               include_full: bool = False) -> list[dict]:
+def cost_curve(shape: ModelShape, step: StepSettings | int | None = None, batch_size: int | None = None, *,
+               include_full: bool = False, **settings) -> list[dict]:
     """Predicted per-step cost of every cut k = 0..L (list index = k), relative to full FT.
+
+    `step`: the step's `StepSettings`. The loose form of older code,
+    cost_curve(shape, seq_len, batch_size, **settings) with `StepSettings`' fields as
+    keywords, gives the same numbers (`StepSettings.of`).
 
     Each entry: absolute numbers (`flops_abs`, `matmul_flops`, `memory_bytes`,
     `step_time_s`, `trainable_params`, ...) and ratios to full fine-tuning of the
@@ -747,15 +768,13 @@ def cost_curve(shape: ModelShape, seq_len: int, batch_size: int, loss_positions=
     (k = L with a frozen head). With `include_full=True` the full fine-tuning
     entry (`"full": True`, `"cut": "full"`) is appended as entry L+1.
 
-    loss_positions: "all" (LM/SFT loss on every position), "last" (classification
+    The settings' loss_positions: "all" (LM/SFT loss on every position), "last" (classification
     with logits_to_keep=1) or a count of loss positions per sequence.
     attention: "sdpa" (FLOPs of the full T x T scores, as CPU kernels compute),
     "causal" (half of them: flash kernels skip masked blocks), "eager" (full, plus
     the probabilities saved and streamed).
     """
-    s = StepSettings.check(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
-                           lora_rank, gradient_checkpointing, lora_targets=lora_targets,
-                           attention=attention, machine=machine)
+    s = StepSettings.of(step, batch_size, **settings).check(shape)
     full = _cost(shape, s, None)
     entries = [_cost(shape, s, k) for k in range(shape.num_layers + 1)]
     if include_full:
@@ -775,21 +794,17 @@ def _add_ratios(e: dict, full: dict, s: StepSettings) -> None:
     e["head"] = "trainable" if e["full"] else s.head
 
 
-def layer_set_cost(shape: ModelShape, layers, seq_len: int, batch_size: int,
-                   loss_positions="all", optimizer: str = "adamw", dtype_bytes: int = 4,
-                   head: str = "frozen", lora_rank: int | None = None,
-                   gradient_checkpointing: bool = False, *, lora_targets=None,
-                   attention: str = "sdpa", machine="auto") -> dict:
+def layer_set_cost(shape: ModelShape, layers, step: StepSettings | int | None = None,
+                   batch_size: int | None = None, **settings) -> dict:
     """Predicted per-step cost of training only `layers` (0-based, any set), relative to
     full fine-tuning, as one cost_curve entry. The frozen layers above the lowest trained
-    one are not free: the gradient passes through them (input-gradients, activations)."""
+    one are not free: the gradient passes through them (input-gradients, activations).
+    `step`: a `StepSettings`, or cost_curve's loose form (seq_len, batch_size, **settings)."""
     layers = sorted({int(i) for i in layers})
     if not layers or not all(0 <= i < shape.num_layers for i in layers):
         raise SalfError(f"cost model: layers must be a non-empty set of indices in "
                         f"[0, {shape.num_layers - 1}], got {layers}")
-    s = StepSettings.check(shape, seq_len, batch_size, loss_positions, optimizer, dtype_bytes, head,
-                           lora_rank, gradient_checkpointing, lora_targets=lora_targets,
-                           attention=attention, machine=machine)
+    s = StepSettings.of(step, batch_size, **settings).check(shape)
     entry = _cost(shape, s, layers[0], layers=layers)
     _add_ratios(entry, _cost(shape, s, None), s)
     entry["layers"] = layers
@@ -803,7 +818,7 @@ def forward_flops(shape: ModelShape, seq_len: int, rows: int, *, from_layer: int
     at `head_positions` per row: what a dynamic-freezing probe read costs."""
     if not 0 <= from_layer <= shape.num_layers:
         raise SalfError(f"cost model: from_layer must be in [0, {shape.num_layers}], got {from_layer}")
-    s = StepSettings.check(shape, seq_len, rows, loss_positions=head_positions, attention=attention)
+    s = StepSettings(seq_len, rows, loss_positions=head_positions, attention=attention).check(shape)
     attn = _attention_flops(shape, s)
     layers = sum(2 * P * s.tokens + attn for P in shape.layer_matmul_params[from_layer:])
     return float(layers + 2 * shape.hidden_size * shape.vocab_size * s.loss_tokens)
@@ -812,7 +827,7 @@ def forward_flops(shape: ModelShape, seq_len: int, rows: int, *, from_layer: int
 def full_cost(shape: ModelShape, seq_len: int, batch_size: int, **kwargs) -> dict:
     """The full fine-tuning entry (everything trainable) under the same settings."""
     kwargs.pop("include_full", None)
-    return cost_curve(shape, seq_len, batch_size, include_full=True, **kwargs)[-1]
+    return cost_curve(shape, StepSettings(seq_len, batch_size, **kwargs), include_full=True)[-1]
 
 
 def predicted_step_time_ratio(entry: dict, full: dict) -> float:
@@ -832,7 +847,7 @@ def predicted_step_time_ratio(entry: dict, full: dict) -> float:
 def cost_table(shape: ModelShape, seq_len: int, batch_size: int, **kwargs) -> dict:
     """`{"settings", "shape", "full", "cuts"}`: a JSON-ready cost table for trace.json / reports."""
     kwargs.pop("include_full", None)
-    entries = cost_curve(shape, seq_len, batch_size, include_full=True, **kwargs)
+    entries = cost_curve(shape, StepSettings(seq_len, batch_size, **kwargs), include_full=True)
     settings = dict(seq_len=seq_len, batch_size=batch_size, **kwargs)
     settings["machine"] = get_machine(kwargs.get("machine", "auto")).to_dict()
     return {"settings": settings, "shape": shape.to_dict(), "full": entries[-1], "cuts": entries[:-1]}

@@ -1,31 +1,58 @@
 """Training on a plan, as library calls: which plan a run uses, one training run, the whole job.
 
 `resolve_plan` turns the CLI's choices (a plan file, a manual cut, full fine-tuning)
-into a FreezePlan; `run_training` fine-tunes with it; `load_for_eval` is what evaluation
-loads (its rows: salf.data.first_rows); `finetune` is analyze -> plan -> evaluate zero-shot ->
-train -> evaluate, with summary.json. The analysis side lives in `salf.pipeline`.
-Under torchrun / accelerate launch every process runs the job and rank 0 writes (see
-salf.distributed).
+into a FreezePlan; `run_training` fine-tunes with it (a TrainConfig, and a RunOptions for
+its rows and moving cut); `load_for_eval` is what evaluation loads (its rows:
+salf.data.first_rows); `finetune` is analyze -> plan -> evaluate zero-shot -> train ->
+evaluate, with summary.json (a FinetuneOptions for its analysis and test rows). The
+analysis side lives in `salf.pipeline`. Under torchrun / accelerate launch every process
+runs the job and rank 0 writes (see salf.distributed).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import distributed
 from .data import first_rows, load_dataset_spec, sample_rows
-from .config import TrainConfig
-from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
+from .config import TraceConfig, TrainConfig
 from .errors import SalfError
 from .io import atomic_write_json, ensure_out_dir
 from .models import anatomy, load_model
 from .pipeline import analyze
 from .plan import FreezePlan
 
+if TYPE_CHECKING:  # salf.dynamic imports torch
+    from .dynamic import DynamicSettings
+
 # what `finetune` trains with unless told otherwise (the CLI's batch and length)
 FINETUNE_CONFIG = TrainConfig(batch_size=16, max_length=96)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a training run takes beside its TrainConfig: `train_samples` rows of the train
+    split train (a seeded sample; None: all), the first `eval_samples` of the validation
+    split evaluate (0: none), and `dynamic`, a `salf.dynamic.DynamicSettings` (the cut moves
+    while training; its probe rows come from the validation split) or None."""
+
+    train_samples: int | None = None
+    eval_samples: int = 500
+    dynamic: DynamicSettings | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """What `finetune` does around the training run: `analysis`, the salf.config.TraceConfig
+    of the analysis that chooses the plan (None: its defaults; its seed, and the batch and
+    length its cost model prices, are the training run's), and the first `test_samples` test
+    rows scored before and after training."""
+
+    analysis: TraceConfig | None = None
+    test_samples: int = 1000
 
 
 def resolve_plan(info, num_layers: int, *, plan_path=None, freeze_below=None, full=False,
@@ -47,15 +74,14 @@ def resolve_plan(info, num_layers: int, *, plan_path=None, freeze_below=None, fu
 
 
 def run_training(model_spec: str, ds, plan, out_dir, config: TrainConfig | None = None, *, loaded=None,
-                 train_samples=None, eval_samples=500, dynamic=None, callbacks=()) -> dict:
+                 run: RunOptions | None = None, callbacks=()) -> dict:
     """Fine-tune `model_spec` on `ds` with `plan` and `config` (a salf.config.TrainConfig; None:
     its defaults); returns metrics (also OUT/metrics.json).
 
-    `train_samples` rows of the train split (a seeded sample; None: all) train, the first
-    `eval_samples` of the validation split evaluate; `dynamic` is a
-    `salf.dynamic.DynamicSettings` (the cut moves while training) or None; `callbacks` go to
-    `salf.train.train` with it. final/salf.json names `model_spec` as the base unless
-    `config.base_spec` says otherwise.
+    `run` (a RunOptions; None: its defaults) says which rows train and evaluate and whether
+    the cut moves; `callbacks` go to `salf.train.train` (after the moving cut's, if any).
+    `loaded` = (model, tokenizer, info) skips loading. final/salf.json names `model_spec` as
+    the base unless `config.base_spec` says otherwise.
     """
     from .train import train
     from .train.progress import say
@@ -63,6 +89,8 @@ def run_training(model_spec: str, ds, plan, out_dir, config: TrainConfig | None 
     from .dynamic.setup import moving_cut, split_off_probe
 
     config = config if config is not None else TrainConfig()
+    run = run if run is not None else RunOptions()
+    train_samples, eval_samples, dynamic = run.train_samples, run.eval_samples, run.dynamic
     if config.base_spec is None:
         config = replace(config, base_spec=model_spec)
     model, tokenizer, info = loaded or load_model(model_spec)
@@ -105,41 +133,38 @@ def load_for_eval(spec: str, trust_remote_code: bool = False):
 
 
 def finetune(model_spec: str, dataset_spec: str, out_dir, config: TrainConfig | None = None, *,
-             samples: int = DEFAULT_ANALYSIS_SAMPLES,
-             policy: str = DEFAULT_POLICY, head: str = "frozen", max_targets: int = 16,
-             logit_lens: bool = False, test_samples: int = 1000,
-             data_kwargs: dict | None = None, trust_remote_code: bool = False,
-             train_samples=None, eval_samples=500, dynamic=None) -> dict:
+             options: FinetuneOptions | None = None, run: RunOptions | None = None,
+             data_kwargs: dict | None = None, trust_remote_code: bool = False) -> dict:
     """The whole job: analyze -> plan -> evaluate zero-shot -> train -> evaluate; summary.json.
     `config`: the training options (None: FINETUNE_CONFIG, batch 16 x 96 tokens); its seed,
-    batch, length and progress serve the analysis too; `dynamic` as in `run_training`."""
+    batch, length and progress serve the analysis too; `options`: the analysis and test rows
+    (None: FinetuneOptions()); `run`: the training run's rows and moving cut, as in
+    `run_training`; `data_kwargs` go to `load_dataset_spec`."""
     from .train import evaluate
     from .train.freeze import check_lora_targets
 
     config = config if config is not None else FINETUNE_CONFIG
+    options = options if options is not None else FinetuneOptions()
+    run = run if run is not None else RunOptions()
     out = ensure_out_dir(out_dir)
     t0 = time.perf_counter()
     progress = config.progress and distributed.is_main()
     max_length, lora = config.max_length, config.lora
     ds = load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
-    check_probe_rows(ds, dynamic)  # data errors before the model loads
+    check_probe_rows(ds, run.dynamic)  # data errors before the model loads
     loaded = load_model(model_spec, trust_remote_code=trust_remote_code)
     model, tokenizer, info = loaded
     if lora is not None:  # a typo in a target costs no analysis
         check_lora_targets(anatomy(model), lora.target_modules)
-    result = analyze(model_spec, dataset_spec, out_dir=out / "analysis", samples=samples,
-                     policy=policy, head=head, max_targets=max_targets, logit_lens=logit_lens,
-                     seed=config.seed, train_batch_size=config.batch_size * config.grad_accum,
-                     train_max_length=max_length, loaded=loaded, dataset=ds, progress=progress)
+    result = _analyze(model_spec, dataset_spec, out / "analysis", options, config, loaded, ds, progress)
     analysis_s = time.perf_counter() - t0
-    rows = first_rows(ds, "test", test_samples)
+    rows = first_rows(ds, "test", options.test_samples)
     before = evaluate(model, tokenizer, ds.task, rows, batch_size=32, max_length=max_length,
                       progress=progress)
     plan = result.plan
     plan.model["tied"] = anatomy(model).tied
     metrics = run_training(model_spec, ds, plan, out / "train", replace(config, progress=progress),
-                           loaded=loaded, train_samples=train_samples, eval_samples=eval_samples,
-                           dynamic=dynamic)
+                           loaded=loaded, run=run)
     trained = model if lora is None else None
     if trained is None:  # the PEFT wrapper is not returned by train(); reload the adapter
         trained, _, _ = load_for_eval(str(out / "train" / "final"))
@@ -156,6 +181,16 @@ def finetune(model_spec: str, dataset_spec: str, out_dir, config: TrainConfig | 
     }
     distributed.on_main(lambda: atomic_write_json(out / "summary.json", summary))
     return summary
+
+
+def _analyze(model_spec: str, dataset_spec: str, out_dir: Path, options: FinetuneOptions,
+             config: TrainConfig, loaded, ds, progress: bool):
+    """finetune's analysis (salf.pipeline.analyze) on the loaded model and data; the cost model
+    predicts the training run `config` describes."""
+    analysis = replace(options.analysis or TraceConfig(), seed=config.seed,
+                       train_batch_size=config.batch_size * config.grad_accum,
+                       train_max_length=config.max_length, progress=progress)
+    return analyze(model_spec, dataset_spec, out_dir=out_dir, config=analysis, loaded=loaded, dataset=ds)
 
 
 def _measured(metrics: dict) -> dict:

@@ -12,14 +12,14 @@ reduces the statistics exactly (every rank gets the one-process trace); rank 0 w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import distributed
-from .analysis import Trace, choose_cut, fit_depth_law, trace
+from .analysis import Trace, TraceMeta, choose_cut, fit_depth_law, trace
+from .config import TraceConfig
 from .cost import ModelShape, cost_table, plan_prediction
 from .data import encode, load_dataset_spec, make_batches, sample_hash, sample_rows
-from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_POLICY
 from .errors import SalfError
 from .io import ensure_out_dir, ensure_parent_dir
 from .models import anatomy, load_model, verify_anatomy
@@ -42,44 +42,50 @@ class Analysis:
 
 # ------------------------------------------------------------------------- analyze
 def analyze(model_spec: str, dataset_spec: str, *, out_dir: str | Path | None = None,
-            samples: int = DEFAULT_ANALYSIS_SAMPLES, split: str = "train",
-            policy: str = DEFAULT_POLICY,
-            batch_size: int = 8, max_length: int = 128, max_targets: int = 16,
-            logit_lens: bool = False, head: str = "frozen", seed: int = 0,
-            train_batch_size: int = 16, train_max_length: int = 96, data_kwargs: dict | None = None,
-            trust_remote_code: bool = False, progress: bool = True, loaded=None,
-            dataset=None) -> Analysis:
-    """Trace `model_spec` on `samples` rows of `dataset_spec`, choose a cut, write the outputs.
+            config: TraceConfig | None = None, data_kwargs: dict | None = None,
+            trust_remote_code: bool = False, loaded=None, dataset=None, **options) -> Analysis:
+    """Trace `model_spec` on `config.samples` rows of `dataset_spec`, choose a cut, write the
+    outputs.
 
+    `config`: the analysis options (a salf.config.TraceConfig; None: its defaults); keyword
+    `options` named as its fields (samples=, policy=, max_targets=, ...) replace them.
     `loaded` = (model, tokenizer, info) and `dataset` = a TaskDataset skip reloading.
-    train_batch_size / train_max_length describe the training run the cost model predicts.
-    Under a launcher every process runs a share of the batches (see module doc).
+    `config.train_batch_size` / `train_max_length` describe the training run the cost model
+    predicts. Under a launcher every process runs a share of the batches (see module doc).
     """
+    config = TraceConfig.with_options(config, options, "analyze")
     distributed.init()
     model, tokenizer, info = loaded or load_model(model_spec, trust_remote_code=trust_remote_code)
     ds = dataset or load_dataset_spec(dataset_spec, seed=0, **(data_kwargs or {}))
-    if split not in ds.splits:
-        raise SalfError(f"dataset {ds.name} has no split {split!r} (has: {', '.join(ds.splits)})")
-    rows = sample_rows(ds.splits[split], samples, seed, f"analysis sample of {ds.name}/{split}")
+    rows = _analysis_rows(ds, config)
     kind = ds.task.kind
     anat = anatomy(model)
-    _verify_on_first_row(anat, ds.task, tokenizer, rows, max_length)
+    _verify_on_first_row(anat, ds.task, tokenizer, rows, config.max_length)
     shape = ModelShape.from_model(model)
-    data_info = dict(ds.provenance, dataset=ds.name, split=split, samples=len(rows),
-                     sample_hash=sample_hash(rows), max_length=max_length)
-    tr = trace(model, anat, make_batches(ds.task, tokenizer, rows, batch_size, max_length), kind,
-               label_token_ids=ds.task.label_token_ids(tokenizer) if kind == "classification" else None,
-               max_targets_per_example=max_targets, logit_lens=logit_lens,
-               progress=progress and distributed.is_main(), seed=seed, model_info=info.to_dict(),
-               data_info=data_info, shapes=shape.to_dict(), ranks=_ranks())
-    cost = cost_table(shape, train_max_length, train_batch_size,
-                      loss_positions="last" if kind == "classification" else "all", head=head)
+    data_info = dict(ds.provenance, dataset=ds.name, split=config.split, samples=len(rows),
+                     sample_hash=sample_hash(rows), max_length=config.max_length)
+    run = replace(config, task_kind=kind, progress=config.progress and distributed.is_main(),
+                  label_token_ids=ds.task.label_token_ids(tokenizer) if kind == "classification" else None)
+    tr = trace(model, anat, make_batches(ds.task, tokenizer, rows, config.batch_size, config.max_length),
+               run, meta=TraceMeta(model=info.to_dict(), data=data_info, shapes=shape.to_dict()),
+               ranks=_ranks())
+    cost = cost_table(shape, config.train_max_length, config.train_batch_size,
+                      loss_positions="last" if kind == "classification" else "all", head=config.head)
     tr.extra["cost"] = cost
     tr.extra["task"] = ds.task.to_dict()
-    result = _plan_from_trace(tr, policy, head, cost)
+    result = _plan_from_trace(tr, config.policy, config.head, cost)
     if out_dir is not None:
         _write_analysis(Path(out_dir), result)
     return result
+
+
+def _analysis_rows(ds, config: TraceConfig) -> list[dict]:
+    """The analysis sample: `config.samples` rows of `config.split`, drawn with `config.seed`."""
+    split = config.split
+    if split not in ds.splits:
+        raise SalfError(f"dataset {ds.name} has no split {split!r} (has: {', '.join(ds.splits)})")
+    return sample_rows(ds.splits[split], config.samples, config.seed,
+                       f"analysis sample of {ds.name}/{split}")
 
 
 def _ranks() -> tuple[int, int] | None:

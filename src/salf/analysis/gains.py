@@ -355,53 +355,86 @@ def choose_cut(trace, policy: str, cost: Sequence[float] | None = None, *,
     params = dict(params, benefit_source=curve["source"])
     if curve["fallback"]:
         params["fallback"] = curve["fallback"]
-
-    if name == "paper":
-        gains = np.asarray(inference_gains(D))
-        layer = int(np.argmax(gains)) + 1                      # decoder layer 1..L
-        eof = min(layer, L - 1)
-        reason = f"layer {layer} has the largest inference gain Δ={gains[layer - 1]:.4g}"
-        if layer == L:
-            reason += f"; it is the last layer, so eof is clipped to {L - 1} (one layer left to train)"
-        if gains.max() <= 0:
-            reason += " (no layer reduces the deviation: the trace never descends)"
-        params["argmax_layer"] = layer
-    elif name == "max-gain":
-        eof, tied = _best_with_ties(np.arange(L), B, c)
-        if B.max() <= 0:
-            reason = "no cut predicts a benefit; taking the cheapest (deepest) cut"
-        else:
-            reason = f"max predicted benefit {B.max():.4g}"
-            if tied:
-                reason += f"; cheapest of the cuts within {TIE_TOLERANCE:.0%} of it"
-        params["tolerance"] = TIE_TOLERANCE
-    elif name == "budget":
-        budget = params["budget"]
-        ok = np.flatnonzero(c <= budget)
-        if len(ok) == 0:
-            raise SalfError(f"no cut fits budget {budget:g}: the cheapest cut costs "
-                            f"{c.min():.3g} x full fine-tuning")
-        eof, tied = _best_with_ties(ok, B, c)
-        reason = (f"best predicted benefit {B[eof]:.4g} among {len(ok)} cuts with cost <= {budget:g} "
-                  "x full fine-tuning")
-        params["tolerance"] = TIE_TOLERANCE
-    elif name == "knee":
-        eof, reason = _knee(c, B)
-    else:  # onset
-        onset = transition_onset(D)
-        eof = int(min(max(onset - 1, 0), L - 1))
-        if onset == 0:
-            reason = "no semantic transition (the trace never descends): nothing frozen"
-        else:
-            reason = (f"transition starts at space {onset} (the trace leaves the plateau for good, "
-                      f"{ONSET_FRACTION:.0%} rule); freezing up to layer {eof}")
-        params.update(onset=onset, fraction=ONSET_FRACTION)
+    eof, reason = _CUT_RULES[name](D, B, c, params)
     if curve["fallback"]:
         reason += f" [benefit from the prior: {curve['fallback_reason']}]"
-    label = f"budget={params['budget']:g}" if name == "budget" else name
-    if params.get("variant"):
-        label = f"{name}-{params['variant']}"
-    return {"eof": int(eof), "policy": label,
+    return {"eof": int(eof), "policy": _policy_label(name, params),
             "params": params, "reason": reason, "benefit": float(B[eof]),
             "predicted": float(curve["predicted"][eof]),
             "cost": float(c[eof]) if c is not None else None, "curve": curve}
+
+
+# Each rule of choose_cut: (deviations D_0..D_L, benefit B(k), cost c(k) or None, the policy's
+# params, to which it adds what it used) -> (eof, reason).
+
+
+def _cut_paper(D: np.ndarray, B: np.ndarray, c, params: dict) -> tuple[int, str]:
+    """The layer of largest inference gain Δ_l (clipped to L-1: one layer left to train)."""
+    L = len(D) - 1
+    gains = np.asarray(inference_gains(D))
+    layer = int(np.argmax(gains)) + 1                      # decoder layer 1..L
+    eof = min(layer, L - 1)
+    reason = f"layer {layer} has the largest inference gain Δ={gains[layer - 1]:.4g}"
+    if layer == L:
+        reason += f"; it is the last layer, so eof is clipped to {L - 1} (one layer left to train)"
+    if gains.max() <= 0:
+        reason += " (no layer reduces the deviation: the trace never descends)"
+    params["argmax_layer"] = layer
+    return eof, reason
+
+
+def _cut_max_gain(D: np.ndarray, B: np.ndarray, c, params: dict) -> tuple[int, str]:
+    """The largest predicted benefit; among ties, the cheapest cut."""
+    eof, tied = _best_with_ties(np.arange(len(D) - 1), B, c)
+    if B.max() <= 0:
+        reason = "no cut predicts a benefit; taking the cheapest (deepest) cut"
+    else:
+        reason = f"max predicted benefit {B.max():.4g}"
+        if tied:
+            reason += f"; cheapest of the cuts within {TIE_TOLERANCE:.0%} of it"
+    params["tolerance"] = TIE_TOLERANCE
+    return eof, reason
+
+
+def _cut_budget(D: np.ndarray, B: np.ndarray, c, params: dict) -> tuple[int, str]:
+    """The largest predicted benefit among the cuts costing at most the budget."""
+    budget = params["budget"]
+    ok = np.flatnonzero(c <= budget)
+    if len(ok) == 0:
+        raise SalfError(f"no cut fits budget {budget:g}: the cheapest cut costs "
+                        f"{c.min():.3g} x full fine-tuning")
+    eof, tied = _best_with_ties(ok, B, c)
+    reason = (f"best predicted benefit {B[eof]:.4g} among {len(ok)} cuts with cost <= {budget:g} "
+              "x full fine-tuning")
+    params["tolerance"] = TIE_TOLERANCE
+    return eof, reason
+
+
+def _cut_knee(D: np.ndarray, B: np.ndarray, c, params: dict) -> tuple[int, str]:
+    return _knee(c, B)
+
+
+def _cut_onset(D: np.ndarray, B: np.ndarray, c, params: dict) -> tuple[int, str]:
+    """The layer before the transition onset (nothing frozen without a transition)."""
+    L = len(D) - 1
+    onset = transition_onset(D)
+    eof = int(min(max(onset - 1, 0), L - 1))
+    if onset == 0:
+        reason = "no semantic transition (the trace never descends): nothing frozen"
+    else:
+        reason = (f"transition starts at space {onset} (the trace leaves the plateau for good, "
+                  f"{ONSET_FRACTION:.0%} rule); freezing up to layer {eof}")
+    params.update(onset=onset, fraction=ONSET_FRACTION)
+    return eof, reason
+
+
+_CUT_RULES = {"paper": _cut_paper, "max-gain": _cut_max_gain, "budget": _cut_budget,
+              "knee": _cut_knee, "onset": _cut_onset}
+
+
+def _policy_label(name: str, params: dict) -> str:
+    """The policy as a plan records it: budget=B, name-variant or the rule's name."""
+    label = f"budget={params['budget']:g}" if name == "budget" else name
+    if params.get("variant"):
+        label = f"{name}-{params['variant']}"
+    return label

@@ -45,17 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from ..config import TAU  # noqa: F401  (the label softmax's temperature; salf.analysis.TAU)
+from ..config import TraceConfig
 from ..errors import SalfError
 from ..io import atomic_write_text, read_json
 from ..models.anatomy import layer_output
 from ..models.config import config_value, text_config
 from .basis import semantic_basis, weight_fingerprint
-
-# Temperature of the label-set softmax over cosines. Cosines live in [-1, 1], so
-# TAU = 0.1 spreads them over a logit range of 20: a cosine lead of 0.1 is one nat.
-# A fixed constant (not fitted) so label_ce values are comparable across spaces,
-# models and runs.
-TAU = 0.1
 
 SPACE_KEYS = ("space", "deviation", "deviation_se", "label_ce", "lens_acc", "margin_auc",
               "logit_lens_ce", "logit_lens_acc", "n_targets")
@@ -409,51 +405,75 @@ class _Accumulator:
 # --------------------------------------------------------------------------- trace
 
 
-def trace(model, anat, batches, task_kind=None, label_token_ids=None, max_targets_per_example=16,
-          logit_lens=False, progress=True, seed=0, *, tau: float = TAU,
-          basis_cache_dir=None, position_ids_from_mask: bool = True,
-          model_info=None, data_info=None, shapes=None, extra=None,
-          capture_callback=None, target_cosines: bool = False,
-          ranks: tuple[int, int] | None = None) -> Trace:
+@dataclass(frozen=True)
+class TraceMeta:
+    """What the caller knows about a trace's inputs, stored in it as given: `model` (default:
+    the model's name_or_path and class), `data` (merged with the sample hash the trace
+    computes), `shapes` (merged over the model's own shape) and `extra`."""
+
+    model: dict | None = None
+    data: dict | None = None
+    shapes: dict | None = None
+    extra: dict | None = None
+
+
+def trace(model, anat, batches, config: TraceConfig | None = None, *, meta: TraceMeta | None = None,
+          capture_callback=None, ranks: tuple[int, int] | None = None, **options) -> Trace:
     """Run the streaming transition trace over `batches` and return a `Trace`.
 
     batches: iterable of dicts in the `salf.data.collate` format (classification:
     left-padded `input_ids`, `attention_mask`, `target_ids`, optional `label_index`;
-    SFT: `input_ids`, `attention_mask`, `labels`). `task_kind` is
-    "classification" | "sft" (a task object or None = infer from the batches).
-    `label_token_ids` (label order) is required for classification.
-    `model_info`, `data_info`, `shapes`, `extra`: caller metadata stored in the
-    trace (`data_info` is merged with the sample hash computed here).
-    `position_ids_from_mask`: pass position_ids = cumsum(mask) - 1 so left
+    SFT: `input_ids`, `attention_mask`, `labels`). `config`: a `salf.config.TraceConfig`
+    (None: the defaults) whose `task_kind` is "classification" | "sft" (a task object or
+    None = infer from the batches); `label_token_ids` (label order) is required for
+    classification. `meta`: the caller's metadata stored in the trace (`TraceMeta`).
+    `config.position_ids_from_mask`: pass position_ids = cumsum(mask) - 1 so left
     padding does not shift positions (skipped if the model does not accept them).
     `capture_callback(capture)` is called after the run with the `TargetCapture`
     (its `max_retained_bytes` is what the memory test checks).
-    `target_cosines`: also keep cos(t_l, b_y) of every target in every space, in
+    `config.target_cosines`: also keep cos(t_l, b_y) of every target in every space, in
     `extra["target_cosines"]` ([space][target], targets in batch order) — how much each
     target moved between two traces of the same rows (dynamic freezing's plasticity).
     `ranks` = (rank, world_size) under a launcher: this process runs the forward of every
     world_size-th batch from `rank` on; the per-batch statistics of all ranks are gathered
     (torch.distributed: every rank calls) and added in batch order, so every rank returns the
     trace one process computes on the same batches (docs/multi-gpu.md).
+
+    The keyword arguments of before TraceConfig still work: `options` are config fields
+    (`max_targets_per_example` is `max_targets`) or `model_info`/`data_info`/`shapes`/`extra`
+    (TraceMeta's fields), and a `config` that is no TraceConfig is the task kind.
     """
-    kind, label_ids = _checked_arguments(anat, task_kind, label_token_ids, max_targets_per_example)
-    run = _TraceRun(model, anat, kind, label_ids, tau=tau, logit_lens=logit_lens,
-                    max_targets=max_targets_per_example, seed=seed,
-                    position_ids_from_mask=position_ids_from_mask, basis_cache_dir=basis_cache_dir,
-                    keep_cosines=target_cosines, ranks=ranks)
+    config, meta = _trace_inputs(config, meta, options)
+    kind, label_ids = _checked_arguments(anat, config.task_kind, config.label_token_ids)
+    run = _TraceRun(model, anat, kind, label_ids, config, ranks=ranks)
     t_start = time.perf_counter()
-    run.run(batches, progress)
+    run.run(batches, config.progress)
     if capture_callback is not None:
         capture_callback(run.capture)
     if run.sums.n == 0:
         raise SalfError("no target positions in the analysis sample (empty batches, or SFT labels "
                         "all -100?)")
-    spaces = _spaces_from_sums(run.sums, run.kind, anat.num_layers, logit_lens)
-    return _build_trace(run, spaces, time.perf_counter() - t_start, model_info=model_info,
-                        data_info=data_info, shapes=shapes, extra=extra)
+    spaces = _spaces_from_sums(run.sums, run.kind, anat.num_layers, config.logit_lens)
+    return _build_trace(run, spaces, time.perf_counter() - t_start, meta)
 
 
-def _checked_arguments(anat, task_kind, label_token_ids, max_targets) -> tuple[str | None, list | None]:
+# trace's keyword arguments of before TraceConfig: a config field's old name, TraceMeta's fields
+_OLD_CONFIG_NAMES = {"max_targets_per_example": "max_targets"}
+_OLD_META_NAMES = {"model_info": "model", "data_info": "data", "shapes": "shapes", "extra": "extra"}
+
+
+def _trace_inputs(config, meta, options: dict) -> tuple[TraceConfig, TraceMeta]:
+    """(the TraceConfig, the TraceMeta) of trace's arguments, old keyword arguments included."""
+    if config is not None and not isinstance(config, TraceConfig):
+        options = {"task_kind": config, **options}   # the old 4th positional argument
+        config = None
+    old_meta = {_OLD_META_NAMES[k]: options.pop(k) for k in list(options) if k in _OLD_META_NAMES}
+    meta = dataclasses.replace(meta or TraceMeta(), **old_meta)
+    fields = {_OLD_CONFIG_NAMES.get(k, k): v for k, v in options.items()}
+    return TraceConfig.with_options(config, fields, "trace"), meta
+
+
+def _checked_arguments(anat, task_kind, label_token_ids) -> tuple[str | None, list | None]:
     """(task kind or None = infer from the batches, label ids as ints or None); SalfError if unusable."""
     kind = _task_kind(task_kind)
     if anat.num_layers < 1:
@@ -464,8 +484,6 @@ def _checked_arguments(anat, task_kind, label_token_ids, max_targets) -> tuple[s
     label_ids = [int(t) for t in label_token_ids] if label_token_ids is not None else None
     if label_ids is not None and len(set(label_ids)) != len(label_ids):
         raise SalfError(f"label token ids collide: {label_ids}")
-    if max_targets is not None and max_targets < 1:
-        raise SalfError("max_targets_per_example must be >= 1")
     return kind, label_ids
 
 
@@ -494,18 +512,18 @@ def _progress_bar(batches, progress: bool):
 class _TraceRun:
     """One trace in progress: the hooks, the running sums, the sample hash and the timers."""
 
-    def __init__(self, model, anat, kind, label_ids, *, tau, logit_lens, max_targets, seed,
-                 position_ids_from_mask, basis_cache_dir, keep_cosines=False, ranks=None):
+    def __init__(self, model, anat, kind, label_ids, config: TraceConfig, ranks=None):
         self.model, self.anat = model, anat
         self.kind, self.label_ids = kind, label_ids
-        self.tau, self.logit_lens, self.max_targets, self.seed = tau, logit_lens, max_targets, seed
-        self.position_ids_from_mask = position_ids_from_mask
-        self.keep_cosines = keep_cosines
-        self.basis_cache_dir = basis_cache_dir
+        self.tau, self.logit_lens = config.tau, config.logit_lens
+        self.max_targets, self.seed = config.max_targets, config.seed
+        self.position_ids_from_mask = config.position_ids_from_mask
+        self.keep_cosines = config.target_cosines
+        self.basis_cache_dir = config.basis_cache_dir
         self.device = _input_device(model, anat)
         self.accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
-        self.gen = torch.Generator().manual_seed(int(seed))
-        self.label_hat = _label_directions(anat, label_ids, basis_cache_dir)
+        self.gen = torch.Generator().manual_seed(int(self.seed))
+        self.label_hat = _label_directions(anat, label_ids, self.basis_cache_dir)
         self.sums = _Accumulator(anat.num_layers + 1)
         self.ranks = ranks
         self.parts: list[tuple[int, dict]] = []   # (batch index, statistics) of this rank's batches
@@ -696,20 +714,19 @@ def _spaces_from_sums(acc, kind, L, logit_lens) -> list[dict]:
     return spaces
 
 
-def _build_trace(run: _TraceRun, spaces: list[dict], elapsed: float, *, model_info, data_info,
-                 shapes, extra) -> Trace:
+def _build_trace(run: _TraceRun, spaces: list[dict], elapsed: float, meta: TraceMeta) -> Trace:
     """The Trace: the spaces, the caller's metadata and what the run measured about itself."""
     model = run.model
-    info = _jsonable(model_info) if model_info is not None else {
+    info = _jsonable(meta.model) if meta.model is not None else {
         "name_or_path": getattr(getattr(model, "config", None), "name_or_path", None),
         "class": type(model).__name__}
-    data = dict(_jsonable(data_info) or {}) if data_info is not None else {}
+    data = dict(_jsonable(meta.data) or {}) if meta.data is not None else {}
     data.update(sample_hash=run.sample_hash.hexdigest(), n_examples=run.n_examples,
                 n_targets=run.sums.n)
     shape_info = _model_shapes(model, run.anat)
-    if shapes:
-        shape_info.update(_jsonable(shapes))
-    extra = _jsonable(extra) if extra else {}
+    if meta.shapes:
+        shape_info.update(_jsonable(meta.shapes))
+    extra = _jsonable(meta.extra) if meta.extra else {}
     if run.keep_cosines:
         extra["target_cosines"] = run.sums.cosines
     return Trace(model=info, data=data, task=run.kind, num_layers=run.anat.num_layers,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import SalfError
 from .builtin import BUILTIN_DATASETS, SPLITS, list_datasets, load_builtin
-from .files import FILE_EXTENSIONS, load_file, load_hub, parse_labels
+from .files import FILE_EXTENSIONS, ReadOptions, load_file, load_hub, parse_labels
 from .rows import first_rows, make_batches, sample_rows
 from .tasks import (IGNORE_INDEX, ClassificationTask, Encoded, SFTTask, batch_task, batches, collate,
                     encode, pad_token_id, task_from_dict)
@@ -26,7 +26,7 @@ __all__ = [
     "TaskDataset", "load_dataset_spec", "describe", "sample_hash", "BUILTIN_DATASETS", "list_datasets",
     "ClassificationTask", "SFTTask", "task_from_dict", "encode", "collate", "batches", "batch_task",
     "pad_token_id", "parse_labels", "Encoded", "IGNORE_INDEX", "SPLITS", "first_rows", "sample_rows",
-    "make_batches",
+    "make_batches", "ReadOptions",
 ]
 
 
@@ -72,6 +72,7 @@ def load_dataset_spec(name_or_path: str, text_col: str | None = None, label_col:
         seed = int(seed)
     except (TypeError, ValueError):
         raise SalfError(f"seed must be an integer, got {seed!r}") from None
+    options = ReadOptions(**cols, template=template, labels=labels, seed=seed)  # files and hub
     if spec in BUILTIN_DATASETS and not Path(spec).exists():
         given = [k for k, v in cols.items() if v is not None]
         if given:
@@ -80,11 +81,11 @@ def load_dataset_spec(name_or_path: str, text_col: str | None = None, label_col:
         task = _override(task, template, labels, spec)
         name = spec
     elif Path(spec).expanduser().exists() or _looks_like_path(spec):
-        task, splits, provenance = load_file(spec, **cols, template=template, labels=labels, seed=seed)
+        task, splits, provenance = load_file(spec, options)
         name = Path(spec).name
     elif spec.startswith("hf:") or "/" in spec:
         hub_name = spec[3:] if spec.startswith("hf:") else spec
-        task, splits, provenance = load_hub(hub_name, **cols, template=template, labels=labels, seed=seed)
+        task, splits, provenance = load_hub(hub_name, options)
         name = hub_name
     else:
         raise SalfError(f"unknown dataset {spec!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}) "

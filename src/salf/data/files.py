@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SalfError
@@ -194,35 +195,69 @@ def _choose_columns(columns: list[str], text_col, label_col, prompt_col, respons
     return kind, a, b
 
 
-def build_from_records(records: list[dict], source: str, text_col=None, label_col=None, prompt_col=None,
-                       response_col=None, template=None, labels=None, seed: int = 0,
-                       split_col: str | None = "split", presplit: dict[str, str] | None = None):
-    """(task, splits, provenance) from a list of records (dicts).
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a table becomes a task and splits: its columns (None: `text`+`label` or
+    `prompt`+`response` when present), the prompt template (None: the default of the task's
+    kind), the verbalizer `labels` (a mapping or `pos=" good",neg=" bad"`; None: each label
+    as its own word), the seed of the 80/10/10 split and the column that gives splits."""
+
+    text_col: str | None = None
+    label_col: str | None = None
+    prompt_col: str | None = None
+    response_col: str | None = None
+    template: str | None = None
+    labels: object = None
+    seed: int = 0
+    split_col: str | None = "split"
+
+
+def build_from_records(records: list[dict], source: str, options: ReadOptions | None = None,
+                       presplit: dict[str, str] | None = None):
+    """(task, splits, provenance) from a list of records (dicts), read as `options` say.
 
     `presplit` (record index -> split) is used for hub datasets that come split.
     """
+    opts = options if options is not None else ReadOptions()
     if not records:
         raise SalfError(f"{source} has no rows")
     columns: list[str] = []
     for r in records[:1000]:
         columns.extend(c for c in r if c not in columns)
-    kind, col_a, col_b = _choose_columns(columns, text_col, label_col, prompt_col, response_col)
-
-    # split assignment
-    split_of: list[str | None]
+    kind, col_a, col_b = _choose_columns(columns, opts.text_col, opts.label_col, opts.prompt_col,
+                                         opts.response_col)
     if presplit is not None:
         split_of = [presplit[i] for i in range(len(records))]
-    elif split_col and split_col in columns and split_col not in (col_a, col_b):
-        split_of = []
-        for r in records:
-            v = r.get(split_col)
-            s = SPLIT_ALIASES.get(str(v).strip().lower()) if not _missing(v) else None
-            if s is None:
-                raise SalfError(f"{source}: split value {v!r} is not one of train/validation/test")
-            split_of.append(s)
+    elif opts.split_col and opts.split_col in columns and opts.split_col not in (col_a, col_b):
+        split_of = _given_splits(records, opts.split_col, source)
     else:
         split_of = [None] * len(records)
+    rows, where, dropped = _task_rows(records, split_of, kind, (col_a, col_b), source)
+    if kind == "classification":
+        task = _classification_task(rows, source, opts.template, opts.labels)
+    else:
+        if opts.labels:
+            raise SalfError("labels (a verbalizer) only apply to classification data")
+        task = SFTTask(opts.template or DEFAULT_SFT_TEMPLATE)
+    splits, method = _assign_splits(rows, where, opts.seed, from_hub=presplit is not None)
+    return task, splits, {"rows_dropped_empty": dropped, "seed": opts.seed, "split_method": method}
 
+
+def _given_splits(records: list[dict], split_col: str, source: str) -> list[str]:
+    """Each record's split from its `split_col` value (train/validation/test or an alias)."""
+    split_of = []
+    for r in records:
+        v = r.get(split_col)
+        s = SPLIT_ALIASES.get(str(v).strip().lower()) if not _missing(v) else None
+        if s is None:
+            raise SalfError(f"{source}: split value {v!r} is not one of train/validation/test")
+        split_of.append(s)
+    return split_of
+
+
+def _task_rows(records: list[dict], split_of: list, kind: str, cols: tuple[str, str], source: str):
+    """(rows, split of each row, rows dropped) of the records whose two columns both hold a value."""
+    col_a, col_b = cols
     rows, where, dropped = [], [], 0
     for i, (r, s) in enumerate(zip(records, split_of)):
         a, b = r.get(col_a), r.get(col_b)
@@ -240,41 +275,43 @@ def build_from_records(records: list[dict], source: str, text_col=None, label_co
         where.append(s)
     if not rows:
         raise SalfError(f"{source}: all {len(records)} rows have an empty {col_a!r} or {col_b!r}")
+    return rows, where, dropped
 
-    if kind == "classification":
-        found = sorted({r["label"] for r in rows}, key=_label_sort_key)
-        verbalizer = parse_labels(labels)
-        if verbalizer is None:
-            verbalizer = {lab: " " + lab for lab in found}
-        else:
-            unknown = [lab for lab in found if lab not in verbalizer]
-            if unknown:
-                raise SalfError(f"label {unknown[0]!r} in {source} is not in the verbalizer; "
-                                f"known labels: {', '.join(verbalizer)}")
-        if len(verbalizer) < 2:
-            raise SalfError(f"{source}: classification needs at least two labels, found only "
-                            f"{', '.join(map(repr, found))}")
-        task = ClassificationTask(template or DEFAULT_CLASSIFICATION_TEMPLATE, verbalizer)
-    else:
-        if labels:
-            raise SalfError("labels (a verbalizer) only apply to classification data")
-        task = SFTTask(template or DEFAULT_SFT_TEMPLATE)
 
-    info: dict = {"rows_dropped_empty": dropped, "seed": seed}
-    if any(s is not None for s in where):
-        splits = {s: [] for s in SPLITS}
-        for row, s in zip(rows, where):
-            splits[s].append(row)
-        info["split_method"] = "given" if presplit is None else "given by the hub dataset"
-        if not splits["validation"] and len(splits["train"]) >= 10:
-            ordered = seeded_order(splits["train"], seed)
-            n_val = max(1, int(round(len(ordered) * 0.1)))
-            splits["validation"], splits["train"] = ordered[:n_val], ordered[n_val:]
-            info["split_method"] += "; validation = seeded 10% of train"
+def _classification_task(rows: list[dict], source: str, template, labels) -> ClassificationTask:
+    """The task of the rows' labels: the given verbalizer (which must cover them), else each
+    label as its own word, in label order."""
+    found = sorted({r["label"] for r in rows}, key=_label_sort_key)
+    verbalizer = parse_labels(labels)
+    if verbalizer is None:
+        verbalizer = {lab: " " + lab for lab in found}
     else:
-        splits = split_by_fractions(rows, seed, DEFAULT_FRACTIONS)
-        info["split_method"] = "sha256(seed, row) order; 80/10/10 train/validation/test"
-    return task, splits, info
+        unknown = [lab for lab in found if lab not in verbalizer]
+        if unknown:
+            raise SalfError(f"label {unknown[0]!r} in {source} is not in the verbalizer; "
+                            f"known labels: {', '.join(verbalizer)}")
+    if len(verbalizer) < 2:
+        raise SalfError(f"{source}: classification needs at least two labels, found only "
+                        f"{', '.join(map(repr, found))}")
+    return ClassificationTask(template or DEFAULT_CLASSIFICATION_TEMPLATE, verbalizer)
+
+
+def _assign_splits(rows: list[dict], where: list, seed: int, from_hub: bool) -> tuple[dict, str]:
+    """(the rows by split, how they were split): as given (a seeded 10% of train validates
+    when no row does and train has 10 or more), else a seeded 80/10/10 split."""
+    if not any(s is not None for s in where):
+        return (split_by_fractions(rows, seed, DEFAULT_FRACTIONS),
+                "sha256(seed, row) order; 80/10/10 train/validation/test")
+    splits = {s: [] for s in SPLITS}
+    for row, s in zip(rows, where):
+        splits[s].append(row)
+    method = "given" if not from_hub else "given by the hub dataset"
+    if not splits["validation"] and len(splits["train"]) >= 10:
+        ordered = seeded_order(splits["train"], seed)
+        n_val = max(1, int(round(len(ordered) * 0.1)))
+        splits["validation"], splits["train"] = ordered[:n_val], ordered[n_val:]
+        method += "; validation = seeded 10% of train"
+    return splits, method
 
 
 def check_saved_dataset(folder: Path, flag: str = "--dataset") -> None:
@@ -285,14 +322,15 @@ def check_saved_dataset(folder: Path, flag: str = "--dataset") -> None:
                         f"{'/'.join(FILE_EXTENSIONS)} file")
 
 
-def load_file(path, **kw):
-    """(task, splits, provenance) from a local file or a `datasets.save_to_disk` folder."""
+def load_file(path, options: ReadOptions | None = None):
+    """(task, splits, provenance) from a local file or a `datasets.save_to_disk` folder, read
+    as `options` (a ReadOptions; None: its defaults) say."""
     p = Path(path).expanduser()
     if not p.exists():
         raise SalfError(f"data file {str(path)!r} not found")
     if p.is_dir():
         check_saved_dataset(p)
-        return _load_hf(p, kw, from_disk=True)
+        return _load_hf(p, options, from_disk=True)
     if p.suffix.lower() not in FILE_EXTENSIONS:
         raise SalfError(f"unknown file extension {p.suffix!r} for {p}; use one of {', '.join(FILE_EXTENSIONS)}")
     if p.stat().st_size == 0:
@@ -300,17 +338,18 @@ def load_file(path, **kw):
     records = _read_table(p)
     if not records:
         raise SalfError(f"{p} has no rows")
-    task, splits, info = build_from_records(records, str(p), **kw)
+    task, splits, info = build_from_records(records, str(p), options)
     provenance = {"source": f"file:{p.resolve()}", "file_sha256": _file_hash(p), **info}
     return task, splits, provenance
 
 
-def load_hub(name: str, **kw):
-    """(task, splits, provenance) from `datasets.load_dataset(name)` (needs the hub)."""
-    return _load_hf(name, kw, from_disk=False)
+def load_hub(name: str, options: ReadOptions | None = None):
+    """(task, splits, provenance) from `datasets.load_dataset(name)` (needs the hub), read as
+    `options` (a ReadOptions) say."""
+    return _load_hf(name, options, from_disk=False)
 
 
-def _load_hf(name, kw, from_disk: bool):
+def _load_hf(name, options: ReadOptions | None, from_disk: bool):
     try:
         import datasets
     except ImportError:
@@ -342,12 +381,12 @@ def _load_hf(name, kw, from_disk: bool):
         raise SalfError(f"{name} has no train/validation/test rows (splits: {', '.join(parts)})")
     if all(s == "train" for s in presplit.values()):
         presplit = None  # one unsplit table: use its split column, else the usual seeded split
-    task, splits, info = build_from_records(records, str(name), presplit=presplit, **kw)
+    task, splits, info = build_from_records(records, str(name), options, presplit=presplit)
     provenance = {"source": f"{'disk' if from_disk else 'hub'}:{name}", **info}
     if ignored:
         provenance["ignored_splits"] = ignored
     return task, splits, provenance
 
 
-__all__ = ["parse_labels", "load_file", "load_hub", "build_from_records", "FILE_EXTENSIONS",
+__all__ = ["parse_labels", "load_file", "load_hub", "build_from_records", "ReadOptions", "FILE_EXTENSIONS",
            "DEFAULT_CLASSIFICATION_TEMPLATE", "DEFAULT_SFT_TEMPLATE", "seeded_order"]

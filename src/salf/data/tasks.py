@@ -271,57 +271,84 @@ def encode(task, tokenizer, rows, max_length: int) -> "Encoded":
     max_length = int(max_length)
     rows = list(rows)
     prefix = special_prefix(tokenizer)
+    if isinstance(task, ClassificationTask):
+        return _encode_classification(task, tokenizer, rows, prefix, max_length)
+    if isinstance(task, SFTTask):
+        return _encode_sft(task, tokenizer, rows, prefix, max_length)
+    raise SalfError(f"unknown task {task!r}; expected a ClassificationTask or SFTTask")
+
+
+def _encode_classification(task: ClassificationTask, tokenizer, rows: list, prefix: list[int],
+                           max_length: int) -> "Encoded":
+    """Classification examples; a prompt over budget loses the start of its text."""
     budget = max_length - len(prefix)
     out = Encoded()
-    if isinstance(task, ClassificationTask):
-        target_ids = task.label_token_ids(tokenizer)
-        label_idx = [task.label_index(_field(r, "label")) for r in rows]
-        texts = [str(_field(r, "text")) for r in rows]
-        prompts = _ids_many(tokenizer, [task.prompt(t) for t in texts])
-        for text, ids, li in zip(texts, prompts, label_idx):
-            if len(ids) > budget:
-                ids = _fit_text(tokenizer, task._head, text, task._tail, budget, keep="end")
-                if ids is None:
-                    need = len(_ids(tokenizer, task._head + task._tail)) + len(prefix)
-                    raise SalfError(f"max_length {max_length} is too small for the template "
-                                    f"{task.template!r} (it alone takes {need} tokens)")
-                out.truncated += 1
-            out.append({"input_ids": prefix + ids, "target_id": target_ids[li], "label_index": li})
-        return out
-    if isinstance(task, SFTTask):
-        eos = getattr(tokenizer, "eos_token_id", None)
-        tail_ids = [int(eos)] if eos is not None else []
-        for r in rows:
-            ptext, raw = str(_field(r, "prompt")), str(_field(r, "response"))
-            if not raw.strip():
-                out.dropped += 1
-                continue
-            rtext = task.response(raw)
-            p_str = task.prompt(ptext)
-            p = _ids(tokenizer, p_str)
-            joined = _ids(tokenizer, p_str + rtext)
-            resp = joined[len(p):] if joined[:len(p)] == p else _ids(tokenizer, rtext)
+    target_ids = task.label_token_ids(tokenizer)
+    label_idx = [task.label_index(_field(r, "label")) for r in rows]
+    texts = [str(_field(r, "text")) for r in rows]
+    prompts = _ids_many(tokenizer, [task.prompt(t) for t in texts])
+    for text, ids, li in zip(texts, prompts, label_idx):
+        if len(ids) > budget:
+            ids = _fit_text(tokenizer, task._head, text, task._tail, budget, keep="end")
+            if ids is None:
+                need = len(_ids(tokenizer, task._head + task._tail)) + len(prefix)
+                raise SalfError(f"max_length {max_length} is too small for the template "
+                                f"{task.template!r} (it alone takes {need} tokens)")
+            out.truncated += 1
+        out.append({"input_ids": prefix + ids, "target_id": target_ids[li], "label_index": li})
+    return out
+
+
+def _encode_sft(task: SFTTask, tokenizer, rows: list, prefix: list[int], max_length: int) -> "Encoded":
+    """SFT examples; a row with an empty response, or none left after truncation, is dropped."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    tail_ids = [int(eos)] if eos is not None else []
+    budget = max_length - len(prefix)
+    out = Encoded()
+    for r in rows:
+        ptext, raw = str(_field(r, "prompt")), str(_field(r, "response"))
+        if not raw.strip():
+            out.dropped += 1
+            continue
+        p, resp = _sft_tokens(task, tokenizer, ptext, raw)
+        if not resp:
+            out.dropped += 1
+            continue
+        resp = resp + tail_ids
+        if len(p) + len(resp) > budget:
+            out.truncated += 1
+            p, resp = _fit_sft(task, tokenizer, ptext, (p, resp), budget, max_length)
             if not resp:
                 out.dropped += 1
                 continue
-            resp = resp + tail_ids
-            if len(p) + len(resp) > budget:
-                out.truncated += 1
-                min_resp = min(len(resp), max(1, max_length // 4))
-                if len(p) + min_resp > budget:
-                    p = _fit_text(tokenizer, task._head, ptext, task._tail, budget - min_resp, keep="start")
-                    if p is None:
-                        out.dropped += 1
-                        continue
-                resp = resp[:budget - len(p)]
-                if not resp:
-                    out.dropped += 1
-                    continue
-            ids = prefix + p + resp
-            labels = [IGNORE_INDEX] * (len(prefix) + len(p)) + resp
-            out.append({"input_ids": ids, "labels": labels})
-        return out
-    raise SalfError(f"unknown task {task!r}; expected a ClassificationTask or SFTTask")
+        labels = [IGNORE_INDEX] * (len(prefix) + len(p)) + resp
+        out.append({"input_ids": prefix + p + resp, "labels": labels})
+    return out
+
+
+def _sft_tokens(task: SFTTask, tokenizer, ptext: str, raw: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids); the response's ids are those it gets after the prompt when
+    the prompt's own ids are a prefix of the joined text's, else its ids alone."""
+    rtext = task.response(raw)
+    p_str = task.prompt(ptext)
+    p = _ids(tokenizer, p_str)
+    joined = _ids(tokenizer, p_str + rtext)
+    resp = joined[len(p):] if joined[:len(p)] == p else _ids(tokenizer, rtext)
+    return p, resp
+
+
+def _fit_sft(task: SFTTask, tokenizer, ptext: str, tokens: tuple[list[int], list[int]], budget: int,
+             max_length: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) within `budget`: the response keeps at least
+    min(its length, max(1, max_length // 4)) tokens, the prompt's text is cut at its end to make
+    room; an empty response means the example cannot fit."""
+    p, resp = tokens
+    min_resp = min(len(resp), max(1, max_length // 4))
+    if len(p) + min_resp > budget:
+        p = _fit_text(tokenizer, task._head, ptext, task._tail, budget - min_resp, keep="start")
+        if p is None:
+            return [], []
+    return p, resp[:budget - len(p)]
 
 
 class Encoded(list):

@@ -267,10 +267,10 @@ class DynamicFreezeCallback(TrainerCallback):
         (a frozen layer skips its backward: ~2/3 of its FLOPs)."""
         if self.cost_settings is None:
             return [1.0 - (2.0 / 3.0) * k / num_layers for k in range(num_layers + 1)]
-        from ..cost import cost_curve
+        from ..cost import StepSettings, cost_curve
 
         c = dict(self.cost_settings)
-        curve = cost_curve(c.pop("shape"), c.pop("seq_len"), c.pop("batch_size"), include_full=True, **c)
+        curve = cost_curve(c.pop("shape"), StepSettings(**c), include_full=True)
         return [curve[k]["flops_abs"] / curve[-1]["flops_abs"] for k in range(num_layers + 1)]
 
     def _probe_read_share(self, args, total_steps: int) -> float:
@@ -344,7 +344,7 @@ class DynamicFreezeCallback(TrainerCallback):
 
     def integrated_cost(self) -> dict:
         """schedule_cost over the run, the probes' forward passes included."""
-        from ..cost import forward_flops
+        from ..cost import StepSettings, forward_flops
         from .cost import schedule_cost
 
         c = dict(self.cost_settings)
@@ -355,7 +355,8 @@ class DynamicFreezeCallback(TrainerCallback):
             probe_flops = sum(forward_flops(shape, c["seq_len"], self.probe.rows, head_positions=per_row,
                                             from_layer=check.probe_from_layer or 0)
                               for check in self.record.history if check.deviation is not None)
-        return schedule_cost(shape, self.record.schedule, self._run.total_steps, probe_flops=probe_flops, **c)
+        return schedule_cost(shape, self.record.schedule, self._run.total_steps, StepSettings(**c),
+                             probe_flops=probe_flops)
 
     def report(self) -> dict:
         return {"settings": self.settings.to_dict(), "schedule": self.record.schedule,

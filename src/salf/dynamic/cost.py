@@ -9,7 +9,7 @@ passes, relative to the same number of full fine-tuning steps — the quantity a
 
 from __future__ import annotations
 
-from ..cost import cost_curve
+from ..cost import StepSettings, cost_curve
 from ..errors import SalfError
 
 
@@ -25,19 +25,17 @@ def cut_per_step(schedule: list[list[int]], total_steps: int) -> list[int]:
     return cuts
 
 
-def schedule_cost(shape, schedule: list[list[int]], total_steps: int, *, seq_len: int,
-                  batch_size: int, loss_positions="all", head: str = "frozen",
-                  lora_rank: int | None = None, gradient_checkpointing: bool = False,
-                  attention: str = "sdpa", probe_flops: float = 0.0) -> dict:
+def schedule_cost(shape, schedule: list[list[int]], total_steps: int, step: StepSettings | None = None, *,
+                  probe_flops: float = 0.0, **settings) -> dict:
     """Integrated cost of a schedule, relative to full fine-tuning for as many steps.
 
+    `step`: the settings of each step (`salf.cost.StepSettings`), or, as before, its
+    fields as keywords (seq_len=, batch_size=, loss_positions=, head=, ...).
     `flops_ratio` counts every FLOP the cost model does (matmuls, optimizer, embedding
     gradient, cross-entropy) plus `probe_flops`; `matmul_flops` (absolute, probes included)
     is what torch's FlopCounterMode counts over the run.
     """
-    curve = cost_curve(shape, seq_len, batch_size, loss_positions=loss_positions, head=head,
-                       lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
-                       attention=attention, include_full=True)
+    curve = cost_curve(shape, StepSettings.of(step, **settings), include_full=True)
     full = curve[-1]
     cuts = cut_per_step(schedule, total_steps)
     train_flops = sum(curve[k]["flops_abs"] for k in cuts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -38,20 +39,41 @@ def write_trace_plot(path: Path, tr, plan, choice: dict, cost: dict, fit: dict) 
         source += " (depth fit rejected)"
     examples = tr.data.get("n_examples")
     sample = f"{tr.task}, {examples} examples" if examples else tr.task
-    return plot_trace(
-        path, title=f"{tr.model.get('spec')} on {tr.data.get('dataset')} ({sample}) — "
-                    f"policy {plan.policy}: eof = {plan.eof}",
+    return plot_trace(path, TraceSeries(
+        title=f"{tr.model.get('spec')} on {tr.data.get('dataset')} ({sample}) — "
+              f"policy {plan.policy}: eof = {plan.eof}",
         deviation=tr.deviations, deviation_se=None if None in se else se,
         fitted=fitted, fit_r2=fit.get("r2"), gains=inference_gains(tr),
         lens_accuracy=None if lens is None or None in lens else lens,
         chance=1 / len(labels) if labels else None, eof=plan.eof,
         cost=[c["flops_ratio"] for c in cost["cuts"][:L]], benefit=list(curve["benefit"])[:L],
-        benefit_source=source)
+        benefit_source=source))
 
 
-def plot_trace(path: Path, **series) -> Path:
-    """Write `trace_figure(**series)` to `path` as a PNG."""
-    fig = trace_figure(**series)
+@dataclass(frozen=True)
+class TraceSeries:
+    """What the trace figure draws. deviation (and deviation_se, fitted, lens_accuracy) has
+    L+1 entries, space 0 = the embedding output; gains has L (layer l at index l-1); cost and
+    benefit describe the cuts eof = 0..L-1; `chance` is the lens accuracy of a guess,
+    `benefit_source` how the benefit was predicted (the cost-benefit axis says it)."""
+
+    title: str
+    deviation: list[float]
+    gains: list[float]
+    eof: int
+    cost: list[float]
+    benefit: list[float]
+    deviation_se: list[float] | None = None
+    fitted: list[float] | None = None
+    fit_r2: float | None = None
+    lens_accuracy: list[float] | None = None
+    chance: float | None = None
+    benefit_source: str = ""
+
+
+def plot_trace(path: Path, series: TraceSeries | None = None, **fields) -> Path:
+    """Write `trace_figure(series, **fields)` to `path` as a PNG."""
+    fig = trace_figure(series, **fields)
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
@@ -59,21 +81,17 @@ def plot_trace(path: Path, **series) -> Path:
     return path
 
 
-def trace_figure(*, title: str, deviation: list[float], gains: list[float], eof: int,
-                 cost: list[float], benefit: list[float], deviation_se: list[float] | None = None,
-                 fitted: list[float] | None = None, fit_r2: float | None = None,
-                 lens_accuracy: list[float] | None = None, chance: float | None = None,
-                 benefit_source: str = ""):
+def trace_figure(series: TraceSeries | None = None, **fields):
     """The trace figure: left, per latent space, the deviation D_l (bars from 0, ± its
     standard error), the gain per layer and (classification) the lens accuracy, each on
     its own axis; right, predicted cost vs benefit of every cut. See docs/method.md.
 
-    deviation (and deviation_se, fitted, lens_accuracy) has L+1 entries, space 0 = the
-    embedding output; gains has L (layer l at index l-1); cost and benefit describe the
-    cuts eof = 0..L-1.
+    `series`: a TraceSeries, or its fields as keyword arguments (`trace_figure(title=...,
+    deviation=..., ...)`; with a `series`, they replace its fields).
     """
-    L = len(deviation) - 1
-    rows = 3 if lens_accuracy is not None else 2
+    s = TraceSeries(**fields) if series is None else replace(series, **fields)
+    L = len(s.deviation) - 1
+    rows = 3 if s.lens_accuracy is not None else 2
     with plt.rc_context({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10}):
         fig = plt.figure(figsize=(15, 3.1 * rows + 1.4))
         grid = fig.add_gridspec(rows, 2, width_ratios=[1.55, 1], height_ratios=[1.5] + [1] * (rows - 1),
@@ -82,14 +100,14 @@ def trace_figure(*, title: str, deviation: list[float], gains: list[float], eof:
         left = [fig.add_subplot(grid[0, 0])]
         left += [fig.add_subplot(grid[r, 0], sharex=left[0]) for r in range(1, rows)]
         for ax in left:
-            _mark_cut(ax, eof, L)
-        _deviation_panel(left[0], deviation, deviation_se, fitted, fit_r2, eof, L)
-        _gain_panel(left[1], gains)
-        if lens_accuracy is not None:
-            _lens_panel(left[2], lens_accuracy, chance)
+            _mark_cut(ax, s.eof, L)
+        _deviation_panel(left[0], s.deviation, s.deviation_se, s.fitted, s.fit_r2, s.eof, L)
+        _gain_panel(left[1], s.gains)
+        if s.lens_accuracy is not None:
+            _lens_panel(left[2], s.lens_accuracy, s.chance)
         _space_ticks(left[-1], L)
-        _cost_benefit_panel(fig.add_subplot(grid[:, 1]), cost, benefit, eof, benefit_source)
-        fig.suptitle(title, fontsize=12)
+        _cost_benefit_panel(fig.add_subplot(grid[:, 1]), s.cost, s.benefit, s.eof, s.benefit_source)
+        fig.suptitle(s.title, fontsize=12)
     return fig
 
 

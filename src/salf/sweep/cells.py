@@ -101,10 +101,10 @@ def cell_cost(shape, cut: int, layers: list[int] | None, spec: dict, kind: str) 
     """Predicted training FLOPs of a cut or a layer set relative to full fine-tuning
     (salf.cost). A layer set (Spectrum's) pays weight gradients and optimizer state only
     for its layers, and input-gradients down to its lowest one."""
-    from ..cost import cost_curve, layer_set_cost
+    from ..cost import StepSettings, cost_curve, layer_set_cost
 
-    kw = dict(loss_positions="last" if kind == "classification" else "all", head=spec["head"])
+    step = StepSettings(spec["max_length"], spec["batch_size"],
+                        loss_positions="last" if kind == "classification" else "all", head=spec["head"])
     if layers is not None:
-        return layer_set_cost(shape, layers, spec["max_length"], spec["batch_size"],
-                              **kw)["flops_ratio"]
-    return cost_curve(shape, spec["max_length"], spec["batch_size"], **kw)[cut]["flops_ratio"]
+        return layer_set_cost(shape, layers, step)["flops_ratio"]
+    return cost_curve(shape, step)[cut]["flops_ratio"]

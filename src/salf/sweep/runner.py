@@ -61,7 +61,7 @@ def train_cell(spec: dict, ds, plan, loaded) -> tuple[dict, float]:
     checkpoints continues from its last one (bit-identical to an uninterrupted run on one
     thread); otherwise a leftover folder is cleared."""
     from ..config import TrainConfig
-    from ..finetune import run_training
+    from ..finetune import RunOptions, run_training
 
     dynamic = None
     if spec.get("dynamic") is not None:
@@ -77,8 +77,8 @@ def train_cell(spec: dict, ds, plan, loaded) -> tuple[dict, float]:
     config = TrainConfig(max_steps=spec["steps"], batch_size=spec["batch_size"],
                          max_length=spec["max_length"], lr=spec["lr"], seed=spec["seed"],
                          save_steps=save_steps, save_total_limit=1, resume=resume, progress=False)
-    metrics = run_training(spec["model"], ds, plan, work, config, loaded=loaded, eval_samples=0,
-                           dynamic=dynamic)
+    metrics = run_training(spec["model"], ds, plan, work, config, loaded=loaded,
+                           run=RunOptions(eval_samples=0, dynamic=dynamic))
     return metrics, time.perf_counter() - t0
 
 

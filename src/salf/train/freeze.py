@@ -582,52 +582,12 @@ def assert_truncated(model: nn.Module) -> dict:
     if state is None:
         raise SalfError("no freeze plan applied to this model (call apply_plan first)")
     anat = anatomy(base)
-    problems: list[str] = []
-
-    below = {} if state.full else {id(p): "embeddings" for m in anat.embeddings for p in m.parameters()}
-    for i, layer in enumerate(list(anat.layers)[: state.eof]):
-        for p in layer.parameters():
-            below[id(p)] = f"layer {i + 1}"
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in below and p.requires_grad:
-            problems.append(f"{n} ({below[id(p)]}, below the cut) requires grad")
-
-    emb = base.get_input_embeddings()
-    head_weight = getattr(anat.head, "weight", None)
-    if state.head == "frozen" and not state.full:
-        original_head = getattr(anat.head, "original_module", anat.head)
-        for p in original_head.parameters():
-            if p.requires_grad:
-                problems.append(f"{names.get(id(p), 'head')} (head, plan says frozen) requires grad")
-    if state.untied and head_weight is getattr(emb, "weight", None):
-        problems.append("the head was untied but shares the input embedding again")
-
-    if state.lora is not None:
-        for n, p in model.named_parameters():
-            if p.requires_grad and "lora_" not in n and "modules_to_save" not in n:
-                problems.append(f"{n} is a base weight but requires grad under LoRA")
-
+    problems = _frozen_weight_problems(model, base, anat, state)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         problems.append("nothing is trainable")
-
-    if getattr(base, "_require_grads_hooks", None) or "_require_grads_hook" in base.__dict__:
-        problems.append("an enable_input_require_grads hook is installed")
-    for m in {id(m): m for m in [*anat.embeddings, emb] if m is not None}.values():
-        if any(_is_require_grads_hook(fn) for fn in m._forward_hooks.values()):
-            problems.append(f"a require-grads forward hook sits on {type(m).__name__}")
-    if base.__dict__.get("enable_input_require_grads") is not _noop_enable_input_require_grads:
-        problems.append("enable_input_require_grads is no longer neutralised")
-
-    for i, layer in enumerate(anat.layers):
-        gc = getattr(layer, "gradient_checkpointing", False)
-        if gc and i < state.eof:
-            problems.append(f"layer {i + 1} is frozen but activation-checkpointed")
-        if gc and i >= state.eof:
-            func = getattr(layer, "_gradient_checkpointing_func", None)
-            if not (isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False):
-                problems.append(f"layer {i + 1} uses reentrant checkpointing")
+    problems += _input_grad_hook_problems(base, anat)
+    problems += _checkpointing_problems(anat, state)
     if state.full:
         problems += [f"{n} does not require grad under full fine-tuning"
                      for n, p in model.named_parameters() if not p.requires_grad][:3]
@@ -640,6 +600,66 @@ def assert_truncated(model: nn.Module) -> dict:
                         + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"eof": state.eof, "trainable_tensors": len(trainable), "trainable_params": n_train}
+
+
+def _frozen_weight_problems(model: nn.Module, base: nn.Module, anat: Anatomy, state: FreezeState) -> list[str]:
+    """Weights the plan freezes that require grad: below the cut, a frozen head, base weights
+    under LoRA; and an untied head that shares the input embedding again."""
+    problems: list[str] = []
+    below = {} if state.full else {id(p): "embeddings" for m in anat.embeddings for p in m.parameters()}
+    for i, layer in enumerate(list(anat.layers)[: state.eof]):
+        for p in layer.parameters():
+            below[id(p)] = f"layer {i + 1}"
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in below and p.requires_grad:
+            problems.append(f"{n} ({below[id(p)]}, below the cut) requires grad")
+
+    head_weight = getattr(anat.head, "weight", None)
+    if state.head == "frozen" and not state.full:
+        original_head = getattr(anat.head, "original_module", anat.head)
+        for p in original_head.parameters():
+            if p.requires_grad:
+                problems.append(f"{names.get(id(p), 'head')} (head, plan says frozen) requires grad")
+    if state.untied and head_weight is getattr(base.get_input_embeddings(), "weight", None):
+        problems.append("the head was untied but shares the input embedding again")
+
+    if state.lora is not None:
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in n and "modules_to_save" not in n:
+                problems.append(f"{n} is a base weight but requires grad under LoRA")
+    return problems
+
+
+def _input_grad_hook_problems(base: nn.Module, anat: Anatomy) -> list[str]:
+    """An enable_input_require_grads hook makes the embedding output require grad, so autograd
+    records the whole frozen prefix: none may be installed, and the method stays a no-op."""
+    problems: list[str] = []
+    emb = base.get_input_embeddings()
+    if getattr(base, "_require_grads_hooks", None) or "_require_grads_hook" in base.__dict__:
+        problems.append("an enable_input_require_grads hook is installed")
+    for m in {id(m): m for m in [*anat.embeddings, emb] if m is not None}.values():
+        if any(_is_require_grads_hook(fn) for fn in m._forward_hooks.values()):
+            problems.append(f"a require-grads forward hook sits on {type(m).__name__}")
+    if base.__dict__.get("enable_input_require_grads") is not _noop_enable_input_require_grads:
+        problems.append("enable_input_require_grads is no longer neutralised")
+    return problems
+
+
+def _checkpointing_problems(anat: Anatomy, state: FreezeState) -> list[str]:
+    """Frozen layers are not activation-checkpointed (recomputed for nothing), trainable ones
+    only non-reentrantly (reentrant checkpointing drops the gradients of the first trainable
+    layer, whose inputs do not require grad)."""
+    problems: list[str] = []
+    for i, layer in enumerate(anat.layers):
+        gc = getattr(layer, "gradient_checkpointing", False)
+        if gc and i < state.eof:
+            problems.append(f"layer {i + 1} is frozen but activation-checkpointed")
+        if gc and i >= state.eof:
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if not (isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False):
+                problems.append(f"layer {i + 1} uses reentrant checkpointing")
+    return problems
 
 
 def parameter_counts(model: nn.Module) -> dict:

@@ -40,7 +40,7 @@ from .evaluate import META_FILE, evaluate_examples
 from .freeze import (SalfFreezeCallback, apply_plan, assert_truncated, freeze_state,
                      parameter_counts)
 from .interrupt import StopOnInterrupt
-from .metrics import build_metrics
+from .metrics import TrainOutcome, build_metrics
 from .progress import ProgressBars, quiet_saves, say
 from .steplog import StepLog
 from .trainer import Data, build_trainer, check_engine, training_arguments
@@ -108,12 +108,12 @@ def train(model: nn.Module, tokenizer, task, rows, plan, out_dir, config: TrainC
     _save_final(model, tokenizer, out, _final_meta(model, task, plan, plan_dict, config),
                 state_dict=_whole_weights(trainer))
 
-    metrics = build_metrics(run=run.settings, plan=plan_dict, counts=counts, state=trainer.state,
-                            runtime_s=result.metrics.get("train_runtime"), examples=len(data.train),
-                            final_eval=final_eval, audit=audit, truncation=truncation,
-                            timing={**step_log.summary(), "wall_s": time.perf_counter() - wall_start},
-                            prefix_cache=cache_info,
-                            resumed_from_step=step_of(run.resume_from) if run.resume_from else None)
+    outcome = TrainOutcome(trainer.state, result.metrics.get("train_runtime"), len(data.train),
+                           timing={**step_log.summary(), "wall_s": time.perf_counter() - wall_start},
+                           prefix_cache=cache_info,
+                           resumed_from_step=step_of(run.resume_from) if run.resume_from else None)
+    metrics = build_metrics(run=run.settings, plan=plan_dict, counts=counts, outcome=outcome,
+                            final_eval=final_eval, audit=audit, truncation=truncation)
     metrics.update(extensions.metrics_sections(callbacks))
     distributed.on_main(lambda: atomic_write_json(out / "metrics.json", metrics))
     distributed.barrier()   # every rank returns once OUT is complete

@@ -1,6 +1,7 @@
 """metrics.json: what a finished run reports (see docs/training.md, "metrics.json").
 
-`build_metrics(...)` assembles the sections; callers add their own afterwards
+`build_metrics(...)` assembles the sections from the run's settings, what training
+produced (a `TrainOutcome`) and the checks after it; callers add their own afterwards
 (`metrics["dynamic"] = ...`), and callbacks add theirs through `metrics_section()`
 (salf.train.extensions).
 """
@@ -8,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -99,24 +101,38 @@ def audit_section(report: dict) -> dict:
             "trainable_count": report["trainable"]["count"]}
 
 
-def build_metrics(*, run: dict, plan: dict | None, counts: dict, state, runtime_s, examples: int,
-                  final_eval: dict | None, audit: dict, truncation: dict, timing: dict,
-                  prefix_cache: dict | None, resumed_from_step: int | None) -> dict:
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What the training loop produced: the trainer's state, its runtime (seconds), the
+    training examples, the step timing, the prefix cache's report (None without one) and
+    the step a resumed run started from (None for a fresh run)."""
+
+    state: object
+    runtime_s: float | None
+    examples: int
+    timing: dict
+    prefix_cache: dict | None = None
+    resumed_from_step: int | None = None
+
+
+def build_metrics(*, run: dict, plan: dict | None, counts: dict, outcome: TrainOutcome,
+                  final_eval: dict | None, audit: dict, truncation: dict) -> dict:
     """metrics.json's sections, from the finished run's pieces."""
+    state = outcome.state
     return {
         "plan": plan,
         "lora": run["lora"],
         "loss_kind": run["loss"],
         "settings": run,
         "params": {**counts, "trainable_fraction": counts["trainable"] / max(counts["total"], 1)},
-        "train": train_section(state, runtime_s, examples),
+        "train": train_section(state, outcome.runtime_s, outcome.examples),
         "eval_curve": eval_curve(state.log_history),
         "eval": final_eval,
-        "timing": timing,
+        "timing": outcome.timing,
         "memory": peak_memory(),
         "truncation": truncation,
         "audit": audit_section(audit),
-        "prefix_cache": prefix_cache,
-        "resumed_from_step": resumed_from_step,
+        "prefix_cache": outcome.prefix_cache,
+        "resumed_from_step": outcome.resumed_from_step,
         "versions": versions(),
     }
