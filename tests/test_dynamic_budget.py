@@ -342,3 +342,28 @@ def test_probe_reads_are_spread_over_the_run():
     read = _read(48, 0, SHARES)
     assert not probe_wanted(SETTINGS, [base, read, Check(step=51, eof=0, progress=51.0)], run)
     assert probe_wanted(SETTINGS, [base, read, Check(step=72, eof=0, progress=72.0)], run)
+
+
+def test_the_cli_offers_every_dynamic_setting_from_its_metadata():
+    """`salf train` has one flag per DynamicSettings field, with the field's help text: the
+    settings, the CLI and checks.dynamic_settings_of read one table (issue #23)."""
+    import argparse
+    import dataclasses
+
+    from salf.checks import dynamic_settings_of
+    from salf.cli import build_parser
+    from salf.dynamic.settings import FLAGS
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items()
+                 if a[0] == "train")[1]
+    offered = {o: a for a in train._actions for o in a.option_strings}
+    for f in dataclasses.fields(DynamicSettings):
+        action = offered[FLAGS[f.name]]
+        assert action.help.startswith(f.metadata["help"]), f.name
+        assert action.default is None, f.name                      # a flag given is a flag seen
+    args = train.parse_args(["--model", "m", "--dataset", "d", "--full", "--out", "o",
+                             "--dynamic", "salf-budget", "--max-move", "0.2",
+                             "--budget-accounting", "hindsight", "--no-undo-guard"])
+    assert dynamic_settings_of(args) == DynamicSettings(policy="salf-budget", max_move=0.2,
+                                                        accounting="hindsight", guard=False)
+    assert isinstance(offered["--undo-guard"], argparse.BooleanOptionalAction)

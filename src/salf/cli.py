@@ -164,62 +164,31 @@ def add_config_options(g, config_cls, defaults: dict | None = None, helps: dict 
 
 
 def _add_dynamic_args(p: argparse.ArgumentParser):
-    """Dynamic freezing: the cut moves deeper while training (docs/method.md)."""
-    from .dynamic.settings import ACCOUNTING, CLOCKS, FLAGS, PLASTICITY, POLICIES, DynamicSettings
+    """Dynamic freezing: the cut moves deeper while training (docs/method.md). One flag per
+    DynamicSettings field, from its metadata; every default is None here, so a flag given
+    without --dynamic is caught (salf.checks.dynamic_settings_of) and the settings' own
+    defaults apply."""
+    import dataclasses
 
-    d = DynamicSettings()
+    from .dynamic.settings import DynamicSettings
+
     g = p.add_argument_group("dynamic freezing (the cut moves deeper while training; docs/method.md)")
-    g.add_argument(FLAGS["policy"], nargs="?", const=d.policy, default=None, choices=POLICIES,
-                   metavar="POLICY",
-                   help=f"start from the plan's cut and move it deeper when POLICY says so: "
-                        f"{', '.join(POLICIES)} (default when given without a value: {d.policy})")
-    g.add_argument(FLAGS["tau"], dest="tau", type=float, default=None, metavar="TAU",
-                   help="salf: a space above the cut counts as settled when its deviation moved at "
-                        f"most TAU x the output space's over the last interval (default {d.tau})")
-    g.add_argument(FLAGS["plasticity"], dest="plasticity", choices=PLASTICITY, default=None,
-                   help="salf: how a space's move is measured: shift (each probe target's own move "
-                        "toward or away from its semantics) or deviation (the move of their mean "
-                        f"D_l) (default {d.plasticity})")
-    g.add_argument(FLAGS["epsilon"], dest="epsilon", type=float, default=None, metavar="EPS",
-                   help="salf: the run is past its knee when the step law's predicted remaining "
-                        f"improvement is at most EPS x the improvement so far (default {d.epsilon})")
-    g.add_argument(FLAGS["clock"], dest="clock", choices=CLOCKS, default=None,
-                   help=f"salf: the step law's time axis (default {d.clock}: the sum of learning "
-                        "rates so far)")
-    g.add_argument(FLAGS["min_points"], dest="min_points", type=int, default=None, metavar="N",
-                   help=f"salf: probe checks after step 0 before the law is fitted (default {d.min_points})")
-    g.add_argument(FLAGS["checks"], dest="checks", type=int, default=None, metavar="N",
-                   help=f"checks per run, evenly spaced (default {d.checks})")
-    g.add_argument(FLAGS["probe_rows"], dest="probe_rows", type=int, default=None, metavar="N",
-                   help="held-out rows the salf and static policies read at every check, from the "
-                        f"validation split (default {d.probe_rows})")
-    g.add_argument(FLAGS["max_eof"], dest="max_eof", type=int, default=None, metavar="K",
-                   help="the deepest cut any policy may reach (default: L-1, one layer trains)")
-    g.add_argument(FLAGS["start"], dest="start", type=float, default=None, metavar="F",
-                   help="linear: fraction of the run before the first freeze (default 0.5); "
-                        "freezeout: t0 of the cubic schedule (default 0.8)")
-    g.add_argument(FLAGS["percentile"], dest="percentile", type=float, default=None, metavar="P",
-                   help="autofreeze: the gradient-norm change-rate percentile a layer must reach "
-                        f"to keep training (default {d.percentile:g})")
-    for name, kind, metavar, text in (   # salf-budget's settings (docs/method.md)
-            ("tolerance", float, "F", "the moves may give up at most F x the training loss's level"),
-            ("min_saving", float, "F", "a move must save at least F of the run's full fine-tuning "
-                                       "FLOPs over the steps left"),
-            ("probe_budget", float, "F", "the probe's reads stay within F of the run's FLOPs"),
-            ("law_checks", int, "N", "checks per run; each reads the training loss (free), the "
-                                     "probe only where a move could be allowed"),
-            ("max_move", float, "F", "a move freezes at most F of the model's layers (rounded up; "
-                                     "0: no bound)")):
-        g.add_argument(FLAGS[name], dest=name, type=kind, default=None, metavar=metavar,
-                       help=f"salf-budget: {text} (default {getattr(d, name):g})")
-    g.add_argument(FLAGS["accounting"], dest="accounting", choices=ACCOUNTING, default=None,
-                   help="salf-budget: what a move is charged against the loss budget: fixed (its "
-                        "upper-bound cost when made) or hindsight (re-read at every check: the "
-                        "improvement made since the move plus what is still ahead, times its "
-                        f"share) (default {d.accounting})")
-    g.add_argument(FLAGS["guard"], dest="guard", action=argparse.BooleanOptionalAction, default=None,
-                   help="salf-budget: undo a move when the training loss over the steps since it "
-                        "rose beyond the noise from as many steps before it (default: on)")
+    for f in dataclasses.fields(DynamicSettings):
+        meta, kind = f.metadata, str(f.type).split("|")[0].strip()
+        options = {k: meta[k] for k in ("choices", "metavar") if k in meta}
+        default = "on" if f.default is True else f"{f.default:g}" if isinstance(f.default, float) \
+            else f.default
+        text = meta["help"] + ("" if "(default" in meta["help"] else f" (default {default})")
+        if f.name == "policy":       # --dynamic alone runs the default policy
+            options.update(nargs="?", const=f.default)
+            text = (f"{meta['help']}: {', '.join(meta['choices'])} (default when given without a "
+                    f"value: {f.default})")
+        elif kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif "choices" not in meta:
+            options["type"] = {"int": int, "float": float}[kind]
+        g.add_argument(flag_of(f.name, meta), dest=f.name if f.name != "policy" else "dynamic",
+                       default=None, help=text, **options)
 
 
 # ---------------------------------------------------------------- verbs

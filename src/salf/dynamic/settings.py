@@ -7,17 +7,10 @@ import math
 from dataclasses import dataclass
 
 from ..choices import DYNAMIC_POLICIES
+from ..config import flag_of, option
 from ..errors import SalfError
 
 POLICIES = tuple(DYNAMIC_POLICIES.names())     # salf.choices: each policy's function and needs
-# the `salf train/finetune/sweep` flag of each setting (docs/method.md lists them all)
-FLAGS = {"policy": "--dynamic", "tau": "--plasticity-share", "epsilon": "--remaining-share",
-         "plasticity": "--plasticity-measure", "clock": "--law-clock", "checks": "--checks",
-         "probe_rows": "--probe-rows",
-         "min_points": "--law-points", "max_eof": "--deepest-cut", "start": "--freeze-start",
-         "percentile": "--rate-percentile", "tolerance": "--loss-tolerance",
-         "min_saving": "--min-saving", "probe_budget": "--probe-budget", "law_checks": "--law-checks",
-         "guard": "--undo-guard", "max_move": "--max-move", "accounting": "--budget-accounting"}
 CLOCKS = ("lr-area", "steps")
 PLASTICITY = ("shift", "deviation")
 ACCOUNTING = ("fixed", "hindsight")
@@ -29,59 +22,56 @@ NEEDS = {c.name: set(c.needs) for c in DYNAMIC_POLICIES}
 
 @dataclass
 class DynamicSettings:
-    """How a dynamic run decides; every threshold is a flag of `salf train --dynamic`.
+    """How a dynamic run decides. Every field is a flag of `salf train/finetune --dynamic`
+    (and a `dyn-POLICY:field=value` setting of `salf sweep`); its metadata holds the flag and
+    the help text the CLI shows (salf.config.option), so the two cannot drift. The policies
+    and why: docs/method.md, "Dynamic freezing" and "The budget-aware controller"."""
 
-    tau       semantic plasticity: a space l above the cut counts as settled when it moved
-              at most tau x as much as the output space over the last interval (docs/method.md,
-              signal (a)).
-    plasticity  how a space's move is measured: "shift", the mean over the probe's targets of
-              |Δ cos(t_l, b_y)| (each target's own move toward or away from its semantics), or
-              "deviation", |Δ D_l| (the move of their mean, where opposite moves cancel).
-    epsilon   step scaling law: the run is past its knee when the law's predicted remaining
-              improvement is at most epsilon x the improvement since the first check (b).
-    clock     the law's time axis: "lr-area" (sum of learning rates so far, the schedule's
-              own progress) or "steps".
-    checks    checks per run (evenly spaced; a step-0 check adds the pretrained baseline
-              where the policy probes).
-    probe_rows  rows of the fixed probe set (held out of training).
-    min_points  probe checks after step 0 needed before the law is fitted.
-    max_eof   the deepest cut any policy may reach (None = L - 1: one layer keeps training).
-    start     linear: fraction of the run before the first freeze; freezeout: t0.
-    percentile  autofreeze: the rate percentile a layer must reach to keep training.
-    tolerance   salf-budget: the moves may give up at most this fraction of the training
-              loss's level (salf.dynamic.budget).
-    min_saving  salf-budget: a move must save at least this fraction of the run's full
-              fine-tuning FLOPs over the steps left.
-    probe_budget  salf-budget: the probe's reads stay within this share of the run's FLOPs.
-    law_checks  salf-budget: checks per run (the law reads the training loss, free; the probe
-              is read only at checks where the budget could allow a move).
-    guard     salf-budget: undo a move when the training loss since it rose beyond the noise
-              from as many steps before it.
-    max_move  salf-budget: a move freezes at most this share of the model's layers (rounded
-              up; 0: no bound — the setting of the first published cells, commit 6436724).
-    accounting  salf-budget: what a move is charged against the budget: "fixed", its
-              upper-bound cost when it was made (ρ·R then); "hindsight", re-read at every
-              check as ρ × (the improvement made since the move + R now).
-    """
-
-    policy: str = "salf"
-    tau: float = 0.2
-    plasticity: str = "shift"
-    epsilon: float = 0.2
-    clock: str = "lr-area"
-    checks: int = 10
-    probe_rows: int = 16
-    min_points: int = 3
-    max_eof: int | None = None
-    start: float | None = None
-    percentile: float = 50.0
-    tolerance: float = 0.05
-    min_saving: float = 0.01
-    probe_budget: float = 0.01
-    law_checks: int = 40
-    guard: bool = True
-    max_move: float = 0.0
-    accounting: str = "fixed"
+    policy: str = option("salf", "start from the plan's cut and move it deeper when POLICY "
+                         "says so", flag="--dynamic", metavar="POLICY", choices=POLICIES)
+    tau: float = option(0.2, "salf: a space above the cut counts as settled when its deviation "
+                        "moved at most TAU x the output space's over the last interval",
+                        flag="--plasticity-share", metavar="TAU")
+    plasticity: str = option("shift", "salf: how a space's move is measured: shift (each probe "
+                             "target's own move toward or away from its semantics) or deviation "
+                             "(the move of their mean D_l)", flag="--plasticity-measure",
+                             choices=PLASTICITY)
+    epsilon: float = option(0.2, "salf: the run is past its knee when the step law's predicted "
+                            "remaining improvement is at most EPS x the improvement so far",
+                            flag="--remaining-share", metavar="EPS")
+    clock: str = option("lr-area", "salf: the step law's time axis (lr-area: the sum of learning "
+                        "rates so far)", flag="--law-clock", choices=CLOCKS)
+    checks: int = option(10, "checks per run, evenly spaced", metavar="N")
+    probe_rows: int = option(16, "held-out rows the salf and static policies read at every "
+                             "check, from the validation split", metavar="N")
+    min_points: int = option(3, "salf: probe checks after step 0 before the law is fitted",
+                             flag="--law-points", metavar="N")
+    max_eof: int | None = option(None, "the deepest cut any policy may reach (default: L-1, one "
+                                 "layer trains)", flag="--deepest-cut", metavar="K")
+    start: float | None = option(None, "linear: fraction of the run before the first freeze "
+                                 "(default 0.5); freezeout: t0 of the cubic schedule (default 0.8)",
+                                 flag="--freeze-start", metavar="F")
+    percentile: float = option(50.0, "autofreeze: the gradient-norm change-rate percentile a "
+                               "layer must reach to keep training", flag="--rate-percentile",
+                               metavar="P")
+    tolerance: float = option(0.05, "salf-budget: the moves may give up at most F x the training "
+                              "loss's level", flag="--loss-tolerance", metavar="F")
+    min_saving: float = option(0.01, "salf-budget: a move must save at least F of the run's full "
+                               "fine-tuning FLOPs over the steps left", metavar="F")
+    probe_budget: float = option(0.01, "salf-budget: the probe's reads stay within F of the "
+                                 "run's FLOPs", metavar="F")
+    law_checks: int = option(40, "salf-budget: checks per run; each reads the training loss "
+                             "(free), the probe only where a move could be allowed", metavar="N")
+    guard: bool = option(True, "salf-budget: undo a move when the training loss over the steps "
+                         "since it rose beyond the noise from as many steps before it",
+                         flag="--undo-guard")
+    max_move: float = option(0.0, "salf-budget: a move freezes at most F of the model's layers "
+                             "(rounded up; 0: no bound)", metavar="F")
+    accounting: str = option("fixed", "salf-budget: what a move is charged against the loss "
+                             "budget: fixed (its upper-bound cost when made) or hindsight "
+                             "(re-read at every check: the improvement made since the move plus "
+                             "what is still ahead, times its share)", flag="--budget-accounting",
+                             choices=ACCOUNTING)
 
     def __post_init__(self):
         self.validate()
@@ -145,6 +135,10 @@ class DynamicSettings:
         if unknown:
             raise SalfError(f"unknown dynamic setting(s): {', '.join(unknown)}")
         return cls(**d)
+
+
+# the `salf train/finetune` flag of each setting
+FLAGS = {f.name: flag_of(f.name, f.metadata) for f in dataclasses.fields(DynamicSettings)}
 
 
 def _named(setting: str) -> str:
