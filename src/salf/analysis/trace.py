@@ -4,10 +4,10 @@ One forward per batch under `torch.inference_mode`, with hooks on the decoder
 layers: a forward-pre-hook on `layers[0]` captures space 0 (the input of
 decoder layer 1), a forward hook on `layers[i]` captures space i+1. Each hook
 immediately gathers only the target positions of its hidden states — an
-(n_targets, d) copy — and the last layer's hook stops the forward pass, so
-neither the final norm over all positions nor the (B, T, V) logits are ever
-computed. Full hidden states are never retained and `output_hidden_states` is
-not used.
+(n_targets, d) copy — and the forward stops after the last layer
+(`salf.models.replay.run_to_layer`), so neither the final norm over all
+positions nor the (B, T, V) logits are ever computed. Full hidden states are
+never retained and `output_hidden_states` is not used.
 
 After the forward, every captured slice goes through the final transform N
 once (`anat.normalize`), its statistics are added to running sums, and the
@@ -51,16 +51,13 @@ from ..errors import SalfError
 from ..io import atomic_write_text, read_json
 from ..models.anatomy import layer_output
 from ..models.config import config_value, text_config
+from ..models.replay import run_to_layer
 from .basis import semantic_basis, weight_fingerprint
 
 SPACE_KEYS = ("space", "deviation", "deviation_se", "label_ce", "lens_acc", "margin_auc",
               "logit_lens_ce", "logit_lens_acc", "n_targets")
 
 _LOGIT_CHUNK = 512   # target rows per logit-lens head call
-
-
-class _StopForward(Exception):
-    """Raised by the last layer's hook: everything after it is not needed."""
 
 
 # --------------------------------------------------------------------------- Trace
@@ -234,8 +231,6 @@ class TargetCapture:
         self.max_retained_bytes = max(self.max_retained_bytes, self.retained_bytes)
 
     def attach(self) -> "TargetCapture":
-        last = self.anat.num_layers - 1
-
         def pre_hook(_module, args, kwargs):
             h = args[0] if args else kwargs.get("hidden_states")
             if h is None:
@@ -245,8 +240,6 @@ class TargetCapture:
         def make_hook(i):
             def hook(_module, _inputs, output):
                 self._store(i + 1, layer_output(output))
-                if i == last:
-                    raise _StopForward
             return hook
 
         self._handles.append(self.anat.layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -601,7 +594,8 @@ class _TraceRun:
         self.n_batches += 1
 
     def _forward(self, batch: dict, bi: torch.Tensor, pi: torch.Tensor) -> None:
-        """One forward pass up to the last decoder layer; the hooks keep the target rows."""
+        """One forward pass up to the last decoder layer (nothing after it runs); the hooks
+        keep the target rows."""
         mask = batch.get("attention_mask")
         kwargs = {"input_ids": batch["input_ids"].to(self.device), "use_cache": False}
         if mask is not None:
@@ -609,10 +603,7 @@ class _TraceRun:
             if self.accepts_position_ids and self.position_ids_from_mask:
                 kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0).to(self.device)
         self.capture.index = (bi.to(self.device), pi.to(self.device))
-        try:
-            self.model(**kwargs)
-        except _StopForward:
-            pass
+        run_to_layer(self.model, self.anat.layers[-1], kwargs)
 
     def _batch_statistics(self, slices: list[torch.Tensor], y: torch.Tensor, li) -> dict:
         """Every space's statistics of one batch's target rows (module doc), for _Accumulator.add."""

@@ -20,7 +20,8 @@ import time
 
 from ..analysis.trace import trace
 from ..errors import SalfError
-from ..models.anatomy import anatomy, layer_output, unwrap
+from ..models.anatomy import anatomy, unwrap
+from ..models.replay import LayerOutput, capture_output, replay_stored
 
 
 def probe_rows(splits: dict[str, list[dict]], n: int, seed: int = 0) -> tuple[list[dict], dict[str, list[dict]]]:
@@ -43,7 +44,7 @@ class Probe:
     running layers 1..k (their spaces' deviations are the stored read's). A read after the cut
     moved deeper, to m, starts from the stored h^k too — layers k+1..m run with their weights
     of now, which froze with the move — and stores h^m on the way: each frozen layer runs once
-    after it froze, never again.
+    after it froze, never again (`salf.models.replay` keeps h^k and replays it).
     """
 
     def __init__(self, batches: list[dict], task_kind: str, label_token_ids=None,
@@ -57,24 +58,24 @@ class Probe:
         self.rows = sum(int(b["input_ids"].shape[0]) for b in batches)
         self.tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         self._boundary = 0                        # the cut the stored states belong to
-        self._states: list = [None] * len(batches)   # per batch: layer `boundary`'s output
+        self._states: list[LayerOutput | None] = [None] * len(batches)  # per batch: h^boundary
         self._last = None     # the last read's (D_0..D_L, per-target cosines per space)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         """The stored read (boundary, the last deviations and cosines), without its tensors."""
         return {"boundary": self._boundary, "last": self._last,
-                "as_tuple": [s[1] if s is not None else None for s in self._states]}
+                "as_tuple": [s.as_tuple if s is not None else None for s in self._states]}
 
     def tensor_state_dict(self) -> dict:
         """The stored h^boundary per probe batch (none before the first read past a cut)."""
-        return {f"h{i}": s[0] for i, s in enumerate(self._states) if s is not None}
+        return {f"h{i}": s.hidden for i, s in enumerate(self._states) if s is not None}
 
     def load_state_dict(self, state: dict, tensors: dict) -> None:
         """Restore a saved read; without all its tensors the next read runs every layer."""
         if len(state["as_tuple"]) != len(self.batches):
             raise SalfError("--resume: the checkpoint's probe has another number of batches")
-        states = [(tensors[f"h{i}"], flag) if f"h{i}" in tensors else None
+        states = [LayerOutput(tensors[f"h{i}"], flag) if f"h{i}" in tensors else None
                   for i, flag in enumerate(state["as_tuple"])]
         if all(s is not None for s in states):
             self._states, self._boundary = states, int(state["boundary"])
@@ -106,13 +107,16 @@ class Probe:
         cosines: list[list[float]] = [[] for _ in range(anat.num_layers + 1)]
         for i, batch in enumerate(self.batches):
             with contextlib.ExitStack() as stack:
-                if start:
-                    stack.enter_context(_replaying(anat.layers, start, self._states[i]))
-                if cut > start:
-                    stack.enter_context(self._storing(anat.layers, cut, i))
+                if start:   # layers 1..start pass through, layer `start` returns the stored h^start
+                    stack.enter_context(replay_stored(anat.layers, start, self._states[i]))
+                keep = None
+                if cut > start:   # h^cut at every position, for the next reads
+                    keep = stack.enter_context(capture_output(anat.layers[cut - 1], clone=True))
                 tr = trace(base, anat, [batch], self.task_kind, label_token_ids=self.label_token_ids,
                            max_targets_per_example=self.max_targets, logit_lens="last",
                            progress=False, seed=i, target_cosines=True)
+            if keep is not None:
+                self._states[i] = keep
             for space, values in zip(cosines, tr.extra["target_cosines"]):
                 space.extend(values)
             n = tr.timing["targets"]
@@ -128,44 +132,3 @@ class Probe:
         self._last = (deviation, cosines)
         return {"deviation": deviation, "cosines": cosines, "loss": loss_sum / targets,
                 "targets": targets, "seconds": time.perf_counter() - began, "from_layer": start}
-
-    @contextlib.contextmanager
-    def _storing(self, layers, cut: int, batch: int):
-        """Keep layer `cut`'s output (h^cut, every position; cut >= 1) of this batch for later
-        reads."""
-        def keep(_module, _args, output):
-            self._states[batch] = (layer_output(output).detach().clone(),
-                                   isinstance(output, (tuple, list)))
-
-        handle = layers[cut - 1].register_forward_hook(keep)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def _replaying(layers, cut: int, stored):
-    """Layers 1..cut pass their input through; layer `cut` returns the stored h^cut."""
-    state, as_tuple = stored
-    saved = [layer.__dict__.get("forward") for layer in layers[:cut]]
-
-    def passing(*args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden,) if as_tuple else hidden
-
-    def replaying(*args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        out = state.to(device=hidden.device, dtype=hidden.dtype)
-        return (out,) if as_tuple else out
-
-    for i, layer in enumerate(layers[:cut]):
-        layer.forward = replaying if i == cut - 1 else passing
-    try:
-        yield
-    finally:
-        for layer, original in zip(layers[:cut], saved):
-            if original is None:
-                del layer.forward          # back to the class's forward
-            else:
-                layer.forward = original   # someone else's patch (the training prefix cache)

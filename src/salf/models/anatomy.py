@@ -163,21 +163,15 @@ def verify_anatomy(anat: Anatomy, input_ids: torch.Tensor, atol: float = 1e-4) -
     Returns the max absolute difference. Catches an architecture whose parts
     resolved but whose logits are computed differently (an extra scale, a bias).
     """
-    captured: dict[str, torch.Tensor] = {}
+    from .replay import capture_output   # here: replay.py imports layer_output from this module
 
-    def grab(_module, _inputs, output):
-        captured["h"] = layer_output(output)
-
-    handle = anat.layers[-1].register_forward_hook(grab)
-    try:
+    with capture_output(anat.layers[-1]) as last:
         out = anat.model(input_ids=input_ids, use_cache=False)
-    finally:
-        handle.remove()
     theirs = out.logits[:, -1]
     if not torch.isfinite(theirs).all():
         raise SalfError(f"{type(anat.model).__name__} produces NaN/inf logits: the weights are "
                         "broken (a bad checkpoint or conversion?)")
-    ours = anat.logits_from_normed(anat.normalize(captured["h"][:, -1]))
+    ours = anat.logits_from_normed(anat.normalize(last.hidden[:, -1]))
     diff = (ours.float() - theirs.float()).abs().max().item()
     scale = max(1.0, theirs.float().abs().max().item())
     if not diff <= atol * scale:

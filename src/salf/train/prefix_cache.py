@@ -3,10 +3,11 @@
 With a cut at eof, layers 1..eof are frozen and receive no gradient, so their
 output for a given example never changes during training. The first time an
 example is trained on, `ensure` runs the prefix for its batch (inference mode,
-stopping after layer eof) and keeps the hidden states at the example's real
-tokens. `attach` makes the frozen layers pass-throughs and the last of them
-return the cached states for the current batch (re-padded to the batch's
-layout): from the second time an example is seen — the second epoch on — a step
+stopping after layer eof: `salf.models.replay.run_to_layer`) and keeps the hidden
+states at the example's real tokens. `attach` makes the frozen layers pass-throughs
+and the last of them return the cached states for the current batch (re-padded to
+the batch's layout; a `salf.models.replay.PrefixReplay` active while a batch is
+set): from the second time an example is seen — the second epoch on — a step
 costs only the trainable suffix, the embeddings lookup and the head. In a
 single pass over the data the prefix runs once per example either way, so the
 cache saves nothing there; it pays off with epochs > 1. (`build` fills it for
@@ -31,11 +32,8 @@ from torch import nn
 
 from ..errors import SalfError
 from ..losses import model_inputs
-from ..models.anatomy import anatomy, layer_output, unwrap
-
-
-class _Stop(Exception):
-    pass
+from ..models.anatomy import anatomy, unwrap
+from ..models.replay import PrefixReplay, run_to_layer
 
 
 class PrefixCache:
@@ -50,8 +48,7 @@ class PrefixCache:
         self.current: torch.Tensor | None = None   # example indices of the batch being trained
         self.current_mask: torch.Tensor | None = None
         self._returns_tuple: bool | None = None
-        self._originals: dict[int, object] = {}
-        self._attached = False
+        self._patch: PrefixReplay | None = None    # the replay of layers 1..eof while attached
 
     @property
     def nbytes(self) -> int:
@@ -59,28 +56,19 @@ class PrefixCache:
 
     @torch.inference_mode()
     def _run_prefix(self, batch: dict, indices: list[int]) -> None:
-        captured = {}
-        last = self.anat.layers[self.eof - 1]
-
-        def grab(_module, _args, output):
-            captured["h"] = layer_output(output)
-            self._returns_tuple = isinstance(output, (tuple, list))
-            raise _Stop
-
-        handle = last.register_forward_hook(grab)
         saved, self.current = self.current, None      # the real prefix runs here
         was_training = self.model.training
         self.model.eval()
         try:
-            try:
-                self.model(**model_inputs(self.model, batch))
-            except _Stop:
-                pass
+            out = run_to_layer(self.model, self.anat.layers[self.eof - 1],
+                               model_inputs(self.model, batch))
         finally:
-            handle.remove()
             self.model.train(was_training)
             self.current = saved
-        h, mask = captured["h"], batch["attention_mask"].bool()
+        if out.hidden is None:
+            raise SalfError(f"the prefix cache's forward never reached decoder layer {self.eof}")
+        self._returns_tuple = out.as_tuple
+        h, mask = out.hidden, batch["attention_mask"].bool()
         for row, idx in enumerate(indices):
             kept = h[row][mask[row]]
             self.states[idx] = kept.to(self.dtype or kept.dtype).clone()
@@ -116,40 +104,26 @@ class PrefixCache:
 
     def attach(self) -> "PrefixCache":
         """Make layers 1..eof pass-throughs while `current` is set (the last one replays)."""
-        for i in range(self.eof):
-            layer = self.anat.layers[i]
-            original = layer.forward
-            self._originals[i] = original
-            layer.forward = self._make_forward(original, replay=i == self.eof - 1)
-        self._attached = True
+        self.detach()
+        self._patch = PrefixReplay(self.anat.layers, self.eof, self._replay,
+                                   as_tuple=lambda: self._returns_tuple,
+                                   active=lambda: self.current is not None).attach()
         return self
 
     def detach(self) -> None:
-        for i, original in self._originals.items():
-            del self.anat.layers[i].forward  # back to the class's forward
-        self._originals.clear()
-        self._attached = False
+        """Give layers 1..eof back the forward they had before `attach`."""
+        if self._patch is not None:
+            self._patch.detach()
+            self._patch = None
 
     def move_to(self, eof: int) -> "PrefixCache":
         """Follow a cut that moved (deeper, or back by an undo): the cached rows are dropped
         and rebuilt lazily at the new cut."""
-        attached = self._attached
+        attached = self._patch is not None
         self.detach()
         self.eof = eof
         self.states.clear()
         return self.attach() if attached else self
-
-    def _make_forward(self, original, replay: bool):
-        cache = self
-
-        def forward(*args, **kwargs):
-            if cache.current is None:
-                return original(*args, **kwargs)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            out = cache._replay(hidden) if replay else hidden
-            return (out,) if cache._returns_tuple else out
-
-        return forward
 
     def set_batch(self, indices: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         self.current, self.current_mask = indices, attention_mask
