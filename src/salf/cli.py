@@ -9,6 +9,7 @@ into one line on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import textwrap
@@ -19,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
 from .choices import CUT_POLICIES
-from .config import CLI_HEADS, TraceConfig, TrainConfig, flag_of
+from .config import CLI_HEADS, LoraSettings, TraceConfig, TrainConfig, flag_of
 from .defaults import DEFAULT_ANALYSIS_SAMPLES, DEFAULT_FINETUNE_STEPS, DEFAULT_POLICY, default_save_steps
 from .errors import SalfError
 
@@ -132,13 +133,7 @@ def _add_train_args(p: argparse.ArgumentParser, max_steps: int | None):
     _add_dynamic_args(p)
     lora = p.add_argument_group("LoRA (on the trainable layers only)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of weights")
-    lora.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default %(default)s)")
-    lora.add_argument("--lora-alpha", type=int, default=32,
-                      help="LoRA scaling numerator: updates scale by alpha/r (default %(default)s)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05,
-                      help="dropout on the LoRA input (default %(default)s)")
-    lora.add_argument("--lora-targets", default=None,
-                      help="comma-separated module names (default: every attention/MLP projection)")
+    add_config_options(lora, LoraSettings, fields=dataclasses.fields(LoraSettings))
 
 
 def add_config_options(g, config_cls, defaults: dict | None = None, helps: dict | None = None,
@@ -160,7 +155,7 @@ def add_config_options(g, config_cls, defaults: dict | None = None, helps: dict 
             options.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
             if "cli_choices" in meta:
                 options["choices"] = meta["cli_choices"]
-        g.add_argument(flag_of(f.name, meta), dest=f.name, **options)
+        g.add_argument(flag_of(f.name, meta), dest=meta.get("dest", f.name), **options)
 
 
 def _add_dynamic_args(p: argparse.ArgumentParser):
@@ -168,8 +163,6 @@ def _add_dynamic_args(p: argparse.ArgumentParser):
     DynamicSettings field, from its metadata; every default is None here, so a flag given
     without --dynamic is caught (salf.checks.dynamic_settings_of) and the settings' own
     defaults apply."""
-    import dataclasses
-
     from .dynamic.settings import DynamicSettings
 
     g = p.add_argument_group("dynamic freezing (the cut moves deeper while training; docs/method.md)")

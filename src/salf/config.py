@@ -25,19 +25,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 from .choices import CUT_POLICIES
 from .defaults import (DEFAULT_ANALYSIS_SAMPLES, DEFAULT_MAX_LENGTH, DEFAULT_POLICY,
                        DEFAULT_SAVE_TOTAL_LIMIT, REPORT_TO)
-from .errors import ConfigError
+from .errors import ConfigError, SalfError
 from .plan import HEADS
 
-if TYPE_CHECKING:  # salf.train imports torch: this module stays light
-    from .train.freeze import LoraSettings
 
 # a seed must fit numpy's 32-bit generator, which transformers seeds
 MAX_SEED = 2**32 - 1
@@ -64,6 +62,62 @@ def flag_of(name: str, metadata=None) -> str:
     """The flag users type for an option: max_steps -> --max-steps (or the field's own flag)."""
     given = (metadata or {}).get("flag")
     return given or "--" + name.replace("_", "-")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the trainable layers (eof+1..L). `target_modules=None` picks every
+    linear projection (attention + MLP) found in those layers. Checked when made (`validate`).
+    Its fields' metadata give `salf train/finetune` their --lora-* options (`dest`: the
+    option's name in the parsed arguments)."""
+
+    r: int = option(16, "LoRA rank (default %(default)s)", flag="--lora-r", dest="lora_r")
+    alpha: int = option(32, "LoRA scaling numerator: updates scale by alpha/r (default %(default)s)",
+                        flag="--lora-alpha", dest="lora_alpha")
+    dropout: float = option(0.05, "dropout on the LoRA input (default %(default)s)",
+                            flag="--lora-dropout", dest="lora_dropout")
+    target_modules: list[str] | None = option(None, "comma-separated module names (default: every "
+                                              "attention/MLP projection)", flag="--lora-targets",
+                                              dest="lora_targets", metavar="LORA_TARGETS")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "LoraSettings":
+        """Raise SalfError naming the field unless every field has its type and is within the
+        CLI's limits for --lora-r, --lora-alpha and --lora-dropout; returns self."""
+        from .checks import check_numbers
+
+        for name in ("r", "alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise SalfError(f"lora.{name} must be an integer, got {value!r}")
+        if not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool):
+            raise SalfError(f"lora.dropout must be a number, got {self.dropout!r}")
+        targets = self.target_modules
+        # a bare string would be split into letters by list(targets)
+        if targets is not None and not (isinstance(targets, (list, tuple))
+                                        and all(isinstance(t, str) for t in targets)):
+            raise SalfError(f"lora.target_modules must be a list of module names or None, got {targets!r}")
+        check_numbers(types.SimpleNamespace(lora_r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout),
+                      name=lambda dest: "lora." + dest.removeprefix("lora_"))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "LoraSettings | None":
+        if d is None:
+            return None
+        unknown = sorted(str(k) for k in d if k not in LORA_FIELDS)
+        if unknown:
+            raise SalfError(f"unknown LoRA setting(s) {', '.join(unknown)}; the settings are "
+                            f"{', '.join(LORA_FIELDS)}")
+        return cls(**d)
+
+
+LORA_FIELDS = tuple(f.name for f in dataclasses.fields(LoraSettings))
 
 
 @dataclass(frozen=True)
@@ -306,8 +360,6 @@ def _lora(value):
     if value is None or hasattr(value, "to_dict"):
         return value
     if isinstance(value, dict):
-        from .train.freeze import LoraSettings  # imports torch: only a dict pays for it
-
         return LoraSettings.from_dict(value)
     raise ConfigError("lora", f"must be a LoraSettings, its dict or None, got {value!r}")
 

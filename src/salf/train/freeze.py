@@ -29,15 +29,15 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import numbers
 import types
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import LORA_FIELDS, LoraSettings  # noqa: F401 (re-exported: salf.train.LoraSettings)
 from ..errors import SalfError
 from ..models.anatomy import Anatomy, anatomy, unwrap  # noqa: F401 (unwrap re-exported)
 from ..models.registry import weights_hash
@@ -48,54 +48,6 @@ log = logging.getLogger(__name__)
 _STATE_ATTR = "_salf_freeze"
 
 
-@dataclass
-class LoraSettings:
-    """LoRA on the trainable layers (eof+1..L). `target_modules=None` picks every
-    linear projection (attention + MLP) found in those layers. Checked when made (`validate`)."""
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | None = None
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> "LoraSettings":
-        """Raise SalfError naming the field unless every field has its type and is within the
-        CLI's limits for --lora-r, --lora-alpha and --lora-dropout; returns self."""
-        from ..checks import check_numbers
-
-        for name in ("r", "alpha"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise SalfError(f"lora.{name} must be an integer, got {value!r}")
-        if not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool):
-            raise SalfError(f"lora.dropout must be a number, got {self.dropout!r}")
-        targets = self.target_modules
-        # a bare string would be split into letters by list(targets)
-        if targets is not None and not (isinstance(targets, (list, tuple))
-                                        and all(isinstance(t, str) for t in targets)):
-            raise SalfError(f"lora.target_modules must be a list of module names or None, got {targets!r}")
-        check_numbers(types.SimpleNamespace(lora_r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout),
-                      name=lambda dest: "lora." + dest.removeprefix("lora_"))
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "LoraSettings | None":
-        if d is None:
-            return None
-        unknown = sorted(str(k) for k in d if k not in LORA_FIELDS)
-        if unknown:
-            raise SalfError(f"unknown LoRA setting(s) {', '.join(unknown)}; the settings are "
-                            f"{', '.join(LORA_FIELDS)}")
-        return cls(**d)
-
-
-LORA_FIELDS = tuple(f.name for f in fields(LoraSettings))
 
 
 @dataclass
