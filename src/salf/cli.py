@@ -397,41 +397,9 @@ def _add_sweep(sub):
                      --seeds 1,2,3 --budget-steps 120 --out runs/sweep-rt""")
     _add_model_args(p)
     _add_data_args(p)
-    p.add_argument("--cuts", default="all",
-                   help="'all', comma-separated eof values, or 'none' (only full fine-tuning and the "
-                        "selectors' picks) (default %(default)s)")
-    p.add_argument("--selectors", default="salf,max-gain,paper,onset,freeze-half",
-                   help="comma-separated selectors (see docs/selectors.md), or 'none' (full "
-                        "fine-tuning and the --cuts cells only; with --cuts none, full fine-tuning "
-                        "only) (default %(default)s)")
-    p.add_argument("--seeds", default="1", help="comma-separated seeds (default %(default)s)")
-    p.add_argument("--budget-steps", type=int, default=120, metavar="N",
-                   help="optimizer steps per cell (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="per-device batch of every cell (default %(default)s)")
-    p.add_argument("--max-length", type=int, default=96,
-                   help="tokens per example (default %(default)s)")
-    p.add_argument("--lr", type=float, default=5e-5,
-                   help="learning rate of every cell (default %(default)s)")
-    p.add_argument("--test-samples", type=int, default=1000, metavar="N",
-                   help="test rows each cell is evaluated on (default %(default)s)")
-    p.add_argument("--samples", type=int, default=256, metavar="N",
-                   help="analysis examples for SALF's picks (default %(default)s)")
-    p.add_argument("--head", choices=CLI_HEADS, default="frozen",
-                   help="output head of every cut cell (default %(default)s)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="cells trained at once, each in its own process (default %(default)s). On "
-                        "a GPU a small model leaves the card mostly idle: several cells share it; "
-                        "with several GPUs, cells are spread over them. On a CPU the cores are "
-                        "split between the cells, which rarely beats 1")
-    p.add_argument("--save-steps", type=int, default=None, metavar="N",
-                   help="every cell saves a checkpoint every N steps (in OUT/cells/.work-CELL/, "
-                        "the last one kept); a rerun of the sweep resumes an unfinished cell from "
-                        "it, with the result of an uninterrupted run. Default: none (a cell "
-                        "stopped early starts again); worth it for cells of an hour or more")
-    p.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
-                   help="stop the sweep when one cell trains longer than this (default: no "
-                        "limit); with --save-steps a rerun continues that cell")
+    from .sweep.settings import SweepConfig
+
+    add_config_options(p, SweepConfig, fields=SweepConfig.cli_fields())
     p.add_argument("--dry-run", action="store_true",
                    help="compute (and keep) the analysis and the selectors' picks, list the "
                         "cells this command would train and those already done; train nothing")

@@ -7,10 +7,13 @@ selector (salf.choices.BASELINE_SELECTORS: a prefix cut or a layer set) or a mov
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from ..choices import BASELINE_SELECTORS, CUT_POLICIES
+from ..config import CLI_HEADS, option
 from ..defaults import DEFAULT_POLICY
 from ..distributed import launched
 from ..errors import SalfError
@@ -18,6 +21,7 @@ from ..errors import SalfError
 # SALF's cut policies, each a selector under its own name (budget=B too); `salf` stands for
 # the default policy (salf.defaults.DEFAULT_POLICY), resolved when a sweep is configured.
 DEFAULT_ALIAS = "salf"
+DEFAULT_SELECTORS = (DEFAULT_ALIAS, "max-gain", "paper", "onset", "freeze-half")   # --selectors
 PREFIX_SELECTORS = tuple(BASELINE_SELECTORS.names(kind="prefix", sweep=True))
 SET_SELECTORS = tuple(BASELINE_SELECTORS.names(kind="set", sweep=True))
 
@@ -115,26 +119,56 @@ def check_sweep_arguments(args) -> None:
 
 @dataclass
 class SweepConfig:
+    """One sweep folder's settings (OUT/config.json). The fields with a flag in their metadata
+    (salf.config.option) are `salf sweep`'s options, generated from it (`dest`: the option's
+    name in the parsed arguments; `cli_default`: the CLI's text default of a list field)."""
+
     model: str
     dataset: str
     out: str
-    cuts: list[int] | None = None            # None = every cut 0..L-1
+    cuts: list[int] | None = option(    # None = every cut 0..L-1
+        None, "'all', comma-separated eof values, or 'none' (only full fine-tuning and the "
+        "selectors' picks) (default %(default)s)", cli_default="all")
     selectors: list[str] = field(
-        default_factory=lambda: [DEFAULT_ALIAS, "max-gain", "paper", "onset", "freeze-half"])
+        default_factory=lambda: list(DEFAULT_SELECTORS), metadata=MappingProxyType({
+            "flag": "", "cli_default": ",".join(DEFAULT_SELECTORS),
+            "help": "comma-separated selectors (see docs/selectors.md), or 'none' (full "
+                    "fine-tuning and the --cuts cells only; with --cuts none, full fine-tuning "
+                    "only) (default %(default)s)"}))
     default_selector: str = DEFAULT_POLICY   # what `salf` meant when the folder was last run
-    seeds: list[int] = field(default_factory=lambda: [1])
-    steps: int = 120
-    batch_size: int = 16
-    max_length: int = 96
-    lr: float = 5e-5
-    test_samples: int = 1000
-    samples: int = 256                       # SALF analysis examples
-    head: str = "frozen"
+    seeds: list[int] = field(default_factory=lambda: [1], metadata=MappingProxyType({
+        "flag": "", "cli_default": "1", "help": "comma-separated seeds (default %(default)s)"}))
+    steps: int = option(120, "optimizer steps per cell (default %(default)s)", flag="--budget-steps",
+                        dest="budget_steps", metavar="N")
+    batch_size: int = option(16, "per-device batch of every cell (default %(default)s)")
+    max_length: int = option(96, "tokens per example (default %(default)s)")
+    lr: float = option(5e-5, "learning rate of every cell (default %(default)s)")
+    test_samples: int = option(1000, "test rows each cell is evaluated on (default %(default)s)",
+                               metavar="N")
+    samples: int = option(256, "analysis examples for SALF's picks (default %(default)s)",
+                          metavar="N")
+    head: str = option("frozen", "output head of every cut cell (default %(default)s)",
+                       cli_choices=CLI_HEADS)
     data_kwargs: dict = field(default_factory=dict)
-    timeout_s: int | None = None             # per cell; None: no limit
-    save_steps: int | None = None            # a cell's checkpoint interval (None: none); a
-    #                                          rerun resumes an unfinished cell from it
-    jobs: int = 1                            # cells run at once (not a training setting)
+    timeout_s: int | None = option(       # per cell; None: no limit
+        None, "stop the sweep when one cell trains longer than this (default: no limit); with "
+        "--save-steps a rerun continues that cell", flag="--cell-timeout", dest="cell_timeout",
+        metavar="SECONDS")
+    save_steps: int | None = option(      # a rerun resumes an unfinished cell from it
+        None, "every cell saves a checkpoint every N steps (in OUT/cells/.work-CELL/, the last "
+        "one kept); a rerun of the sweep resumes an unfinished cell from it, with the result of "
+        "an uninterrupted run. Default: none (a cell stopped early starts again); worth it for "
+        "cells of an hour or more", metavar="N")
+    jobs: int = option(                   # cells run at once (not a training setting)
+        1, "cells trained at once, each in its own process (default %(default)s). On a GPU a "
+        "small model leaves the card mostly idle: several cells share it; with several GPUs, "
+        "cells are spread over them. On a CPU the cores are split between the cells, which "
+        "rarely beats 1", metavar="N")
+
+    @classmethod
+    def cli_fields(cls) -> list:
+        """The fields `salf sweep` offers as options, in order."""
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("flag") is not None]
 
     def __post_init__(self):
         self.selectors = resolve_selectors(self.selectors, self.default_selector)
