@@ -367,3 +367,31 @@ def test_the_cli_offers_every_dynamic_setting_from_its_metadata():
     assert dynamic_settings_of(args) == DynamicSettings(policy="salf-budget", max_move=0.2,
                                                         accounting="hindsight", guard=False)
     assert isinstance(offered["--undo-guard"], argparse.BooleanOptionalAction)
+
+
+def test_a_sweep_cell_recorded_before_later_settings_still_counts(tmp_path):
+    """The first controller's published cells were recorded before salf-budget's settings
+    existed: `salf sweep --selectors dyn-salf` still counts them (those settings do not touch
+    its policy), while a cell that ran another threshold is refused."""
+    import json
+
+    from salf.sweep.cells import check_dynamic_cell
+
+    def cell(settings: dict, cut: int = 4):
+        path = tmp_path / "cell.json"
+        path.write_text(json.dumps({"cut": cut, "dynamic": {"settings": settings}}))
+        return path
+
+    asked = {"cut": 4, "selector": "dyn-salf", "dynamic": DynamicSettings().to_dict()}
+    old = {k: v for k, v in DynamicSettings().to_dict().items()
+           if k not in ("tolerance", "min_saving", "probe_budget", "law_checks", "guard")}
+    check_dynamic_cell(cell(old), asked)                               # counts
+    with pytest.raises(SalfError, match="other dynamic settings"):
+        check_dynamic_cell(cell(dict(old, tau=0.3)), asked)
+    with pytest.raises(SalfError, match="other dynamic settings"):
+        check_dynamic_cell(cell(old, cut=2), asked)
+    budget = {"cut": 4, "selector": "dyn-salf-budget",
+              "dynamic": DynamicSettings(policy="salf-budget").to_dict()}
+    check_dynamic_cell(cell(DynamicSettings(policy="salf-budget").to_dict()), budget)
+    with pytest.raises(SalfError, match="other dynamic settings"):
+        check_dynamic_cell(cell(DynamicSettings(policy="salf-budget", tolerance=0.1).to_dict()), budget)

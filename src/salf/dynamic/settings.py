@@ -16,6 +16,10 @@ PLASTICITY = ("shift", "deviation")
 ACCOUNTING = ("fixed", "hindsight")
 # settings added after cells were published, with the value those cells ran with
 LATER = {"max_move": 0.0, "accounting": "fixed"}
+# the settings only salf-budget reads: a record made before they existed (the first
+# controller's published cells) ran every other policy exactly as it runs now
+BUDGET_ONLY = ("tolerance", "min_saving", "probe_budget", "law_checks", "guard", "max_move",
+               "accounting")
 # what each policy needs measured at a check
 NEEDS = {c.name: set(c.needs) for c in DYNAMIC_POLICIES}
 
@@ -127,6 +131,18 @@ class DynamicSettings:
         and a resume of their checkpoints — still match."""
         d = dataclasses.asdict(self)
         return {k: v for k, v in d.items() if k not in LATER or v != LATER[k]}
+
+    @classmethod
+    def meaning(cls, record: dict | None) -> dict | None:
+        """What a recorded settings dict means today, for comparing two records (a sweep cell
+        against the selector asked for): a setting it lacks takes its default, and a policy
+        other than salf-budget leaves out the settings only salf-budget reads."""
+        if record is None:
+            return None
+        meant = cls.from_dict(record).to_dict()
+        if meant["policy"] != "salf-budget":
+            meant = {k: v for k, v in meant.items() if k not in BUDGET_ONLY}
+        return meant
 
     @classmethod
     def from_dict(cls, d: dict) -> "DynamicSettings":

@@ -87,11 +87,15 @@ def wanted_cells(cuts: list[int], selectors: list[str], picks: dict,
 
 def check_dynamic_cell(path: Path, item: dict) -> None:
     """A finished dynamic cell counts only if it ran the settings asked for now (the defaults
-    of a policy may have changed since)."""
+    of a policy may have changed since; settings added later that its policy does not read
+    do not count: DynamicSettings.meaning)."""
+    from ..dynamic.settings import DynamicSettings
+
     if not path.exists():
         return
     ran = (read_json(path, "sweep cell").get("dynamic") or {}).get("settings")
-    if ran != item["dynamic"] or read_json(path, "sweep cell").get("cut") != item["cut"]:
+    same = DynamicSettings.meaning(ran) == DynamicSettings.meaning(item["dynamic"])
+    if not same or read_json(path, "sweep cell").get("cut") != item["cut"]:
         raise SalfError(f"{path} ran other dynamic settings or another start cut ({ran}) than "
                         f"{item['selector']} asks for now ({item['dynamic']}); name the selector "
                         "with its settings (dyn-POLICY:key=value:...) or use another --out")
