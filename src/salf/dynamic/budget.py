@@ -219,8 +219,9 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
     while depth < top and shares[depth + 1] <= allowed:
         depth += 1
     details.update(shares=list(shares), depth=depth)
-    if depth - k > move_bound(settings, run):
-        depth = k + move_bound(settings, run)
+    bound = move_bound(settings, run)
+    if depth - k > bound:
+        depth = k + bound
         details["bounded"] = depth
     if depth == k:
         nxt = shares[k + 1] if k < top else math.nan
@@ -232,8 +233,8 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
         return Decision(k, f"hold: freezing to eof {depth} would save {saved:.3f} of the run's "
                            f"FLOPs (< {settings.min_saving:g})", details)
     details.update(share=shares[depth], given_up=shares[depth] * law["remaining"])
-    bound = (f" (one move's bound; the budget allowed eof {details['depth']})"
-             if "bounded" in details else "")
-    return Decision(depth, f"move: {law['reason']}; layers {k + 1}..{depth}{bound} moved at most "
+    capped = (f" (one move's bound; the budget allowed eof {details['depth']})"
+              if "bounded" in details else "")
+    return Decision(depth, f"move: {law['reason']}; layers {k + 1}..{depth}{capped} moved at most "
                            f"{shares[depth]:.3f}x the output (budget allows {allowed:.3f}); "
                            f"saves {saved:.3f} of the run", details)

@@ -93,9 +93,10 @@ def check_dynamic_cell(path: Path, item: dict) -> None:
 
     if not path.exists():
         return
-    ran = (read_json(path, "sweep cell").get("dynamic") or {}).get("settings")
+    cell = read_json(path, "sweep cell")
+    ran = (cell.get("dynamic") or {}).get("settings")
     same = DynamicSettings.meaning(ran) == DynamicSettings.meaning(item["dynamic"])
-    if not same or read_json(path, "sweep cell").get("cut") != item["cut"]:
+    if not same or cell.get("cut") != item["cut"]:
         raise SalfError(f"{path} ran other dynamic settings or another start cut ({ran}) than "
                         f"{item['selector']} asks for now ({item['dynamic']}); name the selector "
                         "with its settings (dyn-POLICY:key=value:...) or use another --out")
