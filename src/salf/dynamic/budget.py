@@ -15,7 +15,9 @@ check, what freezing layers (k, k'] would cost the rest of *this* run and what i
 * **The loss budget.** Over the whole run the moves may give up at most `tolerance` × the
   loss level. Freezing layers (k, k′] gives up ≈ ρ(k′)·R, where ρ(k′) is how far space k′
   moved relative to the output space over the last probe interval (their share of the
-  recent semantic movement, the probe's signal (a)). The deepest contiguous k′ whose cost
+  recent semantic movement, the probe's signal (a)) — or, with `share_from="updates"`, the
+  share of the recent training steps' first-order loss decrease their updates made
+  (salf.dynamic.allocation: free, no probe). The deepest contiguous k′ whose cost
   fits what is left of the budget is the candidate. Long runs (large R) therefore freeze
   later or shallower, saturated runs (R ≈ 0) early and deep.
 * **The saving floor.** A move must save at least `min_saving` of the run's full fine-tuning
@@ -208,13 +210,59 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
         return Decision(k, f"hold: {law['reason']}", details)
     allowed = share_allowed(settings, history, run, law)
     details["share_allowed"] = None if math.isinf(allowed) else allowed    # None: any share
-    top = ceiling(history, run)
+    if settings.share_from == "updates":
+        shares = allocation_shares(history, run)
+        if shares is None:
+            return Decision(k, f"hold: {law['reason']}; the updates since the cut last moved cover "
+                               f"under {GUARD_MIN_STEPS} steps or lowered no layer's loss", details)
+        return _move_within(settings, history, run, law, shares, details)
     if now.shift is None and now.deviation is None:
         return Decision(k, f"hold: {law['reason']}; the budget allows a share of {allowed:.3f}, "
                            f"no probe read at this check", details)
     shares = settled_shares(history, settings.plasticity)
     if shares is None:
         return Decision(k, f"hold: {law['reason']}; one probe read so far", details)
+    return _move_within(settings, history, run, law, shares, details)
+
+
+def allocation_shares(history: list[Check], run: RunShape) -> list[float] | None:
+    """`--share-from updates`: per space k' (0..L), the share of the loss decrease the updates
+    made over the recent window that came through layers (k, k'] — what freezing them gives
+    up — cumulative, so it only grows with k'. The window: the checks since the cut last
+    changed and within READ_GAP of the run (or GUARD_MIN_STEPS, if longer), at least
+    GUARD_MIN_STEPS optimizer steps. A layer
+    whose updates raised the loss counts 0. None while the window is too short, or when the
+    layers above the cut made no decrease (or the optimizer's tensors are not the model's:
+    salf.dynamic.allocation)."""
+    now, k = history[-1], history[-1].eof
+    # a check's eof is the cut its interval ran at: a move decided at check i shows at i+1
+    changed = max((prev.step for prev, c in zip(history, history[1:]) if c.eof != prev.eof), default=0)
+    since = max(changed, now.step - max(READ_GAP * run.total_steps, GUARD_MIN_STEPS))
+    # each check sums the steps since the one before it, so these began after the change
+    window = [c for c in history if c.allocation is not None and c.step > since]
+    steps = sum(c.allocation_steps or 0 for c in window)
+    if steps < GUARD_MIN_STEPS:
+        return None
+    width = len(window[0].allocation)
+    total = [max(0.0, sum(c.allocation[i] for c in window)) for i in range(width)]
+    L = width - 1
+    above = total[k:L]
+    if sum(above) <= 0:
+        return None
+    whole = sum(above) + total[L]
+    shares, running = [0.0] * (L + 1), 0.0
+    for space in range(k + 1, L + 1):
+        running += total[space - 1]
+        shares[space] = running / whole
+    return shares
+
+
+def _move_within(settings, history: list[Check], run: RunShape, law: dict, shares, details: dict
+                 ) -> Decision:
+    """The deepest move whose shares fit the allowance, bounded, worth its saving."""
+    now, k = history[-1], history[-1].eof
+    allowed = share_allowed(settings, history, run, law)
+    top = ceiling(history, run)
     depth = k
     while depth < top and shares[depth + 1] <= allowed:
         depth += 1
@@ -225,8 +273,9 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
         details["bounded"] = depth
     if depth == k:
         nxt = shares[k + 1] if k < top else math.nan
-        return Decision(k, f"hold: {law['reason']}; space {k + 1} moved {nxt:.3f}x the output, "
-                           f"the budget allows {allowed:.3f}", details)
+        read = (f"layer {k + 1}'s updates made {nxt:.3f} of the loss decrease"
+                if settings.share_from == "updates" else f"space {k + 1} moved {nxt:.3f}x the output")
+        return Decision(k, f"hold: {law['reason']}; {read}, the budget allows {allowed:.3f}", details)
     saved = saving(run, now.step, k, depth)
     details["saving"] = saved
     if saved < settings.min_saving:
@@ -235,6 +284,7 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
     details.update(share=shares[depth], given_up=shares[depth] * law["remaining"])
     capped = (f" (one move's bound; the budget allowed eof {details['depth']})"
               if "bounded" in details else "")
-    return Decision(depth, f"move: {law['reason']}; layers {k + 1}..{depth}{capped} moved at most "
-                           f"{shares[depth]:.3f}x the output (budget allows {allowed:.3f}); "
-                           f"saves {saved:.3f} of the run", details)
+    read = (f"made {shares[depth]:.3f} of the loss decrease" if settings.share_from == "updates"
+            else f"moved at most {shares[depth]:.3f}x the output")
+    return Decision(depth, f"move: {law['reason']}; layers {k + 1}..{depth}{capped} {read} "
+                           f"(budget allows {allowed:.3f}); saves {saved:.3f} of the run", details)

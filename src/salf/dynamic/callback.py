@@ -36,6 +36,7 @@ from ..io import atomic_write_json
 from ..models.anatomy import anatomy, unwrap
 from ..train.audit import tensor_digest
 from ..train.freeze import freeze_state, move_cut, move_cut_back, optimizer_state_bytes
+from .allocation import allocation
 from .budget import probe_wanted
 from .policies import Check, Decision, RunShape, decide
 from .settings import DynamicSettings
@@ -74,6 +75,8 @@ class ControllerRecord:
     probe_seconds: float = 0.0
     probe_targets: int = 0
     grad_sums: list[float] | None = None           # per layer, since the last check
+    allocation_sums: list[float] | None = None     # per layer + the rest, since the last check
+    allocation_steps: int = 0
     last_cosines: list[list[float]] | None = None  # the last probe read's, per space
 
     def to_dict(self) -> dict:
@@ -196,10 +199,17 @@ class DynamicFreezeCallback(TrainerCallback):
             if not self.record.train_losses or self.record.train_losses[-1][0] < step:
                 self.record.train_losses.append([step, self._run.clock(step), float(logs["loss"])])
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if "grad_norms" not in self.settings.needs or model is None:
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
             return
         layers = anatomy(unwrap(model)).layers
+        if "update_shares" in self.settings.needs and optimizer is not None:
+            step = allocation(layers, optimizer)
+            sums = self.record.allocation_sums or [0.0] * len(step)
+            self.record.allocation_sums = [a + b for a, b in zip(sums, step)]
+            self.record.allocation_steps += 1
+        if "grad_norms" not in self.settings.needs:
+            return
         sums = self.record.grad_sums or [0.0] * len(layers)
         for i, layer in enumerate(layers):
             sums[i] += float(sum(p.grad.detach().abs().sum() for p in layer.parameters()
@@ -227,8 +237,8 @@ class DynamicFreezeCallback(TrainerCallback):
             moved = self._move_back(model, optimizer, step, decision)
         self.record.decisions.append({"step": step, "from": check.eof, "to": decision.eof,
                                "reason": decision.reason, "details": decision.details, "move": moved})
-        # a policy that checks often and reads the probe on demand prints what it read or did
-        quiet = ("probe_on_demand" in self.settings.needs and check.deviation is None
+        # a policy that checks often (salf-budget: every few steps) prints what it read or did
+        quiet = ("train_loss" in self.settings.needs and check.deviation is None
                  and decision.eof == check.eof)
         if distributed.is_main() and not quiet:
             self.log(self._summary_line(check, decision))
@@ -251,6 +261,10 @@ class DynamicFreezeCallback(TrainerCallback):
             self.record.probe_targets = read["targets"]
         if "grad_norms" in self.settings.needs:
             check.grad_norms, self.record.grad_sums = self.record.grad_sums, None
+        if "update_shares" in self.settings.needs and step > 0:
+            check.allocation, check.allocation_steps = (self.record.allocation_sums,
+                                                        self.record.allocation_steps)
+            self.record.allocation_sums, self.record.allocation_steps = None, 0
         return check
 
     def _probe_now(self, check: Check) -> bool:

@@ -44,6 +44,10 @@ class Check:
     shift: list[float] | None = None     # per space: mean |Δ cos(t_l, b_y)| since the last read
     given_up: float | None = None        # salf-budget: the loss the move decided here gives up
     share: float | None = None           # salf-budget: the share ρ of the layers that move froze
+    # salf-budget reading shares from the updates: per decoder layer, then one entry for every
+    # other trainable tensor, the first-order loss decrease its updates made over the interval
+    allocation: list[float] | None = None
+    allocation_steps: int | None = None  # the optimizer steps that allocation sums
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,12 +14,13 @@ POLICIES = tuple(DYNAMIC_POLICIES.names())     # salf.choices: each policy's fun
 CLOCKS = ("lr-area", "steps")
 PLASTICITY = ("shift", "deviation")
 ACCOUNTING = ("fixed", "hindsight")
+SHARE_SOURCES = ("probe", "updates")
 # settings added after cells were published, with the value those cells ran with
-LATER = {"max_move": 0.0, "accounting": "fixed"}
+LATER = {"max_move": 0.0, "accounting": "fixed", "share_from": "probe"}
 # the settings only salf-budget reads: a record made before they existed (the first
 # controller's published cells) ran every other policy exactly as it runs now
 BUDGET_ONLY = ("tolerance", "min_saving", "probe_budget", "law_checks", "guard", "max_move",
-               "accounting")
+               "accounting", "share_from")
 # what each policy needs measured at a check
 NEEDS = {c.name: set(c.needs) for c in DYNAMIC_POLICIES}
 
@@ -76,6 +77,11 @@ class DynamicSettings:
                              "(re-read at every check: the improvement made since the move plus "
                              "what is still ahead, times its share)", flag="--budget-accounting",
                              choices=ACCOUNTING)
+    share_from: str = option("probe", "salf-budget: what a layer's share of the improvement ahead "
+                             "is read from: probe (how far its space moved relative to the output "
+                             "space, a forward pass per read) or updates (its share of the training "
+                             "steps' first-order loss decrease, gradient x the optimizer's update "
+                             "direction: free, no probe)", choices=SHARE_SOURCES)
 
     def __post_init__(self):
         self.validate()
@@ -85,6 +91,9 @@ class DynamicSettings:
         if self.plasticity not in PLASTICITY:
             raise SalfError(f"{_named('plasticity')} must be one of {', '.join(PLASTICITY)}, "
                             f"got {self.plasticity!r}")
+        if self.share_from not in SHARE_SOURCES:
+            raise SalfError(f"{_named('share_from')} must be one of {', '.join(SHARE_SOURCES)}, "
+                            f"got {self.share_from!r}")
         if self.accounting not in ACCOUNTING:
             raise SalfError(f"{_named('accounting')} must be one of {', '.join(ACCOUNTING)}, "
                             f"got {self.accounting!r}")
@@ -123,7 +132,12 @@ class DynamicSettings:
 
     @property
     def needs(self) -> set[str]:
-        return set(DYNAMIC_POLICIES.get(self.policy)[0].needs)
+        """What a check measures for this policy (salf.choices); salf-budget reading its shares
+        from the updates needs the per-layer loss allocation instead of the probe."""
+        needs = set(DYNAMIC_POLICIES.get(self.policy)[0].needs)
+        if self.policy == "salf-budget" and self.share_from == "updates":
+            needs = (needs - {"probe", "probe_on_demand"}) | {"update_shares"}
+        return needs
 
     def to_dict(self) -> dict:
         """The settings as recorded (run.json, sweep cells); a setting added after runs were

@@ -1,0 +1,195 @@
+"""salf-budget reading its shares from the updates (`--share-from updates`): the loss change
+allocation per layer (salf.dynamic.allocation) against a hand computation for AdamW and
+SGD, the cumulative shares over the window since the cut last moved, decisions on made-up
+histories (a long run holds where a short one moves; a layer whose updates still lower the
+loss is not frozen), and a run on a tiny model that moves with no probe at all."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from salf.config import TrainConfig
+from salf.dynamic import Check, DynamicSettings, RunShape, decide
+from salf.dynamic.allocation import allocation
+from salf.dynamic.budget import allocation_shares
+
+L = 8
+SETTINGS = DynamicSettings(policy="salf-budget", share_from="updates")
+
+
+def _net():
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    head = torch.nn.Linear(4, 2)
+    return layers, head
+
+
+def _backward(layers, head, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(5, 4)
+    for layer in layers:
+        x = torch.tanh(layer(x))
+    head(x).pow(2).mean().backward()
+
+
+def test_adamw_allocation_is_lr_times_gradient_along_the_previous_moments():
+    layers, head = _net()
+    layers[0].requires_grad_(False)                       # a frozen layer counts nothing
+    params = [p for p in [*layers.parameters(), *head.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.01, betas=(0.8, 0.95), eps=1e-6)
+    _backward(layers, head, 1)
+    first = allocation(layers, opt)
+    assert first == [0.0] * 4                              # no moments yet: no direction
+    opt.step()
+    opt.zero_grad()
+    _backward(layers, head, 2)
+    got = allocation(layers, opt)
+
+    def expected(ps):
+        total = 0.0
+        for p in ps:
+            st = opt.state[p]
+            t = float(st["step"])
+            m = st["exp_avg"] / (1 - 0.8 ** t)
+            v = st["exp_avg_sq"] / (1 - 0.95 ** t)
+            total += 0.01 * float((p.grad * m / (v.sqrt() + 1e-6)).sum())
+        return total
+
+    assert got[0] == 0.0
+    for i in (1, 2):
+        assert got[i] == pytest.approx(expected(list(layers[i].parameters())), rel=1e-5)
+    assert got[3] == pytest.approx(expected(list(head.parameters())), rel=1e-5)
+    assert got[1] > 0 and got[2] > 0                       # one more step along the same slope helps
+
+
+def test_plain_sgd_allocation_is_lr_times_the_squared_gradient():
+    layers, head = _net()
+    opt = torch.optim.SGD([*layers.parameters(), *head.parameters()], lr=0.1)
+    _backward(layers, head, 3)
+    got = allocation(layers, opt)
+    want = [0.1 * sum(float((p.grad ** 2).sum()) for p in layer.parameters()) for layer in layers]
+    assert got[:3] == pytest.approx(want, rel=1e-6)
+    assert got[3] == pytest.approx(0.1 * sum(float((p.grad ** 2).sum()) for p in head.parameters()), rel=1e-6)
+
+
+def _losses(steps, e=0.4, a=1.0, alpha=0.7, flat_after=None):
+    out = []
+    for s in range(1, steps + 1):
+        x = min(s, flat_after) if flat_after else s
+        out.append((s, float(s), e + a * x ** (-alpha) + 0.002 * math.sin(1.7 * s)))
+    return out
+
+
+def _run(total, losses):
+    return RunShape(num_layers=L, total_steps=total, total_progress=float(total), max_eof=L - 1,
+                    train_losses=losses, cut_cost=[1.0 - (2 / 3) * k / L for k in range(L + 1)])
+
+
+def _checks(steps, eof, per_layer, rest=0.0, every=4):
+    """Checks every `every` steps, each allocating `per_layer` (layers 1..L) and `rest`."""
+    return [Check(step=s, eof=eof, progress=float(s), allocation=[*per_layer, rest], allocation_steps=every)
+            for s in range(every, steps + 1, every)]
+
+
+# low layers make little of the decrease, the top ones most (sums to 1 with rest 0.1)
+LOW_TO_HIGH = [0.002, 0.004, 0.006, 0.008, 0.08, 0.2, 0.25, 0.35]
+
+
+def test_shares_are_cumulative_over_the_layers_a_move_would_freeze():
+    history = _checks(40, 0, LOW_TO_HIGH, rest=0.1)
+    shares = allocation_shares(history, _run(100, _losses(40)))
+    whole = sum(LOW_TO_HIGH) + 0.1
+    assert shares[0] == 0.0
+    assert shares[3] == pytest.approx((0.002 + 0.004 + 0.006) / whole)
+    assert shares[L] == pytest.approx(sum(LOW_TO_HIGH) / whole)
+    assert all(a <= b for a, b in zip(shares, shares[1:]))
+
+
+def test_a_layer_whose_updates_raised_the_loss_counts_nothing_and_frozen_layers_are_left_out():
+    raising = [-0.5, *LOW_TO_HIGH[1:]]
+    history = _checks(40, 2, [0.0, 0.0, *raising[2:]], rest=0.1)
+    shares = allocation_shares(history, _run(100, _losses(40)))
+    assert shares[2] == 0.0                                # layers 1-2 are already frozen
+    assert shares[3] == pytest.approx(0.006 / (sum(LOW_TO_HIGH[2:]) + 0.1))
+    clipped = _checks(40, 0, raising, rest=0.1)
+    assert allocation_shares(clipped, _run(100, _losses(40)))[1] == 0.0
+
+
+def test_the_window_starts_after_the_last_move_and_needs_enough_steps():
+    before = _checks(40, 0, [1.0] * L)                     # every layer busy before the move
+    after = [Check(step=44, eof=3, progress=44.0, allocation=[0, 0, 0, *LOW_TO_HIGH[3:], 0.1],
+                   allocation_steps=4)]
+    run = _run(400, _losses(44))
+    assert allocation_shares([*before, *after], run) is None          # 4 steps since the move
+    more = after + [Check(step=48, eof=3, progress=48.0, allocation=after[0].allocation, allocation_steps=4)]
+    shares = allocation_shares([*before, *more], run)
+    assert shares[4] == pytest.approx(0.008 / (sum(LOW_TO_HIGH[3:]) + 0.1))   # the old window is gone
+    nothing = [Check(step=s, eof=0, progress=float(s), allocation=[0.0] * (L + 1), allocation_steps=4)
+               for s in (4, 8, 12)]
+    assert allocation_shares(nothing, run) is None         # no decrease made: no evidence
+
+
+def test_a_short_run_moves_where_a_long_one_holds_on_the_same_allocation():
+    history = _checks(40, 0, LOW_TO_HIGH, rest=0.1)
+    short = decide(SETTINGS, history, _run(48, _losses(40)))
+    long = decide(SETTINGS, history, _run(360, _losses(40)))
+    assert short.eof > long.eof, (short.reason, long.reason)
+    assert "of the loss decrease" in short.reason
+    assert short.details["given_up"] <= SETTINGS.tolerance * short.details["law"]["level"]
+
+
+def test_a_saturated_run_freezes_up_to_the_layers_still_learning():
+    """R ≈ 0 allows any share, so the move goes as deep as the cut may."""
+    history = _checks(12, 0, LOW_TO_HIGH, rest=0.1, every=3)
+    decision = decide(SETTINGS, history, _run(120, _losses(12, flat_after=3)))
+    assert decision.eof == L - 1
+
+
+def test_a_budget_that_allows_a_small_share_stops_below_the_busy_layers():
+    """Between the extremes the move stops where the cumulative share passes the allowance:
+    the layers still making most of the decrease keep training."""
+    history = _checks(60, 0, LOW_TO_HIGH, rest=0.1)
+    decision = decide(SETTINGS, history, _run(100, _losses(60)))
+    allowed = decision.details["share_allowed"]
+    shares = decision.details["shares"]
+    assert 0 < decision.eof < L - 1, decision.reason
+    assert shares[decision.eof] <= allowed < shares[decision.eof + 1]
+
+
+def test_updates_need_no_probe_and_are_recorded_when_set():
+    assert "probe" not in SETTINGS.needs and "update_shares" in SETTINGS.needs
+    assert "probe" in DynamicSettings(policy="salf-budget").needs
+    assert "share_from" not in DynamicSettings(policy="salf-budget").to_dict()
+    assert SETTINGS.to_dict()["share_from"] == "updates"
+    with pytest.raises(Exception, match="share-from"):
+        DynamicSettings(policy="salf-budget", share_from="gradients")
+
+
+def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path):
+    from salf.dynamic import moving_cut
+    from salf.models.tiny import tiny_model, tiny_tokenizer
+    from salf.train import train
+    from test_dynamic import TASK, _rows, make_plan
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = DynamicSettings(policy="salf-budget", share_from="updates", law_checks=12,
+                                   tolerance=1.0, min_saving=0.0)
+        metrics = train(tiny_model("llama"), tiny_tokenizer(), TASK, (_rows(48), []), make_plan(0),
+                        tmp_path, TrainConfig(max_steps=24, lr=1e-2, batch_size=4, max_length=32, seed=0,
+                                              progress=False),
+                        callbacks=[moving_cut(settings, out_dir=tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    dyn = metrics["dynamic"]
+    assert dyn["probe"]["reads"] == 0
+    checks = dyn["checks"]
+    assert all(c["allocation"] is not None and c["allocation_steps"] == 2 for c in checks)
+    assert all(len(c["allocation"]) == 5 for c in checks)   # tiny llama: 4 layers + the rest
+    assert dyn["settings"]["share_from"] == "updates"
+    assert len(dyn["schedule"]) >= 2, [d["reason"] for d in dyn["decisions"]]   # it moved
+    assert dyn["audit"]["ok"]
