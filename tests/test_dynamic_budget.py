@@ -181,6 +181,29 @@ def test_settings_added_later_stay_out_of_the_record_at_the_published_value():
     assert changed["max_move"] == 0.2 and changed["accounting"] == "hindsight"
 
 
+def test_a_run_of_the_first_controller_written_before_budget_settings_existed_resumes(tmp_path):
+    """Its run.json lacks salf-budget's settings; read today they take their defaults, so the
+    resume goes on — and a setting that really differs is still refused, by name."""
+    import json
+
+    from salf.dynamic.callback import DynamicFreezeCallback
+    from salf.train.loop import check_resume
+
+    callback = DynamicFreezeCallback(DynamicSettings(policy="linear"))
+    now = {"lr": 0.01, "callbacks": {"dynamic": callback.run_settings()}}
+    old_settings = {k: v for k, v in callback.run_settings()["settings"].items()
+                    if k not in ("tolerance", "min_saving", "probe_budget", "law_checks", "guard")}
+    old = {"lr": 0.01, "callbacks": {"dynamic": dict(callback.run_settings(), settings=old_settings)}}
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    with pytest.raises(SalfError, match="tolerance"):
+        check_resume(tmp_path / "run.json", now, ("lr", "callbacks"))        # read as written
+    check_resume(tmp_path / "run.json", now, ("lr", "callbacks"), [callback])
+    old["callbacks"]["dynamic"]["settings"]["checks"] = 20
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    with pytest.raises(SalfError, match=r"settings\.checks 20 \(now 10\)"):
+        check_resume(tmp_path / "run.json", now, ("lr", "callbacks"), [callback])
+
+
 # ----------------------------------------------------------------------------- an undone move
 
 

@@ -168,7 +168,18 @@ class DynamicFreezeCallback(TrainerCallback):
         return {"settings": self.settings.to_dict(), "probe_rows": getattr(self.probe, "rows", None),
                 "probe_tokens": getattr(self.probe, "tokens", None)}
 
-    # ------------------------------------------------------------------ events
+    def recorded_settings(self, recorded: dict) -> dict:
+        """An older run.json's record as it reads today: settings added since (salf-budget's,
+        for a run of the first controller written before they existed) take their defaults."""
+        settings = recorded.get("settings")
+        if not isinstance(settings, dict):
+            return recorded
+        try:
+            return dict(recorded, settings=DynamicSettings.from_dict(settings).to_dict())
+        except SalfError:
+            return recorded            # unreadable: compared as written, the diff names it
+
+        # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
         total = int(state.max_steps)
         fs = freeze_state(model)

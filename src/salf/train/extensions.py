@@ -7,6 +7,8 @@ A callback takes part by defining any of these methods (JSON in, JSON out, but t
     tensor_state_dict() /                  tensors saved beside it (salf_tensors.safetensors,
       load_tensor_state_dict(tensors)      {name: tensor}); a checkpoint without them hands {}
     run_settings()                         recorded in run.json; a resume with other settings is refused
+    recorded_settings(old)                 what an older run.json's record of them means today
+                                           (settings added since take the values they had)
     metrics_section()                      added to metrics.json
     attach(model, prefix_cache, cost)      handed the planned model, its prefix cache (or None)
                                            and the cost model's settings of a step, before training
@@ -51,6 +53,16 @@ def with_tensors(callbacks) -> dict:
 def run_settings(callbacks) -> dict:
     """{key: settings} the callbacks add to run.json."""
     return {k: cb.run_settings() for k, cb in _with(callbacks, "run_settings").items()}
+
+
+def recorded_settings(callbacks, old: dict | None) -> dict | None:
+    """An older run.json's callback settings as each callback reads them today, so a setting
+    added after the run was written does not refuse its resume."""
+    if not isinstance(old, dict):
+        return old
+    readers = _with(callbacks, "recorded_settings")
+    return {k: readers[k].recorded_settings(v) if k in readers and isinstance(v, dict) else v
+            for k, v in old.items()}
 
 
 def metrics_sections(callbacks) -> dict:

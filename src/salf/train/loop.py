@@ -168,15 +168,17 @@ def _differences(name: str, old, new):
         yield name, old, new
 
 
-def check_resume(run_file: Path, run: dict, keys) -> None:
+def check_resume(run_file: Path, run: dict, keys, callbacks=()) -> None:
     """Refuse to continue a run (run.json) whose `keys` differ from this one's; without
-    run.json there is nothing to compare (prepare_run_folder refuses checkpoints without one)."""
+    run.json there is nothing to compare (prepare_run_folder refuses checkpoints without one).
+    The callbacks read their own old record (extensions.recorded_settings)."""
     if not run_file.is_file():
         return
     old = read_json(run_file, "--resume:")
     if not isinstance(old, dict):
         raise SalfError(f"--resume: {run_file} is not a salf run.json (expected a JSON object)")
     old = {**RESUME_DEFAULTS, **old}
+    old["callbacks"] = extensions.recorded_settings(callbacks, old.get("callbacks"))
     diffs = [d for k in keys for d in _differences(k, old.get(k), run.get(k))]
     if diffs:
         shown = "; ".join(f"{name} {_canonical(a)} (now {_canonical(b)})" for name, a, b in diffs)
@@ -198,7 +200,7 @@ def prepare_run_folder(out: Path, run: dict, resume: bool, callbacks) -> str | N
                             f"that wrote the checkpoints in {ckpt_dir} cannot be checked against "
                             "this one's; restore that run.json, or start a new run in another "
                             "--out folder")
-        check_resume(out / "run.json", run, RESUME_KEYS)
+        check_resume(out / "run.json", run, RESUME_KEYS, callbacks)
         clean_staging(ckpt_dir)
         resume_from = resume_point(ckpt_dir, callbacks, run["processes"], run["engine"])
         if resume_from:
