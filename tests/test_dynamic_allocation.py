@@ -159,6 +159,40 @@ def test_a_budget_that_allows_a_small_share_stops_below_the_busy_layers():
     assert shares[decision.eof] <= allowed < shares[decision.eof + 1]
 
 
+AHEAD = DynamicSettings(policy="salf-budget", share_from="updates", ahead_from="updates")
+
+
+def test_what_a_layer_would_still_gain_is_absolute_so_a_long_run_holds_where_a_short_one_moves():
+    """Each layer lowers the loss by 0.001 per 4 steps: over 8 steps left that is little, over
+    320 it is more than the budget."""
+    history = _checks(40, 0, [0.001] * L)
+    short = decide(AHEAD, history, _run(48, _losses(40)))
+    long = decide(AHEAD, history, _run(360, _losses(40)))
+    assert short.eof == L - 1 and long.eof == 0, (short.reason, long.reason)
+    assert short.details["shares"][3] == pytest.approx(3 * 0.001 / 4 * 8)   # 3 layers x rate x left
+    assert "would still lower the loss" in long.reason
+
+
+def test_updates_that_no_longer_lower_the_loss_leave_nothing_ahead_early_in_a_long_run():
+    """A saturated run: the allocation wobbles around 0, so even 300 steps ahead the layers
+    would give up less than the budget — the move comes at the first check that can judge,
+    as deep as the noise allows; a noisier wobble allows less."""
+    quiet = [Check(step=s, eof=0, progress=float(s), allocation=[1e-6 * (-1) ** (s // 4)] * L + [0.0],
+                   allocation_steps=4) for s in range(4, 41, 4)]
+    decision = decide(AHEAD, quiet, _run(360, _losses(40, flat_after=3)))
+    assert decision.eof == L - 1, decision.reason
+    noisy = [Check(step=s, eof=0, progress=float(s), allocation=[1e-3 * (-1) ** (s // 4)] * L + [0.0],
+                   allocation_steps=4) for s in range(4, 41, 4)]
+    assert 0 <= decide(AHEAD, noisy, _run(360, _losses(40, flat_after=3))).eof < L - 1
+
+
+def test_ahead_from_updates_needs_the_shares_from_the_updates():
+    with pytest.raises(Exception, match="share-from"):
+        DynamicSettings(policy="salf-budget", ahead_from="updates")
+    assert AHEAD.to_dict()["ahead_from"] == "updates"
+    assert "ahead_from" not in SETTINGS.to_dict()
+
+
 def test_updates_need_no_probe_and_are_recorded_when_set():
     assert "probe" not in SETTINGS.needs and "update_shares" in SETTINGS.needs
     assert "probe" in DynamicSettings(policy="salf-budget").needs
@@ -168,7 +202,8 @@ def test_updates_need_no_probe_and_are_recorded_when_set():
         DynamicSettings(policy="salf-budget", share_from="gradients")
 
 
-def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path):
+@pytest.mark.parametrize("ahead_from", ["loss", "updates"])
+def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path, ahead_from):
     from salf.dynamic import moving_cut
     from salf.models.tiny import tiny_model, tiny_tokenizer
     from salf.train import train
@@ -177,8 +212,8 @@ def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        settings = DynamicSettings(policy="salf-budget", share_from="updates", law_checks=12,
-                                   tolerance=1.0, min_saving=0.0)
+        settings = DynamicSettings(policy="salf-budget", share_from="updates", ahead_from=ahead_from,
+                                   law_checks=12, tolerance=1.0, min_saving=0.0)
         metrics = train(tiny_model("llama"), tiny_tokenizer(), TASK, (_rows(48), []), make_plan(0),
                         tmp_path, TrainConfig(max_steps=24, lr=1e-2, batch_size=4, max_length=32, seed=0,
                                               progress=False),

@@ -17,7 +17,9 @@ check, what freezing layers (k, k'] would cost the rest of *this* run and what i
   moved relative to the output space over the last probe interval (their share of the
   recent semantic movement, the probe's signal (a)) — or, with `share_from="updates"`, the
   share of the recent training steps' first-order loss decrease their updates made
-  (salf.dynamic.allocation: free, no probe). The deepest contiguous k′ whose cost
+  (salf.dynamic.allocation: free, no probe). With `ahead_from="updates"` as well, a move's
+  cost is what its layers' updates would still lower the loss over the clock left, at
+  their recent rate + 1 SE — absolute, with no R from the training loss. The deepest contiguous k′ whose cost
   fits what is left of the budget is the candidate. Long runs (large R) therefore freeze
   later or shallower, saturated runs (R ≈ 0) early and deep.
 * **The saving floor.** A move must save at least `min_saving` of the run's full fine-tuning
@@ -210,6 +212,12 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
         return Decision(k, f"hold: {law['reason']}", details)
     allowed = share_allowed(settings, history, run, law)
     details["share_allowed"] = None if math.isinf(allowed) else allowed    # None: any share
+    if settings.ahead_from == "updates":
+        ahead = allocation_ahead(history, run)
+        if ahead is None:
+            return Decision(k, f"hold: {law['reason']}; the updates since the cut last moved cover "
+                               f"under {GUARD_MIN_STEPS} steps", details)
+        return _move_within(settings, history, run, law, ahead, details, absolute=True)
     if settings.share_from == "updates":
         shares = allocation_shares(history, run)
         if shares is None:
@@ -225,24 +233,31 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
     return _move_within(settings, history, run, law, shares, details)
 
 
-def allocation_shares(history: list[Check], run: RunShape) -> list[float] | None:
-    """`--share-from updates`: per space k' (0..L), the share of the loss decrease the updates
-    made over the recent window that came through layers (k, k'] — what freezing them gives
-    up — cumulative, so it only grows with k'. The window: the checks since the cut last
-    changed and within READ_GAP of the run (or GUARD_MIN_STEPS, if longer), at least
-    GUARD_MIN_STEPS optimizer steps. A layer
-    whose updates raised the loss counts 0. None while the window is too short, or when the
-    layers above the cut made no decrease (or the optimizer's tensors are not the model's:
-    salf.dynamic.allocation)."""
-    now, k = history[-1], history[-1].eof
+def allocation_window(history: list[Check], run: RunShape) -> list[Check] | None:
+    """The checks whose allocation (`--share-from updates`) speaks for the cut in force: those
+    since the cut last changed and within READ_GAP of the run (or GUARD_MIN_STEPS, if
+    longer); None while they cover fewer than GUARD_MIN_STEPS optimizer steps."""
+    now = history[-1]
     # a check's eof is the cut its interval ran at: a move decided at check i shows at i+1
     changed = max((prev.step for prev, c in zip(history, history[1:]) if c.eof != prev.eof), default=0)
     since = max(changed, now.step - max(READ_GAP * run.total_steps, GUARD_MIN_STEPS))
     # each check sums the steps since the one before it, so these began after the change
     window = [c for c in history if c.allocation is not None and c.step > since]
-    steps = sum(c.allocation_steps or 0 for c in window)
-    if steps < GUARD_MIN_STEPS:
+    if sum(c.allocation_steps or 0 for c in window) < GUARD_MIN_STEPS:
         return None
+    return window
+
+
+def allocation_shares(history: list[Check], run: RunShape) -> list[float] | None:
+    """`--share-from updates`: per space k' (0..L), the share of the loss decrease the updates
+    made over the window (allocation_window) that came through layers (k, k'] — what freezing
+    them gives up — cumulative, so it only grows with k'. A layer whose updates raised the
+    loss counts 0. None without a window, or when the layers above the cut made no decrease
+    (or the optimizer's tensors are not the model's: salf.dynamic.allocation)."""
+    window = allocation_window(history, run)
+    if window is None:
+        return None
+    k = history[-1].eof
     width = len(window[0].allocation)
     total = [max(0.0, sum(c.allocation[i] for c in window)) for i in range(width)]
     L = width - 1
@@ -257,11 +272,39 @@ def allocation_shares(history: list[Check], run: RunShape) -> list[float] | None
     return shares
 
 
-def _move_within(settings, history: list[Check], run: RunShape, law: dict, shares, details: dict
-                 ) -> Decision:
-    """The deepest move whose shares fit the allowance, bounded, worth its saving."""
+def allocation_ahead(history: list[Check], run: RunShape) -> list[float] | None:
+    """`--ahead-from updates`: per space k' (0..L), the loss decrease layers (k, k'] would
+    still make over the rest of the run — their summed allocation per unit of the clock over
+    the window, + RATE_Z standard errors across its checks, at least 0, times the clock left.
+    Absolute, in the training loss's units: a long run's layers still have much to give, a
+    run whose updates no longer lower the loss of rows they have not fitted has nothing left
+    in them. None without a window."""
+    window = allocation_window(history, run)
+    if window is None:
+        return None
     now, k = history[-1], history[-1].eof
-    allowed = share_allowed(settings, history, run, law)
+    L = len(window[0].allocation) - 1
+    clocks = [run.clock(c.step) - run.clock(c.step - (c.allocation_steps or 0)) for c in window]
+    spent = sum(clocks)
+    if spent <= 0:
+        return None
+    left = max(0.0, run.total_progress - run.clock(now.step))
+    ahead = [0.0] * (L + 1)
+    for space in range(k + 1, L + 1):
+        block = [sum(c.allocation[k:space]) for c in window]
+        rates = [b / x for b, x in zip(block, clocks) if x > 0]
+        se = statistics.stdev(rates) / math.sqrt(len(rates)) if len(rates) > 1 else abs(sum(block) / spent)
+        ahead[space] = max(0.0, sum(block) / spent + RATE_Z * se) * left
+    return ahead
+
+
+def _move_within(settings, history: list[Check], run: RunShape, law: dict, shares, details: dict,
+                 absolute: bool = False) -> Decision:
+    """The deepest move whose shares fit the allowance (or, `absolute`, whose loss still ahead
+    fits the budget left), bounded, worth its saving."""
+    now, k = history[-1], history[-1].eof
+    allowed = (budget_left(settings, history, run, law) if absolute
+               else share_allowed(settings, history, run, law))
     top = ceiling(history, run)
     depth = k
     while depth < top and shares[depth + 1] <= allowed:
@@ -273,18 +316,26 @@ def _move_within(settings, history: list[Check], run: RunShape, law: dict, share
         details["bounded"] = depth
     if depth == k:
         nxt = shares[k + 1] if k < top else math.nan
-        read = (f"layer {k + 1}'s updates made {nxt:.3f} of the loss decrease"
-                if settings.share_from == "updates" else f"space {k + 1} moved {nxt:.3f}x the output")
-        return Decision(k, f"hold: {law['reason']}; {read}, the budget allows {allowed:.3f}", details)
+        read = (f"layer {k + 1} would still lower the loss by {nxt:.4f}, the budget has {allowed:.4f} left"
+                if absolute else
+                f"layer {k + 1}'s updates made {nxt:.3f} of the loss decrease, the budget allows {allowed:.3f}"
+                if settings.share_from == "updates" else
+                f"space {k + 1} moved {nxt:.3f}x the output, the budget allows {allowed:.3f}")
+        return Decision(k, f"hold: {law['reason']}; {read}", details)
     saved = saving(run, now.step, k, depth)
     details["saving"] = saved
     if saved < settings.min_saving:
         return Decision(k, f"hold: freezing to eof {depth} would save {saved:.3f} of the run's "
                            f"FLOPs (< {settings.min_saving:g})", details)
-    details.update(share=shares[depth], given_up=shares[depth] * law["remaining"])
+    if absolute:
+        details.update(given_up=shares[depth])
+    else:
+        details.update(share=shares[depth], given_up=shares[depth] * law["remaining"])
     capped = (f" (one move's bound; the budget allowed eof {details['depth']})"
               if "bounded" in details else "")
-    read = (f"made {shares[depth]:.3f} of the loss decrease" if settings.share_from == "updates"
-            else f"moved at most {shares[depth]:.3f}x the output")
-    return Decision(depth, f"move: {law['reason']}; layers {k + 1}..{depth}{capped} {read} "
-                           f"(budget allows {allowed:.3f}); saves {saved:.3f} of the run", details)
+    read = (f"would still lower the loss by {shares[depth]:.4f} (budget left {allowed:.4f})" if absolute
+            else f"made {shares[depth]:.3f} of the loss decrease (budget allows {allowed:.3f})"
+            if settings.share_from == "updates"
+            else f"moved at most {shares[depth]:.3f}x the output (budget allows {allowed:.3f})")
+    return Decision(depth, f"move: {law['reason']}; layers {k + 1}..{depth}{capped} {read}; "
+                           f"saves {saved:.3f} of the run", details)

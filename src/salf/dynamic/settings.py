@@ -15,12 +15,13 @@ CLOCKS = ("lr-area", "steps")
 PLASTICITY = ("shift", "deviation")
 ACCOUNTING = ("fixed", "hindsight")
 SHARE_SOURCES = ("probe", "updates")
+AHEAD_SOURCES = ("loss", "updates")
 # settings added after cells were published, with the value those cells ran with
-LATER = {"max_move": 0.0, "accounting": "fixed", "share_from": "probe"}
+LATER = {"max_move": 0.0, "accounting": "fixed", "share_from": "probe", "ahead_from": "loss"}
 # the settings only salf-budget reads: a record made before they existed (the first
 # controller's published cells) ran every other policy exactly as it runs now
 BUDGET_ONLY = ("tolerance", "min_saving", "probe_budget", "law_checks", "guard", "max_move",
-               "accounting", "share_from")
+               "accounting", "share_from", "ahead_from")
 # what each policy needs measured at a check
 NEEDS = {c.name: set(c.needs) for c in DYNAMIC_POLICIES}
 
@@ -82,6 +83,11 @@ class DynamicSettings:
                              "space, a forward pass per read) or updates (its share of the training "
                              "steps' first-order loss decrease, gradient x the optimizer's update "
                              "direction: free, no probe)", choices=SHARE_SOURCES)
+    ahead_from: str = option("loss", "salf-budget: what the layers a move freezes would still "
+                             "gain: loss (their share x the improvement the training loss's rate "
+                             "puts ahead) or updates (their own loss decrease per unit of the "
+                             "clock over the recent steps, + 1 SE, x the clock left; needs "
+                             "--share-from updates)", choices=AHEAD_SOURCES)
 
     def __post_init__(self):
         self.validate()
@@ -94,6 +100,12 @@ class DynamicSettings:
         if self.share_from not in SHARE_SOURCES:
             raise SalfError(f"{_named('share_from')} must be one of {', '.join(SHARE_SOURCES)}, "
                             f"got {self.share_from!r}")
+        if self.ahead_from not in AHEAD_SOURCES:
+            raise SalfError(f"{_named('ahead_from')} must be one of {', '.join(AHEAD_SOURCES)}, "
+                            f"got {self.ahead_from!r}")
+        if self.ahead_from == "updates" and self.share_from != "updates":
+            raise SalfError(f"{_named('ahead_from')} updates reads each layer's own loss decrease: "
+                            f"it needs {FLAGS['share_from']} updates")
         if self.accounting not in ACCOUNTING:
             raise SalfError(f"{_named('accounting')} must be one of {', '.join(ACCOUNTING)}, "
                             f"got {self.accounting!r}")
