@@ -167,3 +167,22 @@ def test_budget_replay_reads_a_cells_curve(tmp_path, capsys, bench_module):
     assert "step    4: 3 training losses, the law needs 8" in out
     rows = replay.replay(curve, [24, 96], 0.05)
     assert rows[0]["allowed"] < rows[1]["allowed"] and rows[1]["remaining"] < rows[0]["remaining"]
+
+
+def test_allocation_profile_sums_each_window_per_layer(tmp_path, capsys, bench_module):
+    """bench/allocation_profile.py: each window's total first-order decrease and every layer's
+    part of it, from a cell's checks; a run without allocations is refused."""
+    profile = bench_module("allocation_profile")
+    checks = [{"step": s, "eof": 0, "allocation": [0.01, 0.03, -0.01 * (s > 6), 0.0], "allocation_steps": 3}
+              for s in (3, 6, 9, 12)]
+    (tmp_path / "cell.json").write_text(json.dumps({"dynamic": {"checks": checks}}))
+    rows = profile.profile(profile.checks_of(str(tmp_path / "cell.json")), 2)
+    assert [(r["from"], r["to"]) for r in rows] == [(0, 6), (6, 12)]
+    assert rows[0]["layers"] == pytest.approx([0.02, 0.06, 0.0]) and rows[1]["total"] == pytest.approx(0.06)
+    profile.main([str(tmp_path / "cell.json"), "--window", "2"])
+    out = capsys.readouterr().out
+    assert "| 0-6 | 0 | +0.0800 | +25% | +75% | +0% | +0% |" in out
+    assert "| 6-12 | 0 | +0.0600 | +20% | +60% | -20% | +0% |" in out
+    (tmp_path / "static.json").write_text(json.dumps({"dynamic": {"checks": [{"step": 3, "eof": 0}]}}))
+    with pytest.raises(SystemExit, match="no check with an allocation"):
+        profile.main([str(tmp_path / "static.json")])
