@@ -272,13 +272,25 @@ def allocation_shares(history: list[Check], run: RunShape) -> list[float] | None
     return shares
 
 
-def allocation_ahead(history: list[Check], run: RunShape) -> list[float] | None:
+class Ahead(list):
+    """Per space k' (0..L): the loss layers (k, k'] would still lower over the rest of the run
+    at their recent rate + RATE_Z SE (what a move is judged by); `expected`: at the rate
+    itself (what a move is charged)."""
+
+    expected: list[float]
+
+
+def allocation_ahead(history: list[Check], run: RunShape) -> Ahead | None:
     """`--ahead-from updates`: per space k' (0..L), the loss decrease layers (k, k'] would
     still make over the rest of the run — their summed allocation per unit of the clock over
-    the window, + RATE_Z standard errors across its checks, at least 0, times the clock left.
-    Absolute, in the training loss's units: a long run's layers still have much to give, a
-    run whose updates no longer lower the loss of rows they have not fitted has nothing left
-    in them. None without a window."""
+    the window, + RATE_Z standard errors across its checks, at least 0, times the clock left;
+    `.expected` without the noise term. Absolute, in the training loss's units: a long run's
+    layers still have much to give, a run whose updates no longer lower the loss of rows
+    they have not fitted has nothing left in them. A move is judged by the upper bound and
+    charged the expectation: at 46b3d38 it was charged the bound, and on bbc-news two
+    one-layer moves (0.014 and 0.005, mostly the noise term early in the run) spent the
+    whole budget by step 36 while the layers' summed decrease was below zero. None without
+    a window."""
     window = allocation_window(history, run)
     if window is None:
         return None
@@ -289,12 +301,13 @@ def allocation_ahead(history: list[Check], run: RunShape) -> list[float] | None:
     if spent <= 0:
         return None
     left = max(0.0, run.total_progress - run.clock(now.step))
-    ahead = [0.0] * (L + 1)
+    ahead, ahead.expected = Ahead([0.0] * (L + 1)), [0.0] * (L + 1)
     for space in range(k + 1, L + 1):
         block = [sum(c.allocation[k:space]) for c in window]
         rates = [b / x for b, x in zip(block, clocks) if x > 0]
         se = statistics.stdev(rates) / math.sqrt(len(rates)) if len(rates) > 1 else abs(sum(block) / spent)
         ahead[space] = max(0.0, sum(block) / spent + RATE_Z * se) * left
+        ahead.expected[space] = max(0.0, sum(block) / spent) * left
     return ahead
 
 
@@ -328,12 +341,13 @@ def _move_within(settings, history: list[Check], run: RunShape, law: dict, share
         return Decision(k, f"hold: freezing to eof {depth} would save {saved:.3f} of the run's "
                            f"FLOPs (< {settings.min_saving:g})", details)
     if absolute:
-        details.update(given_up=shares[depth])
+        details.update(given_up=shares.expected[depth], bound=shares[depth])
     else:
         details.update(share=shares[depth], given_up=shares[depth] * law["remaining"])
     capped = (f" (one move's bound; the budget allowed eof {details['depth']})"
               if "bounded" in details else "")
-    read = (f"would still lower the loss by {shares[depth]:.4f} (budget left {allowed:.4f})" if absolute
+    read = (f"would still lower the loss by {shares.expected[depth]:.4f}, at most {shares[depth]:.4f} "
+            f"(budget left {allowed:.4f})" if absolute
             else f"made {shares[depth]:.3f} of the loss decrease (budget allows {allowed:.3f})"
             if settings.share_from == "updates"
             else f"moved at most {shares[depth]:.3f}x the output (budget allows {allowed:.3f})")
