@@ -230,3 +230,10 @@ def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path, ahead_from):
     assert dyn["settings"]["share_from"] == "updates"
     assert len(dyn["schedule"]) >= 2, [d["reason"] for d in dyn["decisions"]]   # it moved
     assert dyn["audit"]["ok"]
+
+
+def test_at_the_deepest_cut_the_policy_says_so():
+    history = _checks(40, L - 1, [0.0] * (L - 1) + [0.001], rest=0.0)
+    for settings in (SETTINGS, AHEAD):
+        decision = decide(settings, history, _run(360, _losses(40, flat_after=3)))
+        assert decision.eof == L - 1 and "as deep as it may go (eof 7)" in decision.reason

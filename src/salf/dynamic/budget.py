@@ -327,8 +327,10 @@ def _move_within(settings, history: list[Check], run: RunShape, law: dict, share
     if depth - k > bound:
         depth = k + bound
         details["bounded"] = depth
+    if k >= top:
+        return Decision(k, f"hold: {law['reason']}; the cut is as deep as it may go (eof {top})", details)
     if depth == k:
-        nxt = shares[k + 1] if k < top else math.nan
+        nxt = shares[k + 1]
         read = (f"layer {k + 1} would still lower the loss by {nxt:.4f}, the budget has {allowed:.4f} left"
                 if absolute else
                 f"layer {k + 1}'s updates made {nxt:.3f} of the loss decrease, the budget allows {allowed:.3f}"
