@@ -74,6 +74,12 @@ def probe_shares(cells: list[dict]) -> tuple[float | None, float | None]:
     return mean(flops), mean(wall)
 
 
+def probe_worst(row: dict) -> float:
+    """The larger of a row's probe shares; an unmeasured share counts as the whole run, and a
+    controller that reads no probe (0) meets any target."""
+    return max(1.0 if x is None else x for x in (row["flops_share"], row["wall_share"]))
+
+
 def probe_text(cells: list[dict]) -> str:
     """Per seed (the probe's cost changed between seeds when the read got cheaper)."""
     shares = [(c["seed"], *cell_probe_share(c)) for c in cells]
@@ -132,7 +138,7 @@ def targets(s: dict, judged: str = JUDGED, probe_target: float = PROBE_TARGET) -
            f"(target <= {limit}) -> {'MET' if ratio is not None and ratio <= limit else 'NOT MET'}",
            f"- probes {fmt(me['flops_share'], '.1%')} of the run's FLOPs, {fmt(me['wall_share'], '.1%')} "
            f"of its measured train time, mean over the seeds (target <= {probe_target:.0%}) -> "
-           f"{'MET' if max(me['flops_share'] or 1, me['wall_share'] or 1) <= probe_target else 'NOT MET'}"]
+           f"{'MET' if probe_worst(me) <= probe_target else 'NOT MET'}"]
     if longer:
         cost = me.get("cost")
         out.append(f"- {s['settings']['steps']} steps: cost {fmt(cost)} of full fine-tuning (target "

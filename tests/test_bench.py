@@ -154,6 +154,9 @@ def test_dynamic_verdict_judges_another_controller_and_the_mean_cost(tmp_path, c
     assert "(mixed run lengths: no target)" in capsys.readouterr().out
     assert verdict.main([str(tmp_path / "a")]) == 0
     assert "- dyn-salf not measured yet" in capsys.readouterr().out
+    # a controller that reads no probe meets the probe target; an unmeasured share does not
+    assert verdict.probe_worst({"flops_share": 0.0, "wall_share": 0.0}) == 0.0
+    assert verdict.probe_worst({"flops_share": 0.0, "wall_share": None}) == 1.0
 
 
 def test_budget_replay_reads_a_cells_curve(tmp_path, capsys, bench_module):
