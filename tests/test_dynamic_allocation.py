@@ -237,3 +237,42 @@ def test_at_the_deepest_cut_the_policy_says_so():
     for settings in (SETTINGS, AHEAD):
         decision = decide(settings, history, _run(360, _losses(40, flat_after=3)))
         assert decision.eof == L - 1 and "as deep as it may go (eof 7)" in decision.reason
+
+
+def test_a_resumed_run_carries_the_allocation_sums(tmp_path):
+    """The sums of the interval a checkpoint cuts through are in the controller's state: a run
+    stopped mid-interval and resumed records the same allocations as the uninterrupted one."""
+    from transformers import TrainerCallback
+
+    from salf.dynamic import moving_cut
+    from salf.models.tiny import tiny_model, tiny_tokenizer
+    from salf.train import train
+    from test_dynamic import TASK, _rows, make_plan
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 5
+
+    def run(out, resume=False, callbacks=()):
+        settings = DynamicSettings(policy="salf-budget", share_from="updates", ahead_from="updates",
+                                   law_checks=4, tolerance=1.0, min_saving=0.0)
+        return train(tiny_model("llama"), tiny_tokenizer(), TASK, (_rows(48), []), make_plan(0), out,
+                     TrainConfig(max_steps=12, lr=1e-2, batch_size=4, max_length=32, seed=0, progress=False,
+                                 save_steps=2, resume=resume),
+                     callbacks=[*callbacks, moving_cut(settings, out_dir=out)])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = run(tmp_path / "whole")
+        run(tmp_path / "cut", callbacks=[StopAt()])          # checkpoint at 4, inside the 3..6 interval
+        resumed = run(tmp_path / "cut", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed["resumed_from_step"] == 4
+    got = [(c["step"], c["allocation"]) for c in resumed["dynamic"]["checks"]]
+    want = [(c["step"], c["allocation"]) for c in whole["dynamic"]["checks"]]
+    assert [s for s, _ in got] == [s for s, _ in want] == [3, 6, 9]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-9)
+    assert resumed["dynamic"]["schedule"] == whole["dynamic"]["schedule"]
