@@ -19,8 +19,8 @@ check, what freezing layers (k, k'] would cost the rest of *this* run and what i
   share of the recent training steps' first-order loss decrease their updates made
   (salf.dynamic.allocation: free, no probe). With `ahead_from="updates"` as well, a move's
   cost is what its layers' updates would still lower the loss over the clock left, at
-  their recent rate + 1 SE — absolute, with no R from the training loss. The deepest contiguous k′ whose cost
-  fits what is left of the budget is the candidate. Long runs (large R) therefore freeze
+  their recent rate + 1 SE — absolute, with no R from the training loss. The deepest
+  contiguous k′ whose cost fits what is left of the budget is the candidate. Long runs (large R) therefore freeze
   later or shallower, saturated runs (R ≈ 0) early and deep.
 * **The saving floor.** A move must save at least `min_saving` of the run's full fine-tuning
   FLOPs over the steps that remain (the cost model's per-step cost at each cut), or it is not

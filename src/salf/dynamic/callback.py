@@ -179,7 +179,7 @@ class DynamicFreezeCallback(TrainerCallback):
         except SalfError:
             return recorded            # unreadable: compared as written, the diff names it
 
-        # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
         total = int(state.max_steps)
         fs = freeze_state(model)
@@ -216,9 +216,10 @@ class DynamicFreezeCallback(TrainerCallback):
         layers = anatomy(unwrap(model)).layers
         if "update_shares" in self.settings.needs and optimizer is not None:
             step = allocation(layers, optimizer)
-            sums = self.record.allocation_sums or [0.0] * len(step)
-            self.record.allocation_sums = [a + b for a, b in zip(sums, step)]
-            self.record.allocation_steps += 1
+            if step is not None:           # a step with no direction yet is not evidence
+                sums = self.record.allocation_sums or [0.0] * len(step)
+                self.record.allocation_sums = [a + b for a, b in zip(sums, step)]
+                self.record.allocation_steps += 1
         if "grad_norms" not in self.settings.needs:
             return
         sums = self.record.grad_sums or [0.0] * len(layers)
