@@ -211,8 +211,8 @@ class DynamicFreezeCallback(TrainerCallback):
                 self.record.train_losses.append([step, self._run.clock(step), float(logs["loss"])])
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None:
-            return
+        if model is None or not self.settings.needs & {"update_shares", "grad_norms"}:
+            return                         # every step: nothing to do for the other policies
         layers = anatomy(unwrap(model)).layers
         if "update_shares" in self.settings.needs and optimizer is not None:
             step = allocation(layers, optimizer)
