@@ -13,7 +13,7 @@ import torch
 
 from salf.config import TrainConfig
 from salf.dynamic import Check, DynamicSettings, RunShape, decide
-from salf.dynamic.allocation import allocation
+from salf.dynamic.allocation import Drift, allocation
 from salf.dynamic.budget import allocation_shares
 
 L = 8
@@ -82,6 +82,65 @@ def test_plain_sgd_allocation_is_lr_times_the_squared_gradient():
     want = [0.1 * sum(float((p.grad ** 2).sum()) for p in layer.parameters()) for layer in layers]
     assert got[:3] == pytest.approx(want, rel=1e-6)
     assert got[3] == pytest.approx(0.1 * sum(float((p.grad ** 2).sum()) for p in head.parameters()), rel=1e-6)
+
+
+
+def test_drift_is_the_fresh_gradient_along_the_last_periods_displacement():
+    """−g·(θ_b − θ_a) per layer, scaled to the step's share of the clock D took; None until
+    two snapshots exist; a layer frozen at the snapshots counts nothing; the snapshots roll
+    on every period boundary."""
+    layers, head = _net()
+    layers[0].requires_grad_(False)
+    clock_of = [0.0, 1.0, 1.8, 2.4, 2.8, 3.0, 3.1]           # a decaying learning rate's area
+    clock = clock_of.__getitem__
+    drift = Drift(period=2)
+    thetas = {}
+    for step in range(6):
+        for layer in layers:
+            layer.zero_grad()
+        _backward(layers, head, 10 + step)
+        thetas[step] = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+        got = drift.observe(step, layers, clock)
+        if step < 2:
+            assert got is None and drift.steps == [0]
+        else:
+            a, b = (0, 2) if step < 4 else (2, 4)
+            assert drift.steps == [a, b]
+            scale = (clock(step + 1) - clock(step)) / (clock(b) - clock(a))
+            want = [0.0] + [-scale * sum(float((p.grad * (pb - pa)).sum())
+                                         for p, pa, pb in zip(layers[i].parameters(), thetas[a][i], thetas[b][i]))
+                            for i in (1, 2)]
+            assert got[:3] == pytest.approx(want, rel=1e-5, abs=1e-12)
+            assert got[3] == 0.0 and got[1] != 0.0
+        with torch.no_grad():                               # a consistent drift plus noise
+            for layer in layers[1:]:
+                for p in layer.parameters():
+                    p.add_(0.05 + 0.01 * torch.randn_like(p))
+
+
+def test_continuing_a_drift_downhill_reads_positive_and_an_oscillation_reads_about_zero():
+    """The point of the lag: on a quadratic bowl, a layer drifting towards the minimum reads a
+    decrease still ahead; one oscillating across the minimum (its steps cancel over a period)
+    reads next to nothing, where the per-step allocation would read its overshoot."""
+    target = torch.zeros(4)
+    drifting, oscillating = torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False)
+    layers = torch.nn.ModuleList([drifting, oscillating])
+    with torch.no_grad():
+        drifting.weight.fill_(1.0)
+        oscillating.weight.fill_(0.01)
+    drift = Drift(period=4)
+    readings = []
+    for step in range(12):
+        for layer in layers:
+            layer.weight.grad = 2 * (layer.weight.detach() - target.view(2, 2))   # ∇ of |w|²
+        got = drift.observe(step, layers, float)
+        if got is not None:
+            readings.append(got)
+        with torch.no_grad():
+            drifting.weight.mul_(0.95)                    # steadily downhill
+            oscillating.weight.mul_(-1.0)                 # across the valley and back
+    assert all(r[0] > 0 for r in readings)
+    assert all(abs(r[1]) < 1e-3 * r[0] for r in readings)
 
 
 def _losses(steps, e=0.4, a=1.0, alpha=0.7, flat_after=None):
@@ -204,6 +263,13 @@ def test_ahead_from_updates_needs_the_shares_from_the_updates():
     assert "ahead_from" not in SETTINGS.to_dict()
 
 
+def test_drift_needs_no_probe_and_no_shares_from_the_updates():
+    settings = DynamicSettings(policy="salf-budget", ahead_from="drift")
+    assert settings.needs.isdisjoint({"probe", "probe_on_demand", "update_shares"})
+    assert "drift" in settings.needs and settings.to_dict()["ahead_from"] == "drift"
+    assert "drift" not in DynamicSettings(policy="salf").needs
+
+
 def test_updates_need_no_probe_and_are_recorded_when_set():
     assert "probe" not in SETTINGS.needs and "update_shares" in SETTINGS.needs
     assert "probe" in DynamicSettings(policy="salf-budget").needs
@@ -213,7 +279,7 @@ def test_updates_need_no_probe_and_are_recorded_when_set():
         DynamicSettings(policy="salf-budget", share_from="gradients")
 
 
-@pytest.mark.parametrize("ahead_from", ["loss", "updates"])
+@pytest.mark.parametrize("ahead_from", ["loss", "updates", "drift"])
 def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path, ahead_from):
     from salf.dynamic import moving_cut
     from salf.models.tiny import tiny_model, tiny_tokenizer
@@ -223,8 +289,9 @@ def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path, ahead_from):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        settings = DynamicSettings(policy="salf-budget", share_from="updates", ahead_from=ahead_from,
-                                   law_checks=12, tolerance=1.0, min_saving=0.0)
+        settings = DynamicSettings(policy="salf-budget", ahead_from=ahead_from, law_checks=12,
+                                   share_from="probe" if ahead_from == "drift" else "updates",
+                                   tolerance=1.0, min_saving=0.0)
         metrics = train(tiny_model("llama"), tiny_tokenizer(), TASK, (_rows(48), []), make_plan(0),
                         tmp_path, TrainConfig(max_steps=24, lr=1e-2, batch_size=4, max_length=32, seed=0,
                                               progress=False),
@@ -234,11 +301,17 @@ def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path, ahead_from):
     dyn = metrics["dynamic"]
     assert dyn["probe"]["reads"] == 0
     checks = dyn["checks"]
+    if ahead_from == "drift":
+        # snapshots every round(0.1 * 24) = 2 steps: the first displacement is θ2 − θ0
+        assert checks[0]["allocation"] is None and checks[0]["allocation_steps"] == 0
+        checks = checks[1:]
+    else:
+        assert dyn["settings"]["share_from"] == "updates"
     assert all(c["allocation"] is not None for c in checks)
     # AdamW's first step has no direction yet and is not counted
-    assert [c["allocation_steps"] for c in checks] == [1] + [2] * (len(checks) - 1)
+    first = 2 if ahead_from == "drift" else 1
+    assert [c["allocation_steps"] for c in checks] == [first] + [2] * (len(checks) - 1)
     assert all(len(c["allocation"]) == 5 for c in checks)   # tiny llama: 4 layers + the rest
-    assert dyn["settings"]["share_from"] == "updates"
     assert len(dyn["schedule"]) >= 2, [d["reason"] for d in dyn["decisions"]]   # it moved
     assert dyn["audit"]["ok"]
 
@@ -250,9 +323,11 @@ def test_at_the_deepest_cut_the_policy_says_so():
         assert decision.eof == L - 1 and "as deep as it may go (eof 7)" in decision.reason
 
 
-def test_a_resumed_run_carries_the_allocation_sums(tmp_path):
-    """The sums of the interval a checkpoint cuts through are in the controller's state: a run
-    stopped mid-interval and resumed records the same allocations as the uninterrupted one."""
+@pytest.mark.parametrize("ahead_from", ["updates", "drift"])
+def test_a_resumed_run_carries_the_allocation_sums(tmp_path, ahead_from):
+    """The sums of the interval a checkpoint cuts through are in the controller's state (and
+    the drift's snapshots in its tensor state): a run stopped mid-interval and resumed records
+    the same allocations as the uninterrupted one."""
     from transformers import TrainerCallback
 
     from salf.dynamic import moving_cut
@@ -262,13 +337,16 @@ def test_a_resumed_run_carries_the_allocation_sums(tmp_path):
 
     class StopAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step == 5
+            control.should_training_stop = state.global_step == 7
 
     def run(out, resume=False, callbacks=()):
-        settings = DynamicSettings(policy="salf-budget", share_from="updates", ahead_from="updates",
-                                   law_checks=4, tolerance=1.0, min_saving=0.0)
-        return train(tiny_model("llama"), tiny_tokenizer(), TASK, (_rows(48), []), make_plan(0), out,
-                     TrainConfig(max_steps=12, lr=1e-2, batch_size=4, max_length=32, seed=0, progress=False,
+        settings = DynamicSettings(policy="salf-budget", ahead_from=ahead_from, law_checks=4,
+                                   share_from="updates" if ahead_from == "updates" else "probe",
+                                   tolerance=1.0, min_saving=0.0)
+        # 20 steps: the drift's snapshots every 2, so the resumed run's first reads need θ2 from
+        # the checkpoint's tensors
+        return train(tiny_model("llama"), tiny_tokenizer(), TASK, (_rows(80), []), make_plan(0), out,
+                     TrainConfig(max_steps=20, lr=1e-2, batch_size=4, max_length=32, seed=0, progress=False,
                                  save_steps=2, resume=resume),
                      callbacks=[*callbacks, moving_cut(settings, out_dir=out)])
 
@@ -276,14 +354,14 @@ def test_a_resumed_run_carries_the_allocation_sums(tmp_path):
     torch.set_num_threads(1)
     try:
         whole = run(tmp_path / "whole")
-        run(tmp_path / "cut", callbacks=[StopAt()])          # checkpoint at 4, inside the 3..6 interval
+        run(tmp_path / "cut", callbacks=[StopAt()])          # checkpoint at 6, inside the 5..10 interval
         resumed = run(tmp_path / "cut", resume=True)
     finally:
         torch.set_num_threads(threads)
-    assert resumed["resumed_from_step"] == 4
+    assert resumed["resumed_from_step"] == 6
     got = [(c["step"], c["allocation"]) for c in resumed["dynamic"]["checks"]]
     want = [(c["step"], c["allocation"]) for c in whole["dynamic"]["checks"]]
-    assert [s for s, _ in got] == [s for s, _ in want] == [3, 6, 9]
+    assert [s for s, _ in got] == [s for s, _ in want] == [5, 10, 15]
     for (_, a), (_, b) in zip(got, want):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-9)
     assert resumed["dynamic"]["schedule"] == whole["dynamic"]["schedule"]

@@ -64,3 +64,81 @@ def _along_direction(grad: torch.Tensor, state: dict, group: dict) -> float | No
     m_hat = m.detach().float() / (1.0 - beta1 ** t)
     v_hat = v.detach().float() / (1.0 - beta2 ** t)
     return float((g * m_hat / (v_hat.sqrt() + float(group.get("eps", 1e-8)))).sum())
+
+
+DRIFT_LAG = 0.1      # the drift is each layer's displacement over this share of the run
+
+
+class Drift:
+    """The lagged allocation (`--ahead-from drift`): how much a layer's recent *drift* still
+    lowers the loss. A training step's own first-order term (allocation() above) mostly
+    measures the step's oscillation across the loss valley — on rotten-tomatoes at 360 steps
+    every layer's summed allocation over the first 27 steps was negative while held-out
+    accuracy went on improving (bench/RESULTS.md §4.14) — so instead the displacement
+    D_l = θ_l(b) − θ_l(a) over the last completed lag period of `period` steps, where the
+    oscillation has averaged out and the drift remains, is held fixed while later steps' fresh
+    batch gradients g are read along it: −g·D_l > 0 says continuing the layer's drift still
+    lowers the loss of rows the update has not seen (in a first epoch, held-out rows).
+
+    Each step counts −g·D_l × (the step's clock increment) / (the clock D_l took), so summed
+    over a window and divided by its clock it is the loss decrease per unit of the clock the
+    layer's drift would keep making at its recent speed. Snapshots of the trainable decoder
+    layers' tensors are taken at every multiple of `period` (two copies of the trainable
+    layers at most); they are tensor state, carried by a checkpoint, so a resumed run reads
+    what the uninterrupted one would."""
+
+    def __init__(self, period: int):
+        self.period = max(1, int(period))
+        self.older: dict[str, torch.Tensor] = {}
+        self.newer: dict[str, torch.Tensor] = {}
+        self.steps: list[int] = []                 # the steps of [older, newer] (JSON state)
+
+    def observe(self, step: int, layers, clock) -> list[float] | None:
+        """At the start of optimizer step `step` (the model holds θ_step, the gradients are
+        this batch's): take a snapshot on a period boundary, then return per decoder layer,
+        plus one entry (always 0) for every other tensor, −g·D_l scaled to this step's share
+        of the clock; None until two snapshots exist. `clock(s)`: the clock after s steps."""
+        if step % self.period == 0 and (not self.steps or self.steps[-1] < step):
+            self.older, self.newer = self.newer, _trainable_copy(layers)
+            self.steps = [*self.steps[-1:], step]
+        if len(self.steps) < 2:
+            return None
+        spent = clock(self.steps[1]) - clock(self.steps[0])
+        if spent <= 0:
+            return None
+        scale = (clock(step + 1) - clock(step)) / spent
+        sums = [0.0] * (len(layers) + 1)
+        measured = False
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                for name, p in layer.named_parameters():
+                    key = f"{i}.{name}"
+                    if p.grad is None or key not in self.older or key not in self.newer:
+                        continue
+                    drift = self.newer[key] - self.older[key]
+                    sums[i] -= float((p.grad.detach().float() * drift).sum()) * scale
+                    measured = True
+        return sums if measured else None
+
+    def state_dict(self) -> dict:
+        return {"steps": list(self.steps)}
+
+    def tensor_state_dict(self) -> dict:
+        return {**{f"older.{k}": t for k, t in self.older.items()},
+                **{f"newer.{k}": t for k, t in self.newer.items()}}
+
+    def load_state_dict(self, state: dict, tensors: dict) -> None:
+        self.steps = [int(s) for s in state.get("steps", [])]
+        self.older = {k[len("older."):]: t.float() for k, t in tensors.items() if k.startswith("older.")}
+        self.newer = {k[len("newer."):]: t.float() for k, t in tensors.items() if k.startswith("newer.")}
+        # a checkpoint without its tensors: start over from the next period's snapshot
+        if not self.newer:
+            self.steps, self.older = [], {}
+        elif len(self.steps) == 2 and not self.older:
+            self.steps = self.steps[-1:]
+
+
+def _trainable_copy(layers) -> dict[str, torch.Tensor]:
+    """The trainable tensors of the decoder layers, copied (float32)."""
+    return {f"{i}.{name}": p.detach().float().clone()
+            for i, layer in enumerate(layers) for name, p in layer.named_parameters() if p.requires_grad}

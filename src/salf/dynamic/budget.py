@@ -19,9 +19,11 @@ check, what freezing layers (k, k'] would cost the rest of *this* run and what i
   share of the recent training steps' first-order loss decrease their updates made
   (salf.dynamic.allocation: free, no probe). With `ahead_from="updates"` as well, a move's
   cost is what its layers' updates would still lower the loss over the clock left, at
-  their recent rate + 1 SE — absolute, with no R from the training loss. The deepest
-  contiguous k′ whose cost fits what is left of the budget is the candidate. Long runs (large R) therefore freeze
-  later or shallower, saturated runs (R ≈ 0) early and deep.
+  their recent rate + 1 SE — absolute, with no R from the training loss; `ahead_from="drift"`
+  reads that rate from the fresh gradient along each layer's displacement over the last tenth
+  of the run instead (allocation.Drift: the drift, not the step's oscillation). The deepest
+  contiguous k′ whose cost fits what is left of the budget is the candidate. Long runs (large
+  R) therefore freeze later or shallower, saturated runs (R ≈ 0) early and deep.
 * **The saving floor.** A move must save at least `min_saving` of the run's full fine-tuning
   FLOPs over the steps that remain (the cost model's per-step cost at each cut), or it is not
   worth its risk.
@@ -212,10 +214,11 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
         return Decision(k, f"hold: {law['reason']}", details)
     allowed = share_allowed(settings, history, run, law)
     details["share_allowed"] = None if math.isinf(allowed) else allowed    # None: any share
-    if settings.ahead_from == "updates":
+    if settings.ahead_from in ("updates", "drift"):
         ahead = allocation_ahead(history, run)
         if ahead is None:
-            return Decision(k, f"hold: {law['reason']}; the updates since the cut last moved cover "
+            what = "updates" if settings.ahead_from == "updates" else "drift readings"
+            return Decision(k, f"hold: {law['reason']}; the {what} since the cut last moved cover "
                                f"under {GUARD_MIN_STEPS} steps", details)
         return _move_within(settings, history, run, law, ahead, details, absolute=True)
     if settings.share_from == "updates":

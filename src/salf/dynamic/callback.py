@@ -36,7 +36,7 @@ from ..io import atomic_write_json
 from ..models.anatomy import anatomy, unwrap
 from ..train.audit import tensor_digest
 from ..train.freeze import freeze_state, move_cut, move_cut_back, optimizer_state_bytes
-from .allocation import allocation
+from .allocation import DRIFT_LAG, Drift, allocation
 from .budget import probe_wanted
 from .policies import Check, Decision, RunShape, decide
 from .settings import DynamicSettings
@@ -77,6 +77,7 @@ class ControllerRecord:
     grad_sums: list[float] | None = None           # per layer, since the last check
     allocation_sums: list[float] | None = None     # per layer + the rest, since the last check
     allocation_steps: int = 0
+    drift_steps: list[int] = field(default_factory=list)   # the drift's snapshot steps (its tensors: tensor state)
     last_cosines: list[list[float]] | None = None  # the last probe read's, per space
 
     def to_dict(self) -> dict:
@@ -108,6 +109,8 @@ class DynamicFreezeCallback(TrainerCallback):
         self._wrap_eof: int | None = None        # the cut when this process's training began
         self._read_share = 0.0                   # one probe read's FLOPs / the run's (full)
         self._probe_state: dict | None = None                 # a checkpoint's, until its tensors come
+        self._drift: Drift | None = None                      # --ahead-from drift: the snapshots
+        self._drift_tensors: dict = {}                        # a checkpoint's, until training begins
         self._steps: list[int] = []
         self._run: RunShape | None = None
         self.model = None          # set by attach(): what a resumed state re-cuts
@@ -133,13 +136,18 @@ class DynamicFreezeCallback(TrainerCallback):
                 "probe": self.probe.state_dict() if self.probe is not None else None}
 
     def tensor_state_dict(self) -> dict:
-        """The probe's stored boundary states: a resumed run's next read starts where the
-        uninterrupted run's would (the same cost, the same numbers)."""
-        return self.probe.tensor_state_dict() if self.probe is not None else {}
+        """The probe's stored boundary states and the drift's snapshots: a resumed run's next
+        read starts where the uninterrupted run's would (the same cost, the same numbers)."""
+        tensors = self.probe.tensor_state_dict() if self.probe is not None else {}
+        if self._drift is not None:
+            tensors.update({f"drift.{k}": t for k, t in self._drift.tensor_state_dict().items()})
+        return tensors
 
     def load_tensor_state_dict(self, tensors: dict) -> None:
         if self.probe is not None and self._probe_state:
-            self.probe.load_state_dict(self._probe_state, tensors)
+            self.probe.load_state_dict(self._probe_state, {k: t for k, t in tensors.items()
+                                                           if not k.startswith("drift.")})
+        self._drift_tensors = {k[len("drift."):]: t for k, t in tensors.items() if k.startswith("drift.")}
 
     def load_state_dict(self, state: dict) -> None:
         saved = DynamicSettings.from_dict(state["settings"])
@@ -197,6 +205,10 @@ class DynamicFreezeCallback(TrainerCallback):
         per_run = self.settings.law_checks if "train_loss" in self.settings.needs else self.settings.checks
         self._steps = check_steps(total, per_run)
         self._read_share = self._probe_read_share(args, total)
+        if "drift" in self.settings.needs:
+            self._drift = Drift(period=max(1, round(DRIFT_LAG * total)))
+            self._drift.load_state_dict({"steps": self.record.drift_steps}, self._drift_tensors)
+            self.record.drift_steps, self._drift_tensors = list(self._drift.steps), {}
         if not self.record.schedule:
             self.record.schedule = [[0, fs.eof]]
         self._wrap_eof = self.current_eof
@@ -211,15 +223,19 @@ class DynamicFreezeCallback(TrainerCallback):
                 self.record.train_losses.append([step, self._run.clock(step), float(logs["loss"])])
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None or not self.settings.needs & {"update_shares", "grad_norms"}:
+        if model is None or not self.settings.needs & {"update_shares", "drift", "grad_norms"}:
             return                         # every step: nothing to do for the other policies
         layers = anatomy(unwrap(model)).layers
+        measured = None
         if "update_shares" in self.settings.needs and optimizer is not None:
-            step = allocation(layers, optimizer)
-            if step is not None:           # a step with no direction yet is not evidence
-                sums = self.record.allocation_sums or [0.0] * len(step)
-                self.record.allocation_sums = [a + b for a, b in zip(sums, step)]
-                self.record.allocation_steps += 1
+            measured = allocation(layers, optimizer)
+        elif self._drift is not None:
+            measured = self._drift.observe(int(state.global_step), layers, self._run.clock)
+            self.record.drift_steps = list(self._drift.steps)
+        if measured is not None:           # a step with no direction yet is not evidence
+            sums = self.record.allocation_sums or [0.0] * len(measured)
+            self.record.allocation_sums = [a + b for a, b in zip(sums, measured)]
+            self.record.allocation_steps += 1
         if "grad_norms" not in self.settings.needs:
             return
         sums = self.record.grad_sums or [0.0] * len(layers)
@@ -273,7 +289,7 @@ class DynamicFreezeCallback(TrainerCallback):
             self.record.probe_targets = read["targets"]
         if "grad_norms" in self.settings.needs:
             check.grad_norms, self.record.grad_sums = self.record.grad_sums, None
-        if "update_shares" in self.settings.needs and step > 0:
+        if self.settings.needs & {"update_shares", "drift"} and step > 0:
             check.allocation, check.allocation_steps = (self.record.allocation_sums,
                                                         self.record.allocation_steps)
             self.record.allocation_sums, self.record.allocation_steps = None, 0

@@ -15,7 +15,7 @@ CLOCKS = ("lr-area", "steps")
 PLASTICITY = ("shift", "deviation")
 ACCOUNTING = ("fixed", "hindsight")
 SHARE_SOURCES = ("probe", "updates")
-AHEAD_SOURCES = ("loss", "updates")
+AHEAD_SOURCES = ("loss", "updates", "drift")
 # settings added after cells were published, with the value those cells ran with
 LATER = {"max_move": 0.0, "accounting": "fixed", "share_from": "probe", "ahead_from": "loss"}
 # the settings only salf-budget reads: a record made before they existed (the first
@@ -87,7 +87,10 @@ class DynamicSettings:
                              "gain: loss (their share x the improvement the training loss's rate "
                              "puts ahead) or updates (their own loss decrease per unit of the "
                              "clock over the recent steps, + 1 SE, x the clock left; needs "
-                             "--share-from updates)", choices=AHEAD_SOURCES)
+                             "--share-from updates) or drift (the same, from the fresh gradient "
+                             "along each layer's displacement over the last tenth of the run: "
+                             "free, no probe; two copies of the trainable layers)",
+                             choices=AHEAD_SOURCES)
 
     def __post_init__(self):
         self.validate()
@@ -147,6 +150,8 @@ class DynamicSettings:
         """What a check measures for this policy (salf.choices); salf-budget reading its shares
         from the updates needs the per-layer loss allocation instead of the probe."""
         needs = set(DYNAMIC_POLICIES.get(self.policy)[0].needs)
+        if self.policy == "salf-budget" and self.ahead_from == "drift":
+            return (needs - {"probe", "probe_on_demand"}) | {"drift"}
         if self.policy == "salf-budget" and self.share_from == "updates":
             needs = (needs - {"probe", "probe_on_demand"}) | {"update_shares"}
         return needs
