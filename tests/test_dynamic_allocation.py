@@ -87,24 +87,24 @@ def test_plain_sgd_allocation_is_lr_times_the_squared_gradient():
 
 def test_drift_is_the_fresh_gradient_along_the_last_periods_displacement():
     """−g·(θ_b − θ_a) per layer, scaled to the step's share of the clock D took; None until
-    two snapshots exist; a layer frozen at the snapshots counts nothing; the snapshots roll
-    on every period boundary."""
+    two snapshots exist (the first at step `period`, not 0: the label format's drift); a layer
+    frozen at the snapshots counts nothing; the snapshots roll on every period boundary."""
     layers, head = _net()
     layers[0].requires_grad_(False)
-    clock_of = [0.0, 1.0, 1.8, 2.4, 2.8, 3.0, 3.1]           # a decaying learning rate's area
+    clock_of = [0.0, 1.0, 1.8, 2.4, 2.8, 3.0, 3.1, 3.15, 3.18]   # a decaying learning rate's area
     clock = clock_of.__getitem__
     drift = Drift(period=2)
     thetas = {}
-    for step in range(6):
+    for step in range(8):
         for layer in layers:
             layer.zero_grad()
         _backward(layers, head, 10 + step)
         thetas[step] = [[p.detach().clone() for p in layer.parameters()] for layer in layers]
         got = drift.observe(step, layers, clock)
-        if step < 2:
-            assert got is None and drift.steps == [0]
+        if step < 4:
+            assert got is None and drift.steps == ([] if step < 2 else [2])
         else:
-            a, b = (0, 2) if step < 4 else (2, 4)
+            a, b = (2, 4) if step < 6 else (4, 6)
             assert drift.steps == [a, b]
             scale = (clock(step + 1) - clock(step)) / (clock(b) - clock(a))
             want = [0.0] + [-scale * sum(float((p.grad * (pb - pa)).sum())
@@ -130,7 +130,7 @@ def test_continuing_a_drift_downhill_reads_positive_and_an_oscillation_reads_abo
         oscillating.weight.fill_(0.01)
     drift = Drift(period=4)
     readings = []
-    for step in range(12):
+    for step in range(16):
         for layer in layers:
             layer.weight.grad = 2 * (layer.weight.detach() - target.view(2, 2))   # ∇ of |w|²
         got = drift.observe(step, layers, float)
@@ -270,6 +270,23 @@ def test_drift_needs_no_probe_and_no_shares_from_the_updates():
     assert "drift" not in DynamicSettings(policy="salf").needs
 
 
+
+def test_one_negative_drift_reading_is_not_enough_to_move():
+    """A window of one check has no measured standard error: the updates' variant (published
+    that way) reads a negative block as nothing ahead and moves; the drift's waits for a
+    second check, then judges the spread."""
+    history = [Check(step=9, eof=0, progress=9.0),
+               *[Check(step=s, eof=0, progress=float(s), allocation=[-0.001] * L + [0.0], allocation_steps=9)
+                 for s in (18,)]]
+    run = _run(360, _losses(18, flat_after=3))
+    assert decide(AHEAD, history, run).eof > 0
+    drift = DynamicSettings(policy="salf-budget", ahead_from="drift")
+    held = decide(drift, history, run)
+    assert held.eof == 0 and "two checks" in held.reason
+    history.append(Check(step=27, eof=0, progress=27.0, allocation=[0.004] * L + [0.0], allocation_steps=9))
+    later = decide(drift, history, _run(360, _losses(27, flat_after=3)))
+    assert later.eof == 0 and "would still lower the loss" in later.reason
+
 def test_updates_need_no_probe_and_are_recorded_when_set():
     assert "probe" not in SETTINGS.needs and "update_shares" in SETTINGS.needs
     assert "probe" in DynamicSettings(policy="salf-budget").needs
@@ -302,14 +319,15 @@ def test_a_tiny_run_moves_its_cut_from_the_updates_alone(tmp_path, ahead_from):
     assert dyn["probe"]["reads"] == 0
     checks = dyn["checks"]
     if ahead_from == "drift":
-        # snapshots every round(0.1 * 24) = 2 steps: the first displacement is θ2 − θ0
-        assert checks[0]["allocation"] is None and checks[0]["allocation_steps"] == 0
-        checks = checks[1:]
+        # snapshots every round(0.1 * 24) = 2 steps from step 2: the first displacement is
+        # θ4 − θ2, read from the 5th step on
+        assert [c["allocation"] for c in checks[:2]] == [None, None]
+        checks = checks[2:]
     else:
         assert dyn["settings"]["share_from"] == "updates"
     assert all(c["allocation"] is not None for c in checks)
     # AdamW's first step has no direction yet and is not counted
-    first = 2 if ahead_from == "drift" else 1
+    first = 2 if ahead_from == "drift" else 1     # drift: steps 4 and 5
     assert [c["allocation_steps"] for c in checks] == [first] + [2] * (len(checks) - 1)
     assert all(len(c["allocation"]) == 5 for c in checks)   # tiny llama: 4 layers + the rest
     assert len(dyn["schedule"]) >= 2, [d["reason"] for d in dyn["decisions"]]   # it moved
@@ -343,8 +361,8 @@ def test_a_resumed_run_carries_the_allocation_sums(tmp_path, ahead_from):
         settings = DynamicSettings(policy="salf-budget", ahead_from=ahead_from, law_checks=4,
                                    share_from="updates" if ahead_from == "updates" else "probe",
                                    tolerance=1.0, min_saving=0.0)
-        # 20 steps: the drift's snapshots every 2, so the resumed run's first reads need θ2 from
-        # the checkpoint's tensors
+        # 20 steps: the drift's snapshots every 2 from step 2, so the resumed run's first reads
+        # need θ4 from the checkpoint's tensors
         return train(tiny_model("llama"), tiny_tokenizer(), TASK, (_rows(80), []), make_plan(0), out,
                      TrainConfig(max_steps=20, lr=1e-2, batch_size=4, max_length=32, seed=0, progress=False,
                                  save_steps=2, resume=resume),

@@ -83,9 +83,12 @@ class Drift:
     Each step counts −g·D_l × (the step's clock increment) / (the clock D_l took), so summed
     over a window and divided by its clock it is the loss decrease per unit of the clock the
     layer's drift would keep making at its recent speed. Snapshots of the trainable decoder
-    layers' tensors are taken at every multiple of `period` (two copies of the trainable
-    layers at most); they are tensor state, carried by a checkpoint, so a resumed run reads
-    what the uninterrupted one would."""
+    layers' tensors are taken at every multiple of `period` from `period` on — not at step 0:
+    the first tenth of a classification run learns the label format (rotten-tomatoes' loss
+    6.1 → 0.4), a drift the later gradients no longer have any use for, and θ_P − θ_0 read
+    ~0 for every layer on rotten-tomatoes at 360 steps while its loss still fell (a1f8812,
+    bench/RESULTS.md §4.15). Two copies of the trainable layers at most; they are tensor
+    state, carried by a checkpoint, so a resumed run reads what the uninterrupted one would."""
 
     def __init__(self, period: int):
         self.period = max(1, int(period))
@@ -98,7 +101,7 @@ class Drift:
         this batch's): take a snapshot on a period boundary, then return per decoder layer,
         plus one entry (always 0) for every other tensor, −g·D_l scaled to this step's share
         of the clock; None until two snapshots exist. `clock(s)`: the clock after s steps."""
-        if step % self.period == 0 and (not self.steps or self.steps[-1] < step):
+        if step >= self.period and step % self.period == 0 and (not self.steps or self.steps[-1] < step):
             self.older, self.newer = self.newer, _trainable_copy(layers)
             self.steps = [*self.steps[-1:], step]
         if len(self.steps) < 2:

@@ -215,11 +215,15 @@ def decide_salf_budget(settings, history: list[Check], run: RunShape) -> Decisio
     allowed = share_allowed(settings, history, run, law)
     details["share_allowed"] = None if math.isinf(allowed) else allowed    # None: any share
     if settings.ahead_from in ("updates", "drift"):
-        ahead = allocation_ahead(history, run)
+        # the drift's bound needs its standard error measured: two checks at least (the
+        # updates' variant, published with one, keeps it)
+        drift = settings.ahead_from == "drift"
+        ahead = allocation_ahead(history, run, min_checks=2 if drift else 1)
         if ahead is None:
-            what = "updates" if settings.ahead_from == "updates" else "drift readings"
-            return Decision(k, f"hold: {law['reason']}; the {what} since the cut last moved cover "
-                               f"under {GUARD_MIN_STEPS} steps", details)
+            what = (f"drift readings since the cut last moved cover under {GUARD_MIN_STEPS} steps "
+                    "or two checks" if drift else
+                    f"updates since the cut last moved cover under {GUARD_MIN_STEPS} steps")
+            return Decision(k, f"hold: {law['reason']}; the {what}", details)
         return _move_within(settings, history, run, law, ahead, details, absolute=True)
     if settings.share_from == "updates":
         shares = allocation_shares(history, run)
@@ -283,7 +287,7 @@ class Ahead(list):
     expected: list[float]
 
 
-def allocation_ahead(history: list[Check], run: RunShape) -> Ahead | None:
+def allocation_ahead(history: list[Check], run: RunShape, min_checks: int = 1) -> Ahead | None:
     """`--ahead-from updates`: per space k' (0..L), the loss decrease layers (k, k'] would
     still make over the rest of the run — their summed allocation per unit of the clock over
     the window, + RATE_Z standard errors across its checks, at least 0, times the clock left;
@@ -293,9 +297,10 @@ def allocation_ahead(history: list[Check], run: RunShape) -> Ahead | None:
     charged the expectation: at 46b3d38 it was charged the bound, and on bbc-news two
     one-layer moves (0.014 and 0.005, mostly the noise term early in the run) spent the
     whole budget by step 36 while the layers' summed decrease was below zero. None without
-    a window."""
+    a window, or with fewer than `min_checks` checks in it (one check's standard error is
+    not measured: the stand-in |rate| makes the bound 0 for any negative reading)."""
     window = allocation_window(history, run)
-    if window is None:
+    if window is None or len(window) < min_checks:
         return None
     now, k = history[-1], history[-1].eof
     L = len(window[0].allocation) - 1
