@@ -92,9 +92,9 @@ class Drift:
 
     def __init__(self, period: int):
         self.period = max(1, int(period))
-        self.older: dict[str, torch.Tensor] = {}
-        self.newer: dict[str, torch.Tensor] = {}
-        self.steps: list[int] = []                 # the steps of [older, newer] (JSON state)
+        self.newer: dict[str, torch.Tensor] = {}   # θ at the last snapshot
+        self.drift: dict[str, torch.Tensor] = {}   # D = θ(b) − θ(a), the last two snapshots'
+        self.steps: list[int] = []                 # the steps of [a, b] (JSON state)
 
     def observe(self, step: int, layers, clock) -> list[float] | None:
         """At the start of optimizer step `step` (the model holds θ_step, the gradients are
@@ -102,8 +102,9 @@ class Drift:
         plus one entry (always 0) for every other tensor, −g·D_l scaled to this step's share
         of the clock; None until two snapshots exist. `clock(s)`: the clock after s steps."""
         if step >= self.period and step % self.period == 0 and (not self.steps or self.steps[-1] < step):
-            self.older, self.newer = self.newer, _trainable_copy(layers)
-            self.steps = [*self.steps[-1:], step]
+            now = _trainable_copy(layers)
+            self.drift = {k: t - self.newer[k] for k, t in now.items() if k in self.newer}
+            self.newer, self.steps = now, [*self.steps[-1:], step]
         if len(self.steps) < 2:
             return None
         spent = clock(self.steps[1]) - clock(self.steps[0])
@@ -115,10 +116,9 @@ class Drift:
         with torch.no_grad():
             for i, layer in enumerate(layers):
                 for name, p in layer.named_parameters():
-                    key = f"{i}.{name}"
-                    if p.grad is None or key not in self.older or key not in self.newer:
+                    drift = self.drift.get(f"{i}.{name}")
+                    if p.grad is None or drift is None:
                         continue
-                    drift = self.newer[key] - self.older[key]
                     sums[i] -= float((p.grad.detach().float() * drift).sum()) * scale
                     measured = True
         return sums if measured else None
@@ -127,17 +127,17 @@ class Drift:
         return {"steps": list(self.steps)}
 
     def tensor_state_dict(self) -> dict:
-        return {**{f"older.{k}": t for k, t in self.older.items()},
-                **{f"newer.{k}": t for k, t in self.newer.items()}}
+        return {**{f"newer.{k}": t for k, t in self.newer.items()},
+                **{f"drift.{k}": t for k, t in self.drift.items()}}
 
     def load_state_dict(self, state: dict, tensors: dict) -> None:
         self.steps = [int(s) for s in state.get("steps", [])]
-        self.older = {k[len("older."):]: t.float() for k, t in tensors.items() if k.startswith("older.")}
         self.newer = {k[len("newer."):]: t.float() for k, t in tensors.items() if k.startswith("newer.")}
+        self.drift = {k[len("drift."):]: t.float() for k, t in tensors.items() if k.startswith("drift.")}
         # a checkpoint without its tensors: start over from the next period's snapshot
         if not self.newer:
-            self.steps, self.older = [], {}
-        elif len(self.steps) == 2 and not self.older:
+            self.steps, self.drift = [], {}
+        elif len(self.steps) == 2 and not self.drift:
             self.steps = self.steps[-1:]
 
 
