@@ -27,7 +27,15 @@ shallower cut or full fine-tuning, which only lowers dyn-salf's ratio).
     python bench/dynamic_verdict.py --judged dyn-salf-budget --probe-target 0.01 FOLDERS...
 
 With several folders of one run length it also prints the judged controller's mean cost
-against #24's target (<= 0.70x full fine-tuning at 120 steps, <= 0.60x in longer runs).
+against #24's target (<= 0.70x full fine-tuning at 120 steps, <= 0.60x in longer runs), and
+the floor any controller faces: per folder the cheapest cell measured safe (the static
+oracle's or any dynamic selector's, at the seeds it ran), and their mean against the same
+target. `--long` judges folders of mixed lengths as #24's long length (chatterbot's is 120
+steps: full fine-tuning overfits it past that, bench/RESULTS.md §4.11):
+
+    python bench/dynamic_verdict.py --long \
+        bench/results/sweep-smollm2-135m-{rotten-tomatoes-360,bbc-news-360,chatterbot}
+
 Rebuild each folder's sweep.json first (`salf sweep ... --report-only`).
 """
 
@@ -183,11 +191,13 @@ def main(argv=None) -> int:
                     help=f"the probes' largest share of a run (default {PROBE_TARGET})")
     ap.add_argument("--static-from", metavar="DIR",
                     help="a sweep folder whose oracle judges folders that hold no static cut")
+    ap.add_argument("--long", action="store_true",
+                    help="the folders are #24's long length, whatever their steps (the 0.60x target)")
     args = ap.parse_args(argv)
     other = read_sweep(args.static_from) if args.static_from else None
     if args.static_from and other is None:
         return 2
-    costs = {}
+    costs, floors = {}, {}
     for folder in args.folders:
         s = read_sweep(folder)
         if s is None:
@@ -198,18 +208,60 @@ def main(argv=None) -> int:
         me = {r["name"]: r for r in dynamic_rows(s)}.get(args.judged)
         if me and me["cells"] and me.get("cost") is not None:
             costs[s["dataset"]] = (me["cost"], s["settings"]["steps"])
+        floors[s["dataset"]] = (cheapest_safe(s), s["settings"]["steps"])
     if len(costs) > 1:
-        print(mean_cost_line(args.judged, costs))
+        print(mean_cost_line(args.judged, costs, args.long))
+    if len(floors) > 1:
+        print("\n".join(floor_lines(floors, args.long)))
     return 0
 
 
-def mean_cost_line(judged: str, costs: dict[str, tuple[float, int]]) -> str:
+def cheapest_safe(s: dict) -> tuple[str, float, int] | None:
+    """The cheapest cell of the folder measured safe: the static oracle's cut or a dynamic
+    selector judged safe at the seeds it ran — (name, cost, seeds); None if neither."""
+    found = []
+    oracle = s.get("oracle") or {}
+    cut = oracle.get("cheapest_safe_cut")
+    if oracle.get("cheapest_safe_cost") is not None and "not trained" not in str(cut):
+        seeds = {c["seed"] for c in s["cells"] if c.get("selector") is None and c.get("cut") == cut}
+        found.append((f"static eof {cut}", oracle["cheapest_safe_cost"], len(seeds)))
+    found += [(r["name"], r["cost"], len(r["cells"])) for r in dynamic_rows(s)
+              if r["cells"] and r.get("safe") and r.get("cost") is not None]
+    return min(found, key=lambda f: f[1]) if found else None
+
+
+def floor_lines(floors: dict, long: bool = False) -> list[str]:
+    """What the cheapest safe cells measured so far give, per dataset and in the mean,
+    against the mean-cost target: a floor for any controller judged on these folders."""
+    out = []
+    for dataset, (best, steps) in floors.items():
+        out.append(f"- cheapest safe cell measured, {dataset} at {steps} steps: "
+                   + (f"{best[0]} at {best[1]:.3f} ({best[2]} seed{'s' * (best[2] != 1)})" if best else "none"))
+    known = [best[1] for best, _ in floors.values() if best]
+    lengths = {steps for _, steps in floors.values()}
+    if len(known) == len(floors):
+        mean = sum(known) / len(known)
+        limit = target_for(lengths, long)
+        verdict = "no target" if limit is None else f"target <= {limit}: {'within' if mean <= limit else 'above'} it"
+        out.append(f"- their mean: {mean:.3f} of full fine-tuning ({verdict})")
+    return out
+
+
+def target_for(lengths: set[int], long: bool) -> float | None:
+    if long:
+        return MEAN_COST_TARGET["long"]
+    if len(lengths) > 1:
+        return None
+    return MEAN_COST_TARGET[PUBLISHED_STEPS if lengths == {PUBLISHED_STEPS} else "long"]
+
+
+def mean_cost_line(judged: str, costs: dict[str, tuple[float, int]], long: bool = False) -> str:
     """The mean cost over the datasets given, against #24's target for their length."""
     lengths = {steps for _, steps in costs.values()}
     mean = sum(c for c, _ in costs.values()) / len(costs)
-    if len(lengths) > 1:
+    limit = target_for(lengths, long)
+    if limit is None:
         return f"- mean cost of {judged} over {', '.join(costs)}: {mean:.3f} (mixed run lengths: no target)"
-    limit = MEAN_COST_TARGET[PUBLISHED_STEPS if lengths == {PUBLISHED_STEPS} else "long"]
     return (f"- mean cost of {judged} over {', '.join(costs)}: {mean:.3f} of full fine-tuning "
             f"(target <= {limit}) -> {'MET' if mean <= limit else 'NOT MET'}")
 

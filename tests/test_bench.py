@@ -150,8 +150,21 @@ def test_dynamic_verdict_judges_another_controller_and_the_mean_cost(tmp_path, c
     out = capsys.readouterr().out
     assert "- dyn-salf-budget safe: True" in out and "(target <= 1%) -> MET" in out
     assert "mean cost of dyn-salf-budget over a, b: 0.650 of full fine-tuning (target <= 0.7) -> MET" in out
+    # the floor: per folder its cheapest safe cell (here the controller beats the static eof 8)
+    assert "- cheapest safe cell measured, a at 120 steps: dyn-salf-budget at 0.600 (1 seed)" in out
+    assert "- their mean: 0.650 of full fine-tuning (target <= 0.7: within it)" in out
     assert verdict.main([*args[:2], str(tmp_path / "c"), *args[2:]]) == 0
-    assert "(mixed run lengths: no target)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(mixed run lengths: no target)" in out and "(no target)" in out
+    # --long: mixed lengths judged as #24's long length (chatterbot's is 120 steps)
+    assert verdict.main([*args[:2], str(tmp_path / "c"), *args[2:], "--long"]) == 0
+    out = capsys.readouterr().out
+    assert "over a, b, c: 0.600 of full fine-tuning (target <= 0.6) -> MET" in out
+    assert "- their mean: 0.600 of full fine-tuning (target <= 0.6: within it)" in out
+    # a static oracle cheaper than the controller is the floor, with the seeds its cut ran
+    s["cells"].append({"key": "cut08-s1", "selector": None, "cut": 8, "seed": 1, "quality": 0.9, "cost": 0.8})
+    s["pick_details"]["dyn-salf-budget"]["safe"] = False
+    assert verdict.cheapest_safe(s) == ("static eof 8", 0.8, 1)
     assert verdict.main([str(tmp_path / "a")]) == 0
     assert "- dyn-salf not measured yet" in capsys.readouterr().out
     # a controller that reads no probe meets the probe target; an unmeasured share does not
