@@ -1,16 +1,17 @@
 """Where a run's loss decrease came from, layer by layer: the loss change allocation a
-`--share-from updates` run records at every check (salf.dynamic.allocation), summed over
-windows of checks.
+`--share-from updates` run (or the drift readings of an `--ahead-from drift` run) records at
+every check (salf.dynamic.allocation), summed over windows of checks.
 
 For each window it prints the steps, the cut in force, the total first-order decrease the
 updates made (Σ lr·g·u over the trainable tensors, in the training loss's units) and each
 layer's percentage of it (negative: that layer's updates raised the loss of the batches
-that followed). No training: it reads a sweep cell's `dynamic.checks`, or a run folder's
-dynamic.json.
+that followed). No training: it reads a run folder's dynamic.json, or a sweep cell's
+`dynamic.checks` (cells keep the allocation since the drift readings were added; older
+cells have none, and their run's dynamic.json is in bench/results/salf-budget-dev/).
 
     python bench/allocation_profile.py \\
-        bench/results/sweep-smollm2-135m-bbc-news/cells/dyn-salf-budget-share_from=updates-ahead_from=updates-s1.json \\
-        --window 8 --every 3
+        "bench/results/salf-budget-dev/rotten-tomatoes-360-s2-ahead_from=updates-ef739e2-stopped-at-162.dynamic.json" \\
+        --window 3 --every 1
 """
 
 from __future__ import annotations

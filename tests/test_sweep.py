@@ -481,3 +481,20 @@ def test_ctrl_c_stops_a_sweep_and_the_rerun_continues_the_cell(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     full = json.loads((out / "cells" / "full-s1.json").read_text())
     assert full["resumed_from_step"] == stopped and len(full["train_loss_curve"]) == 100
+
+
+def test_a_dynamic_cell_keeps_the_allocation_its_decisions_read():
+    """A salf-budget cell reading the updates or the drift keeps each check's per-layer
+    allocation (bench/allocation_profile.py reads it from the cell); other cells' checks
+    stay as they were."""
+    from salf.sweep.runner import dynamic_record
+
+    section = {"settings": {"policy": "salf-budget"}, "schedule": [[0, 2]], "cost": {}, "probe": {},
+               "decisions": [{"step": 3, "reason": "hold"}],
+               "checks": [{"step": 3, "eof": 2, "loss": None, "deviation": None,
+                           "allocation": [0.1, -0.2, 0.0], "allocation_steps": 3},
+                          {"step": 6, "eof": 2, "loss": 0.5, "deviation": [0.1], "allocation": None}]}
+    checks = dynamic_record(section)["checks"]
+    assert checks[0] == {"step": 3, "eof": 2, "loss": None, "deviation": None, "decision": "hold",
+                         "allocation": [0.1, -0.2, 0.0], "allocation_steps": 3}
+    assert "allocation" not in checks[1] and checks[1]["decision"] is None

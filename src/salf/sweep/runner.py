@@ -127,10 +127,14 @@ def cell_record(spec: dict, metrics: dict, quality: dict, cost: float, train_s: 
 
 def dynamic_record(section: dict) -> dict:
     """What a dynamic cell keeps of metrics.json["dynamic"]: the settings, the schedule, the
-    integrated cost and the probe's share, and every check with its decision."""
+    integrated cost and the probe's share, and every check with its decision — and, for a
+    salf-budget run reading the updates or the drift, the per-layer allocation it decided on
+    (what bench/allocation_profile.py reads)."""
     decisions = {d["step"]: d for d in section["decisions"]}
     checks = [{"step": c["step"], "eof": c["eof"], "loss": c["loss"],
-               "deviation": c["deviation"], "decision": decisions.get(c["step"], {}).get("reason")}
+               "deviation": c["deviation"], "decision": decisions.get(c["step"], {}).get("reason"),
+               **({"allocation": c["allocation"], "allocation_steps": c.get("allocation_steps")}
+                  if c.get("allocation") is not None else {})}
               for c in section["checks"]]
     return {"settings": section["settings"], "schedule": section["schedule"],
             "cost": section["cost"], "probe": section["probe"], "checks": checks}
