@@ -148,7 +148,8 @@ class DynamicSettings:
     @property
     def needs(self) -> set[str]:
         """What a check measures for this policy (salf.choices); salf-budget reading its shares
-        from the updates needs the per-layer loss allocation instead of the probe."""
+        from the updates needs the per-layer loss allocation instead of the probe, and reading
+        what is ahead from the drift needs the drift's readings alone (no share is read)."""
         needs = set(DYNAMIC_POLICIES.get(self.policy)[0].needs)
         if self.policy == "salf-budget" and self.ahead_from == "drift":
             return (needs - {"probe", "probe_on_demand"}) | {"drift"}
