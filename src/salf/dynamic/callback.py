@@ -132,6 +132,8 @@ class DynamicFreezeCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        if self._drift is not None:      # the snapshot steps, read when saved (not every step)
+            self.record.drift_steps = self._drift.state_dict()["steps"]
         return {"settings": self.settings.to_dict(), **self.record.to_dict(),
                 "probe": self.probe.state_dict() if self.probe is not None else None}
 
@@ -145,8 +147,7 @@ class DynamicFreezeCallback(TrainerCallback):
 
     def load_tensor_state_dict(self, tensors: dict) -> None:
         if self.probe is not None and self._probe_state:
-            self.probe.load_state_dict(self._probe_state, {k: t for k, t in tensors.items()
-                                                           if not k.startswith("drift.")})
+            self.probe.load_state_dict(self._probe_state, tensors)     # reads its own keys only
         self._drift_tensors = {k[len("drift."):]: t for k, t in tensors.items() if k.startswith("drift.")}
 
     def load_state_dict(self, state: dict) -> None:
@@ -208,7 +209,7 @@ class DynamicFreezeCallback(TrainerCallback):
         if "drift" in self.settings.needs:
             self._drift = Drift(period=max(1, round(DRIFT_LAG * total)))
             self._drift.load_state_dict({"steps": self.record.drift_steps}, self._drift_tensors)
-            self.record.drift_steps, self._drift_tensors = list(self._drift.steps), {}
+            self._drift_tensors = {}
         if not self.record.schedule:
             self.record.schedule = [[0, fs.eof]]
         self._wrap_eof = self.current_eof
@@ -231,7 +232,6 @@ class DynamicFreezeCallback(TrainerCallback):
             measured = allocation(layers, optimizer)
         elif self._drift is not None:
             measured = self._drift.observe(int(state.global_step), layers, self._run.clock)
-            self.record.drift_steps = list(self._drift.steps)
         if measured is not None:           # a step with no direction yet is not evidence
             sums = self.record.allocation_sums or [0.0] * len(measured)
             self.record.allocation_sums = [a + b for a, b in zip(sums, measured)]
