@@ -498,3 +498,26 @@ def test_a_dynamic_cell_keeps_the_allocation_its_decisions_read():
     assert checks[0] == {"step": 3, "eof": 2, "loss": None, "deviation": None, "decision": "hold",
                          "allocation": [0.1, -0.2, 0.0], "allocation_steps": 3}
     assert "allocation" not in checks[1] and checks[1]["decision"] is None
+
+
+def test_cells_copied_in_from_another_folder_are_reported_with_the_pick_they_record():
+    """A selector's cells trained in a side folder (the main one was locked) or on another
+    machine and copied in: the report reads the pick from the cells instead of leaving them
+    out (a --report-only rebuild used to drop a selector its sweep.json had not seen)."""
+    from salf.sweep import SweepConfig, summarize
+
+    cfg = SweepConfig(model="m", dataset="d", out="o", test_samples=100)
+    settings = {"policy": "salf-budget", "guard": False, "checks": 10}
+    dyn = dict(_cell(2, 2.01, selector="dyn-salf-budget:guard=false"), key="dyn-s1", cost=0.8,
+               dynamic={"settings": settings, "schedule": [[0, 2], [6, 5]]})
+    spectrum = dict(_cell(None, 2.3, selector="spectrum"), key="set-s1", layers=[3, 4], cost=0.6)
+    cells = [_cell(None, 2.000, selector="full", loss_se=0.05), _cell(5, 2.030), dyn, spectrum]
+    s = summarize(cfg, cells, {"max-gain": {"cut": 5, "reason": "r"}}, {})
+    row = s["pick_details"]["dyn-salf-budget:guard=false"]
+    assert row["cut"] == 2 and row["dynamic"] == settings and row["cost"] == 0.8
+    assert row["schedules"] == {"1": [[0, 2], [6, 5]]} and row["safe"] is True
+    assert row["reason"] == "starts at max-gain-e0's eof 2, moves while training"
+    assert s["pick_details"]["spectrum"]["layers"] == [3, 4]
+    assert s["pick_details"]["spectrum"]["safe"] is False
+    assert s["pick_details"]["max-gain"]["reason"] == "r"         # a known pick is kept as it is
+    assert list(s["picks"]) == ["max-gain", "dyn-salf-budget:guard=false", "spectrum"]

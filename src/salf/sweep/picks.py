@@ -97,8 +97,7 @@ def pick_of(name: str, cfg: SweepConfig, tr, flops: list[float], known: dict, co
 
     if selector_dynamic_settings(name) is not None:
         start = choose_cut(tr, cfg.default_selector, cost=flops)["eof"]
-        return {"cut": start, "dynamic": selector_dynamic_settings(name), "selector": name,
-                "reason": f"starts at {cfg.default_selector}'s eof {start}, moves while training"}
+        return dynamic_pick(name, start, cfg.default_selector, selector_dynamic_settings(name))
     if is_salf_policy(name):
         choice = choose_cut(tr, name, cost=flops)
         return {"cut": choice["eof"], "reason": choice["reason"]}
@@ -108,3 +107,29 @@ def pick_of(name: str, cfg: SweepConfig, tr, flops: list[float], known: dict, co
     if sel.eof is not None:
         return {"cut": sel.eof, "reason": sel.reason}
     return {"layers": sorted(sel.trainable_layers), "reason": sel.reason}
+
+
+def dynamic_pick(name: str, start: int, default_selector: str, settings: dict) -> dict:
+    """A dyn-<policy> selector's pick: the default policy's static cut it starts from, and
+    its settings."""
+    return {"cut": start, "dynamic": settings, "selector": name,
+            "reason": f"starts at {default_selector}'s eof {start}, moves while training"}
+
+
+def picks_from_cells(cells: list[dict], known: dict, default_selector: str) -> dict:
+    """The picks of selectors whose cells the folder holds but `known` lacks — cells trained
+    in another folder (a side folder beside a locked one, another machine) and copied in —
+    read from the cells themselves, so that no cell on disk is left out of the report."""
+    found: dict = {}
+    for c in cells:
+        name = c.get("selector")
+        if name in (None, "full") or name in known or name in found:
+            continue
+        settings = (c.get("dynamic") or {}).get("settings")
+        if settings is not None:
+            found[name] = dynamic_pick(name, c["cut"], default_selector, settings)
+        elif c.get("layers") is not None:
+            found[name] = {"layers": c["layers"], "reason": "read from its cells"}
+        else:
+            found[name] = {"cut": c["cut"], "reason": "read from its cells"}
+    return found

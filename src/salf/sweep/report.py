@@ -10,13 +10,17 @@ from ..io import atomic_write_json, atomic_write_text, read_json
 from .cells import cell_kind
 from .settings import DEFAULT_ALIAS, SweepConfig
 from .folder import backfill_cells, folder_config, load_cells
+from .picks import picks_from_cells
 from .verdict import (Reference, cheapest_safe, cut_points, full_row, group_cells, noise_floor, oracle,
                       pick_row, quality_metric)
 
 
 def summarize(cfg: SweepConfig, cells: list[dict], picks: dict, timing: dict) -> dict:
     """sweep.json (schema in docs/sweep.md): full fine-tuning, every cell, the frontier of
-    cuts with their paired verdicts, each selector's pick and the oracle's cheapest safe cut."""
+    cuts with their paired verdicts, each selector's pick and the oracle's cheapest safe cut.
+    A selector whose cells the folder holds without a pick (copied in from another folder)
+    gets the pick its cells record (picks.picks_from_cells)."""
+    picks = {**picks, **picks_from_cells(cells, picks, cfg.default_selector)}
     metric = quality_metric(cells)
     higher = metric != "loss"
     groups = group_cells(cells)
