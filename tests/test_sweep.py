@@ -208,6 +208,27 @@ def test_sweep_cells_names_a_pick_cell_after_its_selector(tmp_path, bench_module
     assert spec(cfg, tmp_path, "full-s3")["selector"] == "full"
 
 
+def test_sweep_cells_runs_a_dynamic_cell_at_another_seed_from_its_pick(tmp_path, bench_module):
+    """dyn-... cells by name: the start cut and settings of the dynamic pick in sweep.json
+    (what `salf sweep --seeds N` would train, without the full fine-tuning it adds)."""
+    from salf.errors import SalfError
+    from salf.sweep import SweepConfig
+
+    (tmp_path / "cells").mkdir()
+    budget = {"policy": "salf-budget", "guard": False}
+    (tmp_path / "sweep.json").write_text(json.dumps({"pick_details": {
+        "paper": {"cut": 1}, "dyn-salf": {"cut": 2, "dynamic": {"policy": "salf"}},
+        "dyn-salf-budget:guard=false": {"cut": 2, "dynamic": budget}}}))
+    cfg = SweepConfig(model="tiny-llama", dataset="d", out=str(tmp_path), cuts=[2, 3])
+    spec = bench_module("sweep_cells").named_cell_spec
+    s = spec(cfg, tmp_path, "dyn-salf-budget-guard=false-s3")
+    assert (s["cut"], s["selector"], s["seed"], s["dynamic"]) == (2, "dyn-salf-budget:guard=false", 3, budget)
+    assert s["key"] == "dyn-salf-budget-guard=false-s3"
+    assert spec(cfg, tmp_path, "dyn-salf-s2")["dynamic"] == {"policy": "salf"}
+    with pytest.raises(SalfError, match="no dynamic pick"):
+        spec(cfg, tmp_path, "dyn-linear-s2")
+
+
 def test_a_narrower_rerun_adds_to_the_folder_and_drops_nothing(tmp_path, capsys):
     """Rerunning with other --cuts/--selectors trains only what it names, and the folder's
     config and report keep every earlier cell and pick."""
@@ -342,7 +363,7 @@ def test_a_folder_from_before_the_policy_names_is_renamed_on_open(tmp_path):
     assert refresh_report(out)["pick_details"].keys() == new["pick_details"].keys()
 
 
-def test_dynamic_cells_beside_the_static_frontier(tmp_path):
+def test_dynamic_cells_beside_the_static_frontier(tmp_path, bench_module):
     """A dyn-<policy> selector trains a cell whose cut moves from the default's pick; its
     schedule, integrated cost and verdict land in sweep.json and the frontier plot."""
     out = tmp_path / "sweep"
@@ -371,6 +392,12 @@ def test_dynamic_cells_beside_the_static_frontier(tmp_path):
     (tmp_path / "no-cuts").mkdir()
     write_sweep_report(tmp_path / "no-cuts", dict(s, cuts=[]))
     assert (tmp_path / "no-cuts" / "frontier.png").stat().st_size > 10_000
+    # bench/sweep_cells.py trains it at another seed with the same start and settings, alone
+    assert bench_module("sweep_cells").main([str(out), "dyn-linear-start=0-checks=2-s2"]) == 0
+    second = json.loads((out / "cells" / "dyn-linear-start=0-checks=2-s2.json").read_text())
+    assert second["selector"] == name and second["cut"] == start and second["seed"] == 2
+    assert second["dynamic"]["settings"] == cell["dynamic"]["settings"]
+    assert not (out / "cells" / "full-s2.json").exists()
     # a later run asking the same selector with other settings under the same name is refused
     (out / "cells" / f"{cell['key']}.json").write_text(json.dumps(dict(cell, dynamic=dict(
         cell["dynamic"], settings=dict(cell["dynamic"]["settings"], checks=3)))))
