@@ -21,7 +21,7 @@ from pathlib import Path
 from salf.errors import SalfError
 from salf.sweep import (CELL_KEY, SweepConfig, cell_key, cell_kind, cell_spec, cell_stem,
                         folder_config, folder_lock, parse_cell_key, refresh_report,
-                        run_cell_subprocess)
+                        run_cell_subprocess, wanted_cells)
 
 
 def named_cell_spec(cfg: SweepConfig, sweep_dir: Path, key: str) -> dict:
@@ -49,8 +49,7 @@ def dynamic_item(picked: dict, key: str, seed: int) -> dict:
     the full fine-tuning `salf sweep --seeds N` would add."""
     for name, pick in picked.items():
         if pick.get("dynamic") is not None:
-            item = dict(cut=pick["cut"], layers=None, selector=name, seed=seed,
-                        dynamic=pick["dynamic"])
+            item = wanted_cells([], [name], picked, [seed])[-1]   # the item `salf sweep` makes
             if cell_key(item) == key:
                 return item
     raise SalfError(f"no dynamic pick in sweep.json makes cell {key!r}: run `salf sweep "

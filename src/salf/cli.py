@@ -170,7 +170,7 @@ def _add_dynamic_args(p: argparse.ArgumentParser):
         "Which policy: salf, the default, is the one measured safe over three seeds on every\n"
         "built-in dataset at 120 steps (bench/RESULTS.md §4.10, §4.15); salf-budget and the peers'\n"
         "rules (autofreeze, linear, freezeout) are kept selectable for comparison, each with\n"
-        "its measurements (§4.10-4.16). Each flag below names the policy that reads it.")
+        "its measurements (§4.10-4.17). Each flag below names the policy that reads it.")
     for f in dataclasses.fields(DynamicSettings):
         meta, kind = f.metadata, str(f.type).split("|")[0].strip()
         options = {k: meta[k] for k in ("choices", "metavar") if k in meta}
