@@ -183,18 +183,23 @@ def _fsdp_collectives(plan_fields) -> dict:
     return payload
 
 
-def _measure(rank: int, port: int, out: str) -> None:
-    """One of 2 gloo ranks: measure every plan of PLANS; rank 0 writes the results."""
+def _measure(rank: int, port: int, out: str, done) -> None:
+    """One of 2 gloo ranks: measure every plan of PLANS; rank 0 writes the results. As in
+    tests/test_distributed.py, neither rank ends its group or exits before the other is done
+    with it (a barrier, then `done`): gloo aborts a rank whose peer tears down first (SIGABRT,
+    seen once in a fresh clone's run)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = [{"ddp": _ddp_buckets(fields), "fsdp": _fsdp_collectives(fields)} for fields, _ in PLANS]
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
+    done.wait(timeout=120)
 
 
 def _free_port() -> int:
@@ -211,7 +216,8 @@ def test_gradient_bytes_match_what_ddp_and_fsdp2_move(tmp_path):
     from salf.models.tiny import tiny_model
 
     out = tmp_path / "measured.json"
-    mp.spawn(_measure, args=(_free_port(), str(out)), nprocs=2)
+    done = mp.get_context("spawn").Barrier(2)
+    mp.spawn(_measure, args=(_free_port(), str(out), done), nprocs=2)
     measured = json.loads(out.read_text())
     shape = ModelShape.from_model(tiny_model("llama"))
     for (fields, head), got in zip(PLANS, measured):
